@@ -1,0 +1,348 @@
+"""Which local kernel runs: forced backend > ``--attention-backend`` > automatic choice.
+
+Automatic choice (per platform, then per layer's dtype and head size):
+
+    CUDA  fa   if SM80+, fp16/bf16, and a FlashAttention generation that beats cuDNN
+               here is installed: FA3 on Hopper, FA4 on Blackwell, FA2 on SM8x.
+               (FA2 on Hopper loses to cuDNN SDPA by ~1.6x, REFERENCE §5.)
+          torch_sdpa otherwise (it runs cuDNN attention on Hopper).
+    ROCm  fa if the ROCm flash_attn build is installed, else torch_sdpa. aiter only on request.
+    MPS   torch_sdpa.
+    CPU   torch_sdpa.
+
+An explicit backend that cannot serve a layer falls back along :data:`FALLBACK_CHAIN`
+with one WARNING naming the reason; ``strict=True`` raises
+:class:`AttentionBackendUnavailableError` instead.
+
+In a process group, :func:`usp_attn.distributed.agreement.agree_on_backend` installs a
+:class:`GroupAgreement`: then rank 0's request and platform, and the set of backends
+available on *every* rank, drive this same deterministic function, so all ranks
+resolve every layer identically without a per-layer collective.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import logging
+from typing import Iterable, Iterator
+
+import torch
+
+from usp_attn.backends import BACKEND_CLASSES, AttentionBackend, AttentionBackendEnum, make_backend
+from usp_attn.backends.enum import parse_attention_backend
+from usp_attn.backends.flash import flash_generation
+from usp_attn.platforms import Platform, PlatformKind, current_platform, platform_override_version
+
+__all__ = [
+    "AttentionBackendUnavailableError",
+    "BackendSelection",
+    "GroupAgreement",
+    "FALLBACK_CHAIN",
+    "auto_preference",
+    "get_attn_backend",
+    "global_force_attn_backend",
+    "global_force_attn_backend_context_manager",
+    "get_global_forced_attn_backend",
+    "set_cli_attention_backend",
+    "get_cli_attention_backend",
+    "set_group_agreement",
+    "get_group_agreement",
+    "set_strict_backend",
+    "log_once",
+    "settings_version",
+    "clear_selection_cache",
+]
+
+logger = logging.getLogger("usp_attn")
+
+B = AttentionBackendEnum
+
+#: Where an explicit request goes when it cannot run, in order. torch_sdpa runs everywhere.
+FALLBACK_CHAIN: dict[AttentionBackendEnum, tuple[AttentionBackendEnum, ...]] = {
+    B.SAGE_ATTN_3: (B.SAGE_ATTN, B.FA, B.TORCH_SDPA),
+    B.SAGE_ATTN: (B.FA, B.TORCH_SDPA),
+    B.AITER: (B.FA, B.TORCH_SDPA),
+    B.FA: (B.TORCH_SDPA,),
+    B.TORCH_SDPA: (),
+}
+
+
+class AttentionBackendUnavailableError(RuntimeError):
+    """A backend was required (strict mode, or nothing else fits) but cannot run."""
+
+
+@dataclasses.dataclass(frozen=True)
+class GroupAgreement:
+    """The backend decision shared by every rank of a process group (see module doc).
+
+    Attributes:
+        backend: the group-level pick (for the platform, before per-layer dtype/head size).
+        requested: rank 0's explicit request, ``None`` for automatic selection.
+        source: ``"forced"``, ``"cli"`` or ``"auto"``: where rank 0's request came from.
+        platform: rank 0's platform; per-layer rules are evaluated against it.
+        available: backends that can run on every rank.
+        unavailable: ``(backend, rank, reason)`` for each other backend (first failing rank).
+        world_size: number of ranks that agreed.
+    """
+
+    backend: AttentionBackendEnum
+    requested: AttentionBackendEnum | None
+    source: str
+    platform: Platform
+    available: tuple[AttentionBackendEnum, ...]
+    unavailable: tuple[tuple[AttentionBackendEnum, int, str], ...]
+    world_size: int
+
+    def reason_unavailable(self, backend: AttentionBackendEnum) -> str | None:
+        for b, rank, reason in self.unavailable:
+            if b == backend:
+                return f"unavailable on rank {rank}: {reason}"
+        return None
+
+
+@dataclasses.dataclass(frozen=True)
+class BackendSelection:
+    """What :func:`get_attn_backend` decided, in machine-readable form.
+
+    Attributes:
+        backend: the backend that will run.
+        requested: the explicit request (``None`` = automatic).
+        source: ``"forced"``, ``"cli"``, ``"group"`` (rank 0's request) or ``"auto"``.
+        platform: the platform the rules were evaluated against.
+        head_size, dtype: the layer properties the choice was made for.
+        rejected: ``(backend, reason)`` for every candidate passed over, in order.
+        fell_back: True when an explicit request could not be honoured.
+    """
+
+    backend: AttentionBackendEnum
+    requested: AttentionBackendEnum | None
+    source: str
+    platform: Platform
+    head_size: int | None
+    dtype: torch.dtype | None
+    rejected: tuple[tuple[AttentionBackendEnum, str], ...] = ()
+    fell_back: bool = False
+
+    @property
+    def impl(self) -> AttentionBackend:
+        """The kernel object to call."""
+        return make_backend(self.backend, self.platform)
+
+    def to_dict(self) -> dict:
+        return {
+            "backend": str(self.backend),
+            "requested": str(self.requested) if self.requested else None,
+            "source": self.source,
+            "platform": self.platform.describe(),
+            "head_size": self.head_size,
+            "dtype": str(self.dtype).replace("torch.", "") if self.dtype else None,
+            "rejected": [{"backend": str(b), "reason": r} for b, r in self.rejected],
+            "fell_back": self.fell_back,
+        }
+
+
+# ---- process-wide settings ---------------------------------------------------------------
+_forced: AttentionBackendEnum | None = None
+_cli: AttentionBackendEnum | None = None
+_strict: bool = False
+_agreement: GroupAgreement | None = None
+_logged: set[str] = set()
+_version: int = 0  # bumped on every settings change; layers key their caches on it
+
+
+def _bump() -> None:
+    global _version
+    _version += 1
+
+
+def settings_version() -> tuple[int, int]:
+    """Changes whenever anything that can change a selection changes (layers cache on it)."""
+    return _version, platform_override_version()
+
+
+def log_once(level: int, message: str) -> None:
+    """Log ``message`` at most once per process (fallbacks repeat for every layer)."""
+    if message not in _logged:
+        _logged.add(message)
+        logger.log(level, message)
+
+
+def global_force_attn_backend(backend: AttentionBackendEnum | str | None) -> None:
+    """Force every layer resolved from now on to ``backend`` (``None`` clears). Beats the CLI."""
+    global _forced
+    _forced = parse_attention_backend(backend)
+    _bump()
+
+
+def get_global_forced_attn_backend() -> AttentionBackendEnum | None:
+    return _forced
+
+
+@contextlib.contextmanager
+def global_force_attn_backend_context_manager(
+    backend: AttentionBackendEnum | str | None,
+) -> Iterator[AttentionBackendEnum | None]:
+    """Force ``backend`` inside the block; the previous forced value is restored on exit.
+
+    Takes effect even for (head size, dtype) pairs resolved before: the forced value is
+    part of the selection cache key.
+    """
+    previous = _forced
+    global_force_attn_backend(backend)
+    try:
+        yield _forced
+    finally:
+        global_force_attn_backend(previous)
+
+
+def set_cli_attention_backend(backend: AttentionBackendEnum | str | None) -> None:
+    """Record the ``--attention-backend`` value (normally done by :class:`AttentionConfig`)."""
+    global _cli
+    _cli = parse_attention_backend(backend)
+    _bump()
+
+
+def get_cli_attention_backend() -> AttentionBackendEnum | None:
+    return _cli
+
+
+def set_strict_backend(strict: bool) -> None:
+    """Process default for ``strict``: an explicit backend that cannot run raises instead of falling back."""
+    global _strict
+    _strict = bool(strict)
+    _bump()
+
+
+def set_group_agreement(agreement: GroupAgreement | None) -> None:
+    global _agreement
+    _agreement = agreement
+    _bump()
+
+
+def get_group_agreement() -> GroupAgreement | None:
+    return _agreement
+
+
+def local_request() -> tuple[AttentionBackendEnum | None, str]:
+    """This process's explicit request and where it came from (forced beats CLI)."""
+    if _forced is not None:
+        return _forced, "forced"
+    if _cli is not None:
+        return _cli, "cli"
+    return None, "auto"
+
+
+# ---- the rules ---------------------------------------------------------------------------
+def auto_preference(platform: Platform, dtype: torch.dtype | None = None) -> tuple[AttentionBackendEnum, ...]:
+    """Backends automatic selection tries on ``platform``, best first (``dtype=None``: any)."""
+    half = dtype is None or dtype in (torch.float16, torch.bfloat16)
+    if platform.kind == PlatformKind.CUDA and half:
+        gen = flash_generation(platform)
+        cap = platform.capability or (0, 0)
+        fa_wins = gen in ("fa3", "fa4") or (gen == "fa2" and cap[0] == 8)
+        return (B.FA, B.TORCH_SDPA) if fa_wins else (B.TORCH_SDPA,)
+    if platform.kind == PlatformKind.ROCM and half:
+        return (B.FA, B.TORCH_SDPA)
+    return (B.TORCH_SDPA,)
+
+
+def get_attn_backend(
+    head_size: int,
+    dtype: torch.dtype,
+    supported_attention_backends: Iterable[AttentionBackendEnum | str] | None = None,
+    *,
+    platform: Platform | None = None,
+    need_lse: bool = False,
+    need_mask: bool = False,
+    strict: bool | None = None,
+) -> BackendSelection:
+    """Choose the backend for a layer with this head size and (real tensor) dtype.
+
+    Args:
+        head_size: D of q/k/v.
+        dtype: the dtype of the tensors the layer will see.
+        supported_attention_backends: backends this layer can use (``None`` = all).
+        platform: evaluate against this platform instead of the current/agreed one.
+        need_lse: the caller needs ``return_lse`` (ring attention).
+        need_mask: the caller passes an attention mask.
+        strict: raise instead of falling back from an explicit request
+            (default: :func:`set_strict_backend`'s value).
+
+    Returns:
+        A :class:`BackendSelection`; ``.backend`` is the enum, ``.impl`` the kernel.
+
+    Raises:
+        AttentionBackendUnavailableError: strict mode and the request cannot run, or
+            no backend at all satisfies the layer.
+    """
+    supported = None
+    if supported_attention_backends is not None:
+        supported = frozenset(parse_attention_backend(b) for b in supported_attention_backends) - {None}
+    agreement = _agreement
+    if _forced is not None:
+        requested, source = _forced, "forced"
+    elif agreement is not None:
+        requested, source = agreement.requested, ("group" if agreement.requested else "auto")
+    else:
+        requested, source = local_request()
+    if platform is None:
+        platform = agreement.platform if agreement is not None else current_platform()
+    return _select(
+        int(head_size), dtype, supported, platform, need_lse, need_mask,
+        _strict if strict is None else bool(strict), requested, source, agreement,
+    )
+
+
+@functools.lru_cache(maxsize=1024)
+def _select(head_size, dtype, supported, platform, need_lse, need_mask, strict, requested, source, agreement):
+    if requested is not None:
+        candidates = (requested,) + FALLBACK_CHAIN[requested]
+    else:
+        candidates = auto_preference(platform, dtype)
+        if B.TORCH_SDPA not in candidates:
+            candidates += (B.TORCH_SDPA,)
+    rejected: list[tuple[AttentionBackendEnum, str]] = []
+    chosen = None
+    for cand in candidates:
+        reason = _reject_reason(cand, platform, head_size, dtype, supported, need_lse, need_mask, agreement)
+        if reason is None:
+            chosen = cand
+            break
+        rejected.append((cand, reason))
+    fell_back = requested is not None and chosen != requested
+    if chosen is None or (fell_back and strict):
+        why = "; ".join(f"{b}: {r}" for b, r in rejected)
+        what = f"attention backend {requested}" if requested else "no attention backend"
+        raise AttentionBackendUnavailableError(
+            f"{what} cannot run for head_size={head_size}, dtype={dtype} on {platform.describe()}: {why}"
+        )
+    selection = BackendSelection(chosen, requested, source, platform, head_size, dtype, tuple(rejected), fell_back)
+    if fell_back:
+        first_reason = rejected[0][1]
+        log_once(
+            logging.WARNING,
+            f"usp_attn: requested attention backend '{requested}' cannot run ({first_reason}); "
+            f"falling back to '{chosen}'",
+        )
+    elif rejected:
+        log_once(logging.INFO, f"usp_attn: auto-selected '{chosen}' ({'; '.join(f'{b}: {r}' for b, r in rejected)})")
+    return selection
+
+
+def _reject_reason(cand, platform, head_size, dtype, supported, need_lse, need_mask, agreement) -> str | None:
+    if supported is not None and cand not in supported:
+        return f"{cand} is not in this layer's supported_attention_backends"
+    if agreement is not None and cand not in agreement.available:
+        return agreement.reason_unavailable(cand) or f"{cand} is not available on every rank"
+    return BACKEND_CLASSES[cand].unsupported_reason(
+        platform, head_size, dtype, need_lse=need_lse, need_mask=need_mask
+    )
+
+
+def clear_selection_cache() -> None:
+    """Forget cached selections and logged messages (tests; after installing a package)."""
+    _select.cache_clear()
+    _logged.clear()
+    _bump()
