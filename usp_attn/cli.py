@@ -1,0 +1,278 @@
+"""``usp-attn`` / ``python -m usp_attn``: command-line tools.
+
+Subcommands:
+    info   what this machine can run: platform, versions, every backend with the reason it
+           cannot run (for a given dtype and head size), the automatic pick, and what an
+           explicit ``--attention-backend`` would resolve to.
+
+This is a CLI module, so it prints; library code logs through the "usp_attn" logger.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib.metadata
+import json
+import logging
+import platform as _py_platform
+import sys
+from typing import Iterator, Sequence
+
+import torch
+
+import usp_attn
+from usp_attn import selector
+from usp_attn.backends import BACKEND_CLASSES, AttentionBackendEnum
+from usp_attn.backends.enum import valid_backend_names
+from usp_attn.backends.flash import flash_generation
+from usp_attn.backends.sage import sage_major_version
+from usp_attn.backends.sdpa import cuda_subkernel
+from usp_attn.config import _backend_arg, positive_int
+from usp_attn.platforms import OPTIONAL_PACKAGES, Platform, PlatformKind, current_platform
+
+__all__ = ["main", "build_parser", "collect_info", "DTYPES"]
+
+#: ``--dtype`` spellings -> torch dtypes
+DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+#: non-kernel optional packages (extras), distribution names; versions read from metadata, never imported
+OTHER_PACKAGES = ("diffusers", "transformers", "imageio", "imageio-ffmpeg", "matplotlib", "yunchang")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="usp-attn", description="usp_attn command-line tools")
+    parser.add_argument("--version", action="version", version=f"usp_attn {usp_attn.__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="show usp_attn INFO log messages on stderr")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    info = sub.add_parser(
+        "info",
+        help="platform, versions and which attention backends can run here",
+        description="Show the platform, versions, every attention backend with the reason it cannot run, "
+        "the automatic pick and what --attention-backend would resolve to.",
+    )
+    info.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="layer dtype (default: bf16)")
+    info.add_argument("--head-size", type=positive_int, default=128, metavar="N", help="head size D (default: 128)")
+    info.add_argument(
+        "--attention-backend",
+        type=_backend_arg,
+        default=None,
+        metavar="NAME",
+        help=f"also show what this request resolves to; one of: {', '.join(valid_backend_names())}",
+    )
+    info.add_argument("--need-lse", action="store_true", help="the layer needs the log-sum-exp (ring attention)")
+    info.add_argument("--need-mask", action="store_true", help="the layer passes an attention mask")
+    info.add_argument("--json", action="store_true", help="print the same information as JSON")
+    info.set_defaults(handler=_run_info)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``usp-attn`` and ``python -m usp_attn``; returns the exit status.
+
+    Argument errors (e.g. an unknown backend name) exit with status 2 through argparse.
+    """
+    args = build_parser().parse_args(argv)
+    if args.verbose:
+        logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+        logging.getLogger("usp_attn").setLevel(logging.INFO)
+    return args.handler(args)
+
+
+# ---- info --------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _only_request(requested: AttentionBackendEnum | None) -> Iterator[None]:
+    """Resolve as a fresh process would with ``--attention-backend requested``: no forced
+    backend, no group agreement. The previous process settings are restored on exit."""
+    saved = (
+        selector.get_global_forced_attn_backend(),
+        selector.get_cli_attention_backend(),
+        selector.get_group_agreement(),
+    )
+    selector.global_force_attn_backend(None)
+    selector.set_group_agreement(None)
+    selector.set_cli_attention_backend(requested)
+    try:
+        yield
+    finally:
+        selector.global_force_attn_backend(saved[0])
+        selector.set_cli_attention_backend(saved[1])
+        selector.set_group_agreement(saved[2])
+
+
+def _resolve(requested, platform, head_size, dtype, need_lse, need_mask) -> dict:
+    """``BackendSelection.to_dict()`` for this request (never strict), or ``{"error": ...}``."""
+    with _only_request(requested):
+        try:
+            sel = selector.get_attn_backend(
+                head_size, dtype, platform=platform, need_lse=need_lse, need_mask=need_mask, strict=False
+            )
+        except selector.AttentionBackendUnavailableError as exc:
+            return {"requested": str(requested) if requested else None, "error": str(exc)}
+    return sel.to_dict()
+
+
+def _kernel_detail(backend: AttentionBackendEnum, platform: Platform, dtype, head_size, need_mask) -> str:
+    """Which concrete kernel an available backend runs here (informational)."""
+    if backend == AttentionBackendEnum.FA:
+        gen = flash_generation(platform)
+        return gen.upper() if gen else ""
+    if backend == AttentionBackendEnum.SAGE_ATTN:
+        major = sage_major_version(platform)
+        return f"SageAttention {major}" if major else ""
+    if backend == AttentionBackendEnum.TORCH_SDPA and platform.kind == PlatformKind.CUDA:
+        return f"aten {cuda_subkernel(platform.capability, dtype, head_size, need_mask)}"
+    return ""
+
+
+def _torch_build() -> dict:
+    cudnn = None
+    with contextlib.suppress(Exception):
+        cudnn = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
+    return {
+        "version": torch.__version__,
+        "cuda": torch.version.cuda,
+        "hip": getattr(torch.version, "hip", None),
+        "cudnn": cudnn,
+    }
+
+
+def _dist_version(name: str) -> str | None:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def collect_info(
+    *,
+    dtype: torch.dtype = torch.bfloat16,
+    head_size: int = 128,
+    requested: AttentionBackendEnum | None = None,
+    need_lse: bool = False,
+    need_mask: bool = False,
+    platform: Platform | None = None,
+) -> dict:
+    """Everything ``usp-attn info`` shows, as a JSON-serialisable dict.
+
+    ``platform`` defaults to :func:`~usp_attn.platforms.current_platform` (honours
+    :func:`~usp_attn.platforms.override_platform`).
+    """
+    platform = platform or current_platform()
+    dtype_name = str(dtype).replace("torch.", "")
+    backends = []
+    for b, cls in BACKEND_CLASSES.items():
+        reason = cls.unsupported_reason(platform, head_size, dtype, need_lse=need_lse, need_mask=need_mask)
+        runs_here = cls.machine_reason(platform) is None
+        backends.append({
+            "backend": str(b),
+            "available": reason is None,
+            "reason": reason,
+            "kernel": _kernel_detail(b, platform, dtype, head_size, need_mask) if runs_here else "",
+            "supports_lse": bool(cls.supports_lse(platform)) if runs_here else None,
+            "supports_mask": cls.supports_mask,
+            "supports_gqa": cls.supports_gqa,
+        })
+    return {
+        "usp_attn": usp_attn.__version__,
+        "python": _py_platform.python_version(),
+        "torch": _torch_build(),
+        "platform": {
+            "kind": str(platform.kind),
+            "device_name": platform.device_name,
+            "capability": list(platform.capability) if platform.capability else None,
+            "description": platform.describe(),
+        },
+        "kernel_packages": {
+            name: {"distribution": dist, "installed": platform.has_package(name),
+                   "version": platform.package_version(name) or None}
+            for name, dist in OPTIONAL_PACKAGES.items()
+        },
+        "other_packages": {name: _dist_version(name) for name in OTHER_PACKAGES},
+        "query": {"dtype": dtype_name, "head_size": head_size, "need_lse": need_lse, "need_mask": need_mask},
+        "backends": backends,
+        # auto_preference: the platform's preference order before per-layer checks (torch_sdpa is always last)
+        "auto_order": [str(b) for b in selector.auto_preference(platform, dtype)],
+        "auto": _resolve(None, platform, head_size, dtype, need_lse, need_mask),
+        "requested": (
+            _resolve(requested, platform, head_size, dtype, need_lse, need_mask) if requested is not None else None
+        ),
+    }
+
+
+def _run_info(args: argparse.Namespace) -> int:
+    info = collect_info(
+        dtype=DTYPES[args.dtype],
+        head_size=args.head_size,
+        requested=args.attention_backend,
+        need_lse=args.need_lse,
+        need_mask=args.need_mask,
+    )
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        print(format_info(info))
+    return 0
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths[:-1]) + "  {}"
+    lines = [fmt.format(*header), fmt.format(*("-" * w for w in widths))]
+    lines += [fmt.format(*map(str, r)) for r in rows]
+    return [line.rstrip() for line in lines]
+
+
+def _selection_lines(title: str, sel: dict) -> list[str]:
+    if "error" in sel:
+        return [f"{title}: ERROR {sel['error']}"]
+    note = f" (requested {sel['requested']}, fell back)" if sel["fell_back"] else f" (source: {sel['source']})"
+    lines = [f"{title}: {sel['backend']}{note}"]
+    lines += [f"    passed over {r['backend']}: {r['reason']}" for r in sel["rejected"]]
+    return lines
+
+
+def _cudnn_text(version: int) -> str:
+    """cuDNN's integer version as text: 91900 -> 9.19.0 (cuDNN 9), 8902 -> 8.9.2 (cuDNN 8)."""
+    if version >= 90000:
+        return f"{version // 10000}.{version % 10000 // 100}.{version % 100}"
+    return f"{version // 1000}.{version % 1000 // 100}.{version % 100}"
+
+
+def format_info(info: dict) -> str:
+    """The human-readable form of :func:`collect_info`'s dict."""
+    t, p, q = info["torch"], info["platform"], info["query"]
+    build = ", ".join(
+        f"{k} {_cudnn_text(t[k]) if k == 'cudnn' else t[k]}" for k in ("cuda", "hip", "cudnn") if t[k]
+    ) or "CPU only"
+    cap = ".".join(map(str, p["capability"])) if p["capability"] else "-"
+    lines = [
+        f"usp_attn {info['usp_attn']}  python {info['python']}  torch {t['version']} ({build})",
+        f"platform: {p['kind']}  device: {p['device_name']}  capability: {cap}",
+        "kernel packages: " + ", ".join(
+            f"{name}={v['version'] or '?'}" if v["installed"] else f"{name}=-"
+            for name, v in info["kernel_packages"].items()
+        ),
+        "other packages:  " + ", ".join(f"{name}={v or '-'}" for name, v in info["other_packages"].items()),
+        "",
+        f"backends for dtype={q['dtype']} head_size={q['head_size']}"
+        + (" need_lse" if q["need_lse"] else "") + (" need_mask" if q["need_mask"] else "") + ":",
+    ]
+    yes_no = {True: "yes", False: "no", None: "-"}
+    rows = [
+        (b["backend"], yes_no[b["available"]], yes_no[b["supports_lse"]], yes_no[b["supports_mask"]],
+         yes_no[b["supports_gqa"]], b["reason"] or (b["kernel"] or "ok"))
+        for b in info["backends"]
+    ]
+    lines += _table(("backend", "available", "lse", "mask", "gqa", "reason / kernel"), rows)
+    lines.append("")
+    lines.append("automatic order on this platform: " + " > ".join(info["auto_order"]))
+    lines += _selection_lines("automatic pick", info["auto"])
+    if info["requested"] is not None:
+        lines += _selection_lines(f"--attention-backend {info['requested'].get('requested')}", info["requested"])
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":  # pragma: no cover - `python -m usp_attn.cli`
+    sys.exit(main())
