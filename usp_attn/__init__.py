@@ -7,7 +7,15 @@ patched, no optional kernel package is imported.
 from usp_attn.backends import AttentionBackendEnum, parse_attention_backend
 from usp_attn.config import AttentionConfig, add_attention_args
 from usp_attn.distributed.agreement import agree_on_backend
+from usp_attn.distributed.sharding import gather_sequence, shard_sequence
+from usp_attn.distributed.state import (
+    SequenceParallelState,
+    destroy_sequence_parallel,
+    get_sequence_parallel_state,
+    init_sequence_parallel,
+)
 from usp_attn.layers.local import LocalAttention
+from usp_attn.layers.usp import RingAttention, UlyssesAttention, USPAttention
 from usp_attn.platforms import Platform, PlatformKind, current_platform, detect_platform, override_platform
 from usp_attn.selector import (
     AttentionBackendUnavailableError,
@@ -28,6 +36,15 @@ __all__ = [
     "BackendSelection",
     "GroupAgreement",
     "LocalAttention",
+    "RingAttention",
+    "SequenceParallelState",
+    "UlyssesAttention",
+    "USPAttention",
+    "destroy_sequence_parallel",
+    "gather_sequence",
+    "get_sequence_parallel_state",
+    "init_sequence_parallel",
+    "shard_sequence",
     "Platform",
     "PlatformKind",
     "add_attention_args",

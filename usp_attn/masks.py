@@ -66,7 +66,17 @@ def mask_to_additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return bias.masked_fill_(~mask, float("-inf"))
 
 
-def rows_with_keys(mask: torch.Tensor) -> torch.Tensor:
-    """``[B, 1|H, 1|S_q]`` bool: which query rows have at least one key they may attend."""
+def rows_with_keys(mask: torch.Tensor, causal: bool = False) -> torch.Tensor:
+    """``[B, 1|H, 1|S_q]`` bool: which query rows have at least one key they may attend.
+
+    With ``causal`` (S_q == S_k), row i may only use keys 0..i, so a row can be empty
+    even though the mask alone allows some key.
+    """
     allowed = mask if mask.dtype == torch.bool else mask > float("-inf")
-    return allowed.any(dim=-1)
+    if not causal:
+        return allowed.any(dim=-1)
+    if allowed.shape[-2] == 1:  # key-padding form: row i is valid iff any key <= i is allowed
+        return allowed[..., 0, :].cummax(dim=-1).values
+    s_k = allowed.shape[-1]
+    keep = torch.ones(allowed.shape[-2], s_k, dtype=torch.bool, device=allowed.device).tril()
+    return (allowed & keep).any(dim=-1)

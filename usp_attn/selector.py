@@ -321,10 +321,12 @@ def _select(head_size, dtype, supported, platform, need_lse, need_mask, strict, 
     selection = BackendSelection(chosen, requested, source, platform, head_size, dtype, tuple(rejected), fell_back)
     if fell_back:
         first_reason = rejected[0][1]
+        # Name every step of the chain, not just the first: each one is a reason the user may fix.
+        also = "; ".join(f"{b}: {r}" for b, r in rejected[1:])
         log_once(
             logging.WARNING,
             f"usp_attn: requested attention backend '{requested}' cannot run ({first_reason}); "
-            f"falling back to '{chosen}'",
+            f"falling back to '{chosen}'" + (f" (also passed over: {also})" if also else ""),
         )
     elif rejected:
         log_once(logging.INFO, f"usp_attn: auto-selected '{chosen}' ({'; '.join(f'{b}: {r}' for b, r in rejected)})")

@@ -87,7 +87,7 @@ class TorchSDPABackend(AttentionBackend):
         else:
             out, lse = self._public(q, k, v, causal, scale, attn_mask), None
         if attn_mask is not None:
-            out, lse = _zero_fully_masked(out, lse, attn_mask)
+            out, lse = _zero_fully_masked(out, lse, attn_mask, causal)
         return (out, lse) if return_lse else out
 
     # -- per device ------------------------------------------------------------------------
@@ -148,9 +148,9 @@ def _aligned_bias(mask, dtype, q_shape, s_k):
     return bias.expand(b, h, s_q, s_k)
 
 
-def _zero_fully_masked(out, lse, attn_mask):
+def _zero_fully_masked(out, lse, attn_mask, causal):
     """Rows with no key to attend: output 0 and LSE -inf, whatever the kernel produced."""
-    valid = rows_with_keys(attn_mask)  # [B, 1|H, 1|S_q]
+    valid = rows_with_keys(attn_mask, causal)  # [B, 1|H, 1|S_q]
     out = torch.where(valid.transpose(1, 2)[..., None], out, torch.zeros((), dtype=out.dtype, device=out.device))
     if lse is not None:
         lse = torch.where(valid, lse, torch.full((), -math.inf, dtype=lse.dtype, device=lse.device))

@@ -1,0 +1,289 @@
+"""Process groups for sequence parallelism, and the state object the layers read.
+
+Layout of one sequence-parallel (SP) group of W = U * R ranks (U = Ulysses degree,
+R = ring degree), in SP-rank order ``sp_ranks``:
+
+    sp_rank = ring_rank * U + ulysses_rank
+
+    Ulysses groups: contiguous SP ranks   {r*U, ..., r*U + U-1}   (all-to-all inside)
+    ring groups:    strided SP ranks      {u, U+u, 2U+u, ...}      (K/V passed around)
+
+The global sequence is split into W contiguous shards in SP-rank order, sized as
+``torch.tensor_split`` sizes them, so each Ulysses group owns one contiguous
+*segment* (its U shards) and the ring circulates segments.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import logging
+import os
+import socket
+from typing import Sequence
+
+import torch
+import torch.distributed as dist
+
+from usp_attn.backends.enum import AttentionBackendEnum, parse_attention_backend
+from usp_attn.distributed.agreement import agree_on_backend
+from usp_attn.selector import GroupAgreement, get_global_forced_attn_backend, set_group_agreement
+
+__all__ = [
+    "SequenceParallelState",
+    "init_sequence_parallel",
+    "destroy_sequence_parallel",
+    "get_sequence_parallel_state",
+    "shard_sizes",
+]
+
+logger = logging.getLogger("usp_attn")
+
+#: Set to 1 to make every layer check, before its collectives, that all ranks agree on
+#: the arguments that decide which collectives run (costs one small gather per call).
+VALIDATE_ENV = "USP_ATTN_VALIDATE"
+
+
+def shard_sizes(total: int, world: int) -> tuple[int, ...]:
+    """Shard lengths of a sequence of ``total`` tokens over ``world`` ranks (``tensor_split`` sizes)."""
+    base, extra = divmod(total, world)
+    return tuple(base + 1 if i < extra else base for i in range(world))
+
+
+@dataclasses.dataclass
+class SequenceParallelState:
+    """What :func:`init_sequence_parallel` built; layers take it (default: the global one).
+
+    Attributes:
+        ulysses_degree, ring_degree: U and R; ``world_size = U * R``.
+        sp_rank, ulysses_rank, ring_rank: this process's positions (see module doc).
+        sp_ranks: global ranks of this SP group, in SP-rank order.
+        sp_group, ulysses_group, ring_group: process groups (``None`` where degree 1).
+        ulysses_ranks, ring_ranks: global ranks of this rank's Ulysses / ring group, in order.
+        agreement: the backend decision shared by the SP group.
+        timeout: bound on every collective.
+        validate: check cross-rank consistency of layer arguments before collectives.
+        sequence_length: global length of the sharded sequence, recorded by
+            :func:`~usp_attn.distributed.sharding.shard_sequence` (or set by hand), so
+            layers know every shard's size without communicating.
+    """
+
+    ulysses_degree: int
+    ring_degree: int
+    sp_rank: int
+    sp_ranks: tuple[int, ...]
+    sp_group: dist.ProcessGroup | None
+    ulysses_group: dist.ProcessGroup | None
+    ring_group: dist.ProcessGroup | None
+    ulysses_ranks: tuple[int, ...]
+    ring_ranks: tuple[int, ...]
+    agreement: GroupAgreement
+    timeout: datetime.timedelta
+    validate: bool = False
+    sequence_length: int | None = None
+    _created_groups: list = dataclasses.field(default_factory=list, repr=False)
+    _owns_default_group: bool = False
+
+    @property
+    def world_size(self) -> int:
+        return self.ulysses_degree * self.ring_degree
+
+    @property
+    def ulysses_rank(self) -> int:
+        return self.sp_rank % self.ulysses_degree
+
+    @property
+    def ring_rank(self) -> int:
+        return self.sp_rank // self.ulysses_degree
+
+    @property
+    def backend(self) -> AttentionBackendEnum:
+        return self.agreement.backend
+
+    def set_sequence_length(self, total: int | None) -> None:
+        """Record the global length of the sharded sequence (all ranks must record the same)."""
+        self.sequence_length = None if total is None else int(total)
+
+    def sizes(self, total: int) -> tuple[int, ...]:
+        """Every SP rank's shard length for a global length ``total``."""
+        return shard_sizes(total, self.world_size)
+
+
+_state: SequenceParallelState | None = None
+
+
+def get_sequence_parallel_state() -> SequenceParallelState | None:
+    """The state built by :func:`init_sequence_parallel`, or ``None``."""
+    return _state
+
+
+def _check_degree(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
+def _sp_partition(ranks, world: int, degree: int) -> list[tuple[int, ...]]:
+    """Normalise ``ranks`` (None, one list, or a list of lists) to a list of SP groups."""
+    if ranks is None:
+        groups = [tuple(range(world))]
+    else:
+        ranks = list(ranks)
+        nested = bool(ranks) and all(isinstance(r, (list, tuple)) for r in ranks)
+        groups = [tuple(int(x) for x in g) for g in ranks] if nested else [tuple(int(x) for x in ranks)]
+    seen: set[int] = set()
+    for g in groups:
+        if len(g) != degree:
+            raise ValueError(
+                f"ulysses_degree * ring_degree = {degree} must equal the number of sequence-parallel ranks, "
+                f"got {len(g)} ranks {list(g)} (world size {world})"
+            )
+        for r in g:
+            if not 0 <= r < world:
+                raise ValueError(f"ranks contains {r}, outside the world of {world} ranks")
+            if r in seen:
+                raise ValueError(f"ranks lists rank {r} more than once")
+            seen.add(r)
+    return groups
+
+
+def _init_default_group(timeout: datetime.timedelta) -> bool:
+    """Initialise torch.distributed from the torchrun environment (or as a 1-rank group)."""
+    if dist.is_initialized():
+        return False
+    use_cuda = torch.cuda.is_available() and torch.cuda.device_count() > 0
+    if use_cuda and "LOCAL_RANK" in os.environ:
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    backend = "nccl" if use_cuda and dist.is_nccl_available() else "gloo"
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        dist.init_process_group(backend, timeout=timeout)
+    else:
+        # Plain `python script.py`: a group of one, so the same code runs without torchrun.
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1, timeout=timeout)
+    logger.info("usp_attn: initialised torch.distributed (%s, world size %d)", backend, dist.get_world_size())
+    return True
+
+
+def init_sequence_parallel(
+    ulysses_degree: int = 1,
+    ring_degree: int = 1,
+    attention_backend: AttentionBackendEnum | str | None = None,
+    ranks: Sequence[int] | Sequence[Sequence[int]] | None = None,
+    timeout: datetime.timedelta | float | None = None,
+    *,
+    strict: bool | None = None,
+    validate: bool | None = None,
+) -> SequenceParallelState:
+    """Build the Ulysses and ring groups and agree on one attention backend.
+
+    Every rank of the world calls this with the same arguments (process-group creation
+    is collective). Initialises torch.distributed from the torchrun environment if needed
+    (NCCL when CUDA is usable, else gloo; CUDA device from ``LOCAL_RANK``).
+
+    Args:
+        ulysses_degree, ring_degree: U and R; U * R must equal the SP group size.
+        attention_backend: this rank's backend request (name or enum; a forced backend
+            still wins). Only rank 0's request counts; ``None`` = the CLI value / auto.
+        ranks: the SP ranks (default: all). One list of global ranks, or a list of
+            disjoint lists (several SP groups beside data/tensor parallel groups).
+        timeout: bound on every collective (seconds or timedelta; default 10 min).
+        strict: fail instead of falling back if the request cannot run on every rank.
+        validate: check cross-rank consistency of layer arguments before every
+            collective (default: env ``USP_ATTN_VALIDATE=1``).
+
+    Returns:
+        The :class:`SequenceParallelState`, also available from
+        :func:`get_sequence_parallel_state`.
+    """
+    global _state
+    _check_degree("ulysses_degree", ulysses_degree)
+    _check_degree("ring_degree", ring_degree)
+    request = parse_attention_backend(attention_backend)  # a bad name fails before any collective
+    if timeout is None:
+        timeout = datetime.timedelta(minutes=10)
+    elif not isinstance(timeout, datetime.timedelta):
+        timeout = datetime.timedelta(seconds=float(timeout))
+    if _state is not None:
+        raise RuntimeError("sequence parallelism is already initialised; call destroy_sequence_parallel() first")
+    owns_default = _init_default_group(timeout)
+    world, rank = dist.get_world_size(), dist.get_rank()
+    degree = ulysses_degree * ring_degree
+    try:
+        partition = _sp_partition(ranks, world, degree)
+    except ValueError:
+        if owns_default:
+            dist.destroy_process_group()
+        raise
+    mine = [g for g in partition if rank in g]
+    if not mine:
+        raise ValueError(f"rank {rank} is in none of the sequence-parallel groups {partition}")
+    created: list = []
+
+    def new_group(members: Sequence[int]):
+        if len(members) == world and list(members) == list(range(world)):
+            return None  # the default group already is this group
+        group = dist.new_group(list(members), timeout=timeout, sort_ranks=False)
+        created.append(group)
+        return group
+
+    sp_group = ulysses_group = ring_group = None
+    ulysses_ranks = ring_ranks = ()
+    sp_ranks = mine[0]
+    for members in partition:  # every rank creates every group, in the same order
+        group = new_group(members)
+        if members == sp_ranks:
+            sp_group = group
+        for r in range(ring_degree):
+            u_members = members[r * ulysses_degree : (r + 1) * ulysses_degree]
+            group = new_group(u_members) if ulysses_degree > 1 else None
+            if rank in u_members:
+                ulysses_group, ulysses_ranks = group, tuple(u_members)
+        for u in range(ulysses_degree):
+            r_members = members[u::ulysses_degree]
+            group = new_group(r_members) if ring_degree > 1 else None
+            if rank in r_members:
+                ring_group, ring_ranks = group, tuple(r_members)
+    if validate is None:
+        validate = os.environ.get(VALIDATE_ENV, "0") not in ("", "0", "false", "False")
+    # A forced backend beats the argument, which beats the CLI value (agree_on_backend's default).
+    use_argument = request is not None and get_global_forced_attn_backend() is None
+    kwargs = {"requested": request} if use_argument else {}
+    agreement = agree_on_backend(sp_group, strict=strict, **kwargs)
+    _state = SequenceParallelState(
+        ulysses_degree=ulysses_degree,
+        ring_degree=ring_degree,
+        sp_rank=sp_ranks.index(rank),
+        sp_ranks=sp_ranks,
+        sp_group=sp_group,
+        ulysses_group=ulysses_group,
+        ring_group=ring_group,
+        ulysses_ranks=ulysses_ranks,
+        ring_ranks=ring_ranks,
+        agreement=agreement,
+        timeout=timeout,
+        validate=bool(validate),
+        _created_groups=created,
+        _owns_default_group=owns_default,
+    )
+    if _state.sp_rank == 0:
+        logger.info(
+            "usp_attn: sequence parallel U=%d x R=%d over ranks %s, backend '%s'",
+            ulysses_degree, ring_degree, list(sp_ranks), agreement.backend,
+        )
+    return _state
+
+
+def destroy_sequence_parallel() -> None:
+    """Undo :func:`init_sequence_parallel` (groups, agreement; the default group if we made it)."""
+    global _state
+    state, _state = _state, None
+    set_group_agreement(None)
+    if state is None:
+        return
+    for group in state._created_groups:
+        dist.destroy_process_group(group)
+    if state._owns_default_group and dist.is_initialized():
+        dist.destroy_process_group()
