@@ -59,7 +59,9 @@ def cuda_subkernel(capability, dtype, head_size, has_mask) -> str:
             return "cudnn"
         if capability >= (8, 0) and head_size <= 256 and head_size % 8 == 0:
             return "flash"
-    if head_size % 8 == 0 or dtype == torch.float32:
+    # The memory-efficient kernel has no fp64 and needs D aligned to 16 bytes' worth of
+    # elements (8 for fp16/bf16, 4 for fp32); anything else would fail inside the aten op.
+    if (half and head_size % 8 == 0) or (dtype == torch.float32 and head_size % 4 == 0):
         return "efficient"
     return "math"
 
