@@ -223,9 +223,18 @@ def init_sequence_parallel(
     created: list = []
 
     def new_group(members: Sequence[int]):
-        if len(members) == world and list(members) == list(range(world)):
-            return None  # the default group already is this group
-        group = dist.new_group(list(members), timeout=timeout, sort_ranks=False)
+        # Always a group of our own, even for all ranks: it carries our timeout, and our
+        # collectives cannot interleave with the application's on the default group.
+        members = list(members)
+        try:
+            group = dist.new_group(members, timeout=timeout, sort_ranks=False)
+        except TypeError:  # torch without sort_ranks: group ranks follow global rank order
+            if members != sorted(members):
+                raise ValueError(
+                    f"this torch version orders process-group ranks by global rank; pass ranks in ascending "
+                    f"order (got {members})"
+                ) from None
+            group = dist.new_group(members, timeout=timeout)
         created.append(group)
         return group
 
