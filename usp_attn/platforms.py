@@ -157,9 +157,15 @@ def platform_override_version() -> int:
     return _override_version
 
 
-@functools.lru_cache(maxsize=1)
+_detected_platform: Platform | None = None
+
+
 def _detected() -> Platform:
-    return detect_platform()
+    # A plain global rather than lru_cache: torch.compile reads it as a constant.
+    global _detected_platform
+    if _detected_platform is None:
+        _detected_platform = detect_platform()
+    return _detected_platform
 
 
 def current_platform() -> Platform:

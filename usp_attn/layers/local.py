@@ -10,6 +10,7 @@ from torch import nn
 from usp_attn.backends import AttentionBackendEnum, expand_kv_heads
 from usp_attn.layers.validation import check_head_config, check_qkv
 from usp_attn.masks import normalize_mask
+from usp_attn.platforms import current_platform
 from usp_attn.selector import BackendSelection, get_attn_backend, log_once, settings_version
 
 __all__ = ["LocalAttention"]
@@ -56,18 +57,24 @@ class LocalAttention(nn.Module):
         self.supported_attention_backends = (
             None if supported_attention_backends is None else tuple(supported_attention_backends)
         )
-        self._selections: dict[tuple, BackendSelection] = {}
+        self._selections: dict[tuple, tuple[BackendSelection, object]] = {}
+        current_platform()  # detect now, eagerly: torch.compile cannot trace device probing
         self._last: BackendSelection | None = None
 
     # ---- selection -----------------------------------------------------------------------
     def selection(self, dtype: torch.dtype, *, need_mask: bool = False, need_lse: bool = False) -> BackendSelection:
         """The (cached) :class:`BackendSelection` for inputs of ``dtype``."""
+        return self._resolve(dtype, need_mask, need_lse)[0]
+
+    def _resolve(self, dtype, need_mask, need_lse):
         key = (dtype, need_mask, need_lse, settings_version())
-        sel = self._selections.get(key)
-        if sel is None:
+        entry = self._selections.get(key)
+        if entry is None:
+            if len(self._selections) > 64:  # settings changed many times: drop stale entries
+                self._selections.clear()
             sel = self._select(dtype, need_mask, need_lse)
-            self._selections[key] = sel
-        return sel
+            entry = self._selections[key] = (sel, sel.impl)
+        return entry
 
     def _select(self, dtype, need_mask, need_lse) -> BackendSelection:
         if not need_mask:
@@ -113,9 +120,8 @@ class LocalAttention(nn.Module):
         Used by the sequence-parallel layers for each block; returns ``out`` or
         ``(out, lse)`` with lse ``[B, H, S_q]`` float32.
         """
-        sel = self.selection(q.dtype, need_mask=mask is not None, need_lse=return_lse)
+        sel, impl = self._resolve(q.dtype, mask is not None, return_lse)
         self._last = sel
-        impl = sel.impl
         if not impl.supports_gqa and k.shape[2] != q.shape[2]:
             k = expand_kv_heads(k, q.shape[2])
             v = expand_kv_heads(v, q.shape[2])
