@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import torch
 
+from usp_attn.layers.merge_triton import fused_merge_, fused_merge_available
+
 __all__ = ["PartialAttention"]
 
 
@@ -22,17 +24,24 @@ class PartialAttention:
     ``out``: ``[B, S, H, D]`` float32; ``lse``: ``[B, H, S]`` float32.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, fused: bool | None = None) -> None:
         self.out: torch.Tensor | None = None
         self.lse: torch.Tensor | None = None
+        self._fused = fused  # None: use the Triton kernel when the device supports it
 
     def add(self, out: torch.Tensor, lse: torch.Tensor) -> None:
         """Fold in one block's ``out [B, S, H, D]`` (any float dtype) and ``lse [B, H, S]``."""
-        lse = lse.float()
         if self.out is None:
-            self.out = out.float()  # kernel outputs are ours: updating them in place is safe
-            self.lse = lse.clone()
+            # Contiguous fp32 copies we own (a kernel's fp32 output is already ours: no copy).
+            self.out = out.to(torch.float32).contiguous()
+            self.lse = lse.to(torch.float32).contiguous()
+            if self._fused is None:
+                self._fused = fused_merge_available(out.device)
             return
+        if self._fused:
+            fused_merge_(self.out, self.lse, out, lse)
+            return
+        lse = lse.float()
         new_lse = torch.logaddexp(self.lse, lse)
         # Rows where both are -inf: subtract 0 instead, so exp(-inf - 0) = 0, not NaN.
         ref = torch.where(torch.isneginf(new_lse), torch.zeros_like(new_lse), new_lse)
