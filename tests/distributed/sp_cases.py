@@ -212,3 +212,19 @@ def world_one_is_local() -> None:
 def layouts(world: int) -> list[tuple[int, int]]:
     return [(u, world // u) for u in range(1, world + 1) if world % u == 0]
 
+
+
+def explicit_backend_without_lse_under_ring() -> str:
+    """An explicit backend that cannot return the LSE (Sage 1) under ring: a clear error, not a fallback."""
+    usp_attn.destroy_sequence_parallel()
+    hopper_with_sage1 = usp_attn.Platform.make("cuda", capability=(9, 0), packages={"sageattention": "1.0.6"})
+    with usp_attn.override_platform(hopper_with_sage1):
+        usp_attn.init_sequence_parallel(1, dist.get_world_size(), attention_backend="sage_attn")
+        x = usp_attn.shard_sequence(torch.randn(1, 16, 4, 128))
+        try:
+            usp_attn.USPAttention(4, 128)(x, x, x)
+        except usp_attn.AttentionBackendUnavailableError as exc:
+            return str(exc)
+        finally:
+            usp_attn.destroy_sequence_parallel()
+    raise AssertionError("ring attention accepted sage_attn (v1), which has no log-sum-exp")

@@ -71,6 +71,7 @@ def test_cross_attention_gather_and_flavours(world):
 SAFETY_CASES = [
     sp_cases.agreement_rank0_wins,
     sp_cases.bad_degrees,
+    sp_cases.explicit_backend_without_lse_under_ring,
     functools.partial(sp_cases.validation_catches_mismatch, "mask"),
     functools.partial(sp_cases.validation_catches_mismatch, "prefix"),
     functools.partial(sp_cases.validation_catches_mismatch, "shape"),
@@ -91,6 +92,11 @@ def test_agreement_rank0_request_wins(safety_run):
 def test_bad_degrees_fail_before_collectives(safety_run):
     for msg in safety_run.check(sp_cases.bad_degrees):
         assert "ulysses_degree * ring_degree = 3" in msg and "got 2 ranks" in msg
+
+
+def test_explicit_backend_without_lse_is_an_error_under_ring(safety_run):
+    for msg in safety_run.check(sp_cases.explicit_backend_without_lse_under_ring):
+        assert "ring attention needs a backend that returns the log-sum-exp" in msg and "sage_attn" in msg
 
 
 @pytest.mark.parametrize("kind,needle", [
