@@ -85,6 +85,9 @@ class GroupAgreement:
         available: backends that can run on every rank.
         unavailable: ``(backend, rank, reason)`` for each other backend (first failing rank).
         world_size: number of ranks that agreed.
+        platforms: every rank's platform, by group rank. Per-layer rules (head size, dtype,
+            LSE) are checked against each of them too, since e.g. FA4 on one rank takes fewer
+            head sizes than FA3 on rank 0; still a pure function of broadcast data.
     """
 
     backend: AttentionBackendEnum
@@ -94,6 +97,7 @@ class GroupAgreement:
     available: tuple[AttentionBackendEnum, ...]
     unavailable: tuple[tuple[AttentionBackendEnum, int, str], ...]
     world_size: int
+    platforms: tuple[Platform, ...] = ()
 
     def reason_unavailable(self, backend: AttentionBackendEnum) -> str | None:
         for b, rank, reason in self.unavailable:
@@ -114,6 +118,9 @@ class BackendSelection:
         head_size, dtype: the layer properties the choice was made for.
         rejected: ``(backend, reason)`` for every candidate passed over, in order.
         fell_back: True when an explicit request could not be honoured.
+        local_platform: under a group agreement, this rank's own platform, which
+            :attr:`impl` binds to (e.g. FA2 here while rank 0 has FA3). Not part of
+            equality, so selections compare equal across ranks.
     """
 
     backend: AttentionBackendEnum
@@ -124,11 +131,12 @@ class BackendSelection:
     dtype: torch.dtype | None
     rejected: tuple[tuple[AttentionBackendEnum, str], ...] = ()
     fell_back: bool = False
+    local_platform: Platform | None = dataclasses.field(default=None, compare=False, repr=False)
 
     @property
     def impl(self) -> AttentionBackend:
-        """The kernel object to call."""
-        return make_backend(self.backend, self.platform)
+        """The kernel object to call (bound to this rank's platform)."""
+        return make_backend(self.backend, self.local_platform or self.platform)
 
     def to_dict(self) -> dict:
         return {
@@ -148,6 +156,8 @@ _forced: AttentionBackendEnum | None = None
 _cli: AttentionBackendEnum | None = None
 _strict: bool = False
 _agreement: GroupAgreement | None = None
+_agreement_local_platform: Platform | None = None  # the platform this rank reported
+_forced_at_agreement: AttentionBackendEnum | None = None  # the force this rank had then
 _logged: set[str] = set()
 _version: int = 0  # bumped on every settings change; layers key their caches on it
 
@@ -215,9 +225,14 @@ def set_strict_backend(strict: bool) -> None:
     _bump()
 
 
-def set_group_agreement(agreement: GroupAgreement | None) -> None:
-    global _agreement
+def set_group_agreement(agreement: GroupAgreement | None, local_platform: Platform | None = None) -> None:
+    """Install (or clear) the group's agreement; ``local_platform``: the platform this rank
+    reported (kernels bind to it), default: the current platform."""
+    global _agreement, _agreement_local_platform, _forced_at_agreement
     _agreement = agreement
+    _agreement_local_platform = local_platform
+    # The force active now was this rank's request, already overruled by rank 0 if it differed.
+    _forced_at_agreement = _forced
     _bump()
 
 
@@ -281,18 +296,28 @@ def get_attn_backend(
     if supported_attention_backends is not None:
         supported = frozenset(parse_attention_backend(b) for b in supported_attention_backends) - {None}
     agreement = _agreement
-    if _forced is not None:
-        requested, source = _forced, "forced"
-    elif agreement is not None:
-        requested, source = agreement.requested, ("group" if agreement.requested else "auto")
+    if agreement is not None:
+        if _forced is not None and _forced != _forced_at_agreement:
+            # Forced after the agreement (e.g. the context manager around a component, entered
+            # on every rank alike): honoured, still limited to what every rank can run.
+            requested, source = _forced, "forced"
+        else:
+            # A request made before the agreement was this rank's vote; rank 0's request won.
+            requested, source = agreement.requested, ("group" if agreement.requested else "auto")
     else:
         requested, source = local_request()
+    explicit_platform = platform is not None
     if platform is None:
         platform = agreement.platform if agreement is not None else current_platform()
-    return _select(
+    selection = _select(
         int(head_size), dtype, supported, platform, need_lse, need_mask,
         _strict if strict is None else bool(strict), requested, source, agreement,
     )
+    if agreement is not None and not explicit_platform:
+        local = _agreement_local_platform or current_platform()
+        if local != selection.platform:
+            selection = dataclasses.replace(selection, local_platform=local)
+    return selection
 
 
 @functools.lru_cache(maxsize=1024)
@@ -338,9 +363,15 @@ def _reject_reason(cand, platform, head_size, dtype, supported, need_lse, need_m
         return f"{cand} is not in this layer's supported_attention_backends"
     if agreement is not None and cand not in agreement.available:
         return agreement.reason_unavailable(cand) or f"{cand} is not available on every rank"
-    return BACKEND_CLASSES[cand].unsupported_reason(
-        platform, head_size, dtype, need_lse=need_lse, need_mask=need_mask
-    )
+    cls = BACKEND_CLASSES[cand]
+    reason = cls.unsupported_reason(platform, head_size, dtype, need_lse=need_lse, need_mask=need_mask)
+    if reason is None and agreement is not None:
+        for rank, other in enumerate(agreement.platforms):
+            if other != platform:
+                reason = cls.unsupported_reason(other, head_size, dtype, need_lse=need_lse, need_mask=need_mask)
+                if reason is not None:
+                    return f"unavailable on rank {rank}: {reason}"
+    return reason
 
 
 def clear_selection_cache() -> None:

@@ -88,8 +88,12 @@ class CaseOutcome:
             f"case {self.name!r} failed on rank(s) {sorted(self.errors)} of {self.world_size}"
             + (f"; no result from rank(s) {missing}" if missing else "")
         ]
+        by_text: dict[str, list[int]] = {}  # ranks with the same story are reported once
         for rank in sorted(self.errors):
-            parts.append(f"--- rank {rank} ---\n{self.errors[rank].rstrip()}")
+            by_text.setdefault(self.errors[rank].rstrip(), []).append(rank)
+        for text, ranks in by_text.items():
+            label = f"rank {ranks[0]}" if len(ranks) == 1 else "ranks " + ", ".join(map(str, ranks))
+            parts.append(f"--- {label} ---\n{text}")
         raise GroupError("\n".join(parts))
 
 

@@ -32,14 +32,16 @@ _aten = torch.ops.aten
 
 
 def math_attention(q, k, v, *, causal, scale, attn_mask=None, return_lse=False):
-    """Plain fp32 attention in ``[B, S, H, D]``; the fallback when no fused kernel fits."""
+    """Plain attention in ``[B, S, H, D]``, computed in fp32 (fp64 for fp64 inputs); the
+    fallback when no fused kernel fits. The LSE is returned as fp32, per the contract."""
     h = q.shape[2]
     k = expand_kv_heads(k, h)
     v = expand_kv_heads(v, h)
-    qf, kf, vf = (t.transpose(1, 2).float() for t in (q, k, v))
+    acc = torch.promote_types(q.dtype, torch.float32)  # never lose fp64 inputs' precision
+    qf, kf, vf = (t.transpose(1, 2).to(acc) for t in (q, k, v))
     scores = torch.matmul(qf, kf.transpose(-1, -2)) * scale
     if attn_mask is not None:
-        scores = scores + mask_to_additive(attn_mask, torch.float32)
+        scores = scores + mask_to_additive(attn_mask, acc)
     if causal:
         s_q, s_k = scores.shape[-2:]
         keep = torch.ones(s_q, s_k, dtype=torch.bool, device=q.device).tril()
@@ -48,7 +50,7 @@ def math_attention(q, k, v, *, causal, scale, attn_mask=None, return_lse=False):
     # Fully masked rows have lse = -inf; use 0 there so exp() gives 0, not NaN.
     probs = torch.exp(scores - torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)[..., None])
     out = torch.matmul(probs, vf).transpose(1, 2).to(q.dtype)
-    return (out, lse) if return_lse else out
+    return (out, lse.float()) if return_lse else out
 
 
 def cuda_subkernel(capability, dtype, head_size, has_mask) -> str:

@@ -23,7 +23,7 @@ import logging
 
 import torch.distributed as dist
 
-from usp_attn.backends import BACKEND_CLASSES, AttentionBackendEnum
+from usp_attn.backends import BACKEND_CLASSES, AttentionBackendEnum, parse_attention_backend
 from usp_attn.platforms import Platform, current_platform
 from usp_attn.selector import (
     FALLBACK_CHAIN,
@@ -61,6 +61,7 @@ def local_report(rank: int, requested=_UNSET, platform: Platform | None = None) 
     if requested is _UNSET:
         requested, source = local_request()
     else:
+        requested = parse_attention_backend(requested)  # names and aliases, like everywhere else
         source = "argument" if requested is not None else "auto"
     platform = platform or current_platform()
     reasons = tuple((b, cls.machine_reason(platform)) for b, cls in BACKEND_CLASSES.items())
@@ -89,6 +90,7 @@ def decide(reports: list[RankReport], strict: bool = False) -> GroupAgreement:
         available=available,
         unavailable=tuple(unavailable),
         world_size=len(reports),
+        platforms=tuple(r.platform for r in reports),
     )
     if lead.requested is not None:
         candidates = (lead.requested,) + FALLBACK_CHAIN[lead.requested]
@@ -133,7 +135,12 @@ def agree_on_backend(
         world = dist.get_world_size(group)
     else:
         rank, world = 0, 1
-    report = local_report(rank, requested, platform)
+    local_error: Exception | None = None
+    try:
+        report = local_report(rank, requested, platform)
+    except (TypeError, ValueError) as exc:  # e.g. a bad backend name: still join the collectives
+        local_error = exc
+        report = f"rank {rank}: {type(exc).__name__}: {exc}"
     if world == 1:
         reports = [report]
         outcome = _decide_or_error(reports, strict)
@@ -144,8 +151,11 @@ def agree_on_backend(
         src = dist.get_global_rank(group, 0) if group is not None else 0
         dist.broadcast_object_list(box, src=src, group=group)
         outcome = box[0]
-    if isinstance(outcome, str):
-        raise AttentionBackendUnavailableError(outcome)
+    if local_error is not None:
+        raise local_error
+    if isinstance(outcome, tuple):  # (exception class name, message), raised on every rank
+        kind, message = outcome
+        raise _ERRORS[kind](message)
     if rank != 0 and report.requested != outcome.requested:
         logger.warning(
             "usp_attn: rank %d requested attention backend %s but rank 0 requested %s; using rank 0's choice",
@@ -161,12 +171,26 @@ def agree_on_backend(
                 logger.warning("usp_attn: '%s' is unavailable on rank %d (%s); all ranks fall back to '%s'",
                                b, bad_rank, reason, outcome.backend)
     if install:
-        set_group_agreement(outcome)
+        set_group_agreement(outcome, local_platform=report.platform)
     return outcome
 
 
+_ERRORS = {
+    "AttentionBackendUnavailableError": AttentionBackendUnavailableError,
+    "ValueError": ValueError,
+    "RuntimeError": RuntimeError,
+}
+
+
 def _decide_or_error(reports, strict):
+    """Rank 0's outcome: the agreement, or ``(error class name, message)`` to broadcast so
+    that every rank raises it and none is left waiting in a collective."""
+    failed = [r for r in reports if isinstance(r, str)]
+    if failed:
+        return "ValueError", "attention backend agreement failed: " + "; ".join(failed)
     try:
         return decide(reports, strict)
     except AttentionBackendUnavailableError as exc:
-        return str(exc)  # broadcast the error so every rank raises it, none hangs
+        return "AttentionBackendUnavailableError", str(exc)
+    except Exception as exc:  # a bug must not become a hang on the other ranks
+        return "RuntimeError", f"rank 0 could not decide the attention backend: {type(exc).__name__}: {exc}"
