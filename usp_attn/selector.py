@@ -339,9 +339,9 @@ def _select(head_size, dtype, supported, platform, need_lse, need_mask, strict, 
     fell_back = requested is not None and chosen != requested
     if chosen is None or (fell_back and strict):
         why = "; ".join(f"{b}: {r}" for b, r in rejected)
-        what = f"attention backend {requested}" if requested else "no attention backend"
+        what = f"attention backend '{requested}' cannot run" if requested else "no attention backend can run"
         raise AttentionBackendUnavailableError(
-            f"{what} cannot run for head_size={head_size}, dtype={dtype} on {platform.describe()}: {why}"
+            f"{what} for head_size={head_size}, dtype={dtype} on {platform.describe()}: {why}"
         )
     selection = BackendSelection(chosen, requested, source, platform, head_size, dtype, tuple(rejected), fell_back)
     if fell_back:

@@ -241,3 +241,24 @@ def test_masked_call_on_a_backend_without_masks_is_routed_and_logged_once(monkey
         assert layer.backend is B.FA
     routed = [r for r in caplog.records if "masked attention calls run on 'torch_sdpa'" in r.getMessage()]
     assert len(routed) == 1
+
+
+# ---- supported_attention_backends ------------------------------------------------------------------------
+def test_supported_set_limits_the_choice(monkeypatch):
+    fa2 = fake_kernels.install(monkeypatch, fake_kernels.fake_flash_attn2())
+    sm80 = Platform.make("cuda", capability=(8, 0), packages=["flash_attn"])
+    q, k, v = make_qkv(dtype=BF16)
+    layer = LocalAttention(H, D, supported_attention_backends=["torch_sdpa"])
+    with override_platform(sm80):
+        assert_matches(layer(q, k, v), q, k, v)
+    assert layer.backend is B.TORCH_SDPA and fa2.calls == []  # auto would have picked fa here
+
+
+def test_supported_set_that_cannot_run_here_is_a_clear_error():
+    from usp_attn import AttentionBackendUnavailableError
+
+    layer = LocalAttention(H, D, supported_attention_backends=["fa", "sage_attn"])
+    with pytest.raises(AttentionBackendUnavailableError) as info:
+        layer(*make_qkv())
+    assert "no attention backend can run" in str(info.value)
+    assert "supported_attention_backends" in str(info.value)

@@ -107,3 +107,29 @@ def test_forward_rejects_bad_masks(mask, exc, words):
         LocalAttention(**LAYER)(*good(s_q=4, s_k=6), attn_mask=mask)
     for word in words:
         assert word in str(info.value), f"{word!r} not in {str(info.value)!r}"
+
+
+# ---- supported_attention_backends -----------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "value,exc,words",
+    [
+        (["flash"], ValueError, ["unknown attention backend 'flash'", "torch_sdpa"]),
+        (["fa", 3], TypeError, ["int"]),
+        ("fa", TypeError, ["supported_attention_backends", "iterable", "'fa'"]),
+        (["auto"], ValueError, ["supported_attention_backends", "'auto'"]),
+        ([], ValueError, ["must not be empty"]),
+    ],
+)
+def test_supported_backends_are_checked_when_the_layer_is_built(value, exc, words):
+    with pytest.raises(exc) as info:
+        LocalAttention(**LAYER, supported_attention_backends=value)
+    for word in words:
+        assert word in str(info.value), f"{word!r} not in {str(info.value)!r}"
+
+
+def test_supported_backend_names_are_normalised():
+    from usp_attn import AttentionBackendEnum as B
+
+    layer = LocalAttention(**LAYER, supported_attention_backends=["FA3", B.TORCH_SDPA, " sage_attn "])
+    assert layer.supported_attention_backends == (B.FA, B.TORCH_SDPA, B.SAGE_ATTN)
+    assert LocalAttention(**LAYER).supported_attention_backends is None

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from usp_attn.backends import AttentionBackendEnum, expand_kv_heads
-from usp_attn.layers.validation import check_head_config, check_qkv
+from usp_attn.layers.validation import check_head_config, check_qkv, check_supported_backends
 from usp_attn.masks import normalize_mask
 from usp_attn.platforms import current_platform
 from usp_attn.selector import BackendSelection, get_attn_backend, log_once, settings_version
@@ -54,9 +54,7 @@ class LocalAttention(nn.Module):
             num_heads, head_size, num_kv_heads, softmax_scale
         )
         self.causal = bool(causal)
-        self.supported_attention_backends = (
-            None if supported_attention_backends is None else tuple(supported_attention_backends)
-        )
+        self.supported_attention_backends = check_supported_backends(supported_attention_backends)
         self._selections: dict[tuple, tuple[BackendSelection, object]] = {}
         current_platform()  # detect now, eagerly: torch.compile cannot trace device probing
         self._last: BackendSelection | None = None

@@ -6,13 +6,38 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["check_positive_int", "check_head_config", "check_qkv"]
+from usp_attn.backends.enum import AttentionBackendEnum, parse_attention_backend
+
+__all__ = ["check_positive_int", "check_head_config", "check_qkv", "check_supported_backends"]
 
 
 def check_positive_int(name: str, value) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
     return value
+
+
+def check_supported_backends(value) -> tuple[AttentionBackendEnum, ...] | None:
+    """``supported_attention_backends``: ``None`` (all) or an iterable of members/names.
+
+    Names are parsed now, so a typo fails when the layer is built, not at its first call.
+    """
+    if value is None:
+        return None
+    if isinstance(value, (str, AttentionBackendEnum)):
+        raise TypeError(
+            f"supported_attention_backends must be an iterable of backends (e.g. ['fa', 'torch_sdpa']) "
+            f"or None, got the single value {value!r}"
+        )
+    parsed = tuple(parse_attention_backend(b) for b in value)
+    if any(b is None for b in parsed):
+        raise ValueError(
+            f"supported_attention_backends lists backends a layer may use; 'auto'/None/'' is not one, "
+            f"got {list(value)!r}"
+        )
+    if not parsed:
+        raise ValueError("supported_attention_backends must not be empty (use None for all backends)")
+    return parsed
 
 
 def check_head_config(num_heads, head_size, num_kv_heads, softmax_scale) -> tuple[int, int, int, float]:
