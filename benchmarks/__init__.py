@@ -1,0 +1,13 @@
+"""Benchmark code shared by ``launch/bench.py`` and the single-GPU issue-5 script.
+
+Not part of the ``usp_attn`` package: these modules time and report, they never
+change library behaviour. Run the scripts from the repository root (they put it on
+``sys.path`` themselves) or with the repository root on ``PYTHONPATH``.
+
+    timing.py       FLOP counts, random inputs, rotating buffers, CUDA-event / host timers
+    report.py       markdown tables and the PNG plot
+    kernels.py      the raw attention kernels (aten cuDNN/flash/efficient, Sage1, flash-attn)
+    local_ring.py   a single-GPU stand-in for the ring transport (benchmark only)
+    peers.py        yunchang and diffusers context parallel, when installed
+    issue5_*.py     the sections of gpu_issue5.py
+"""
