@@ -1,0 +1,7 @@
+"""Integrations of usp_attn with other libraries (each an optional extra).
+
+Nothing here is imported by ``import usp_attn``; import the integration you want:
+
+    usp_attn.integrations.diffusers    sequence parallelism for diffusers video transformers
+                                       (needs ``pip install 'usp-attn[diffusers]'``)
+"""
