@@ -278,7 +278,8 @@ def get_attn_backend(
     Args:
         head_size: D of q/k/v.
         dtype: the dtype of the tensors the layer will see.
-        supported_attention_backends: backends this layer can use (``None`` = all).
+        supported_attention_backends: backends this layer can use (``None`` = all); members outside
+            the automatic order or fallback chain are tried after it, in enum order.
         platform: evaluate against this platform instead of the current/agreed one.
         need_lse: the caller needs ``return_lse`` (ring attention).
         need_mask: the caller passes an attention mask.
@@ -328,6 +329,9 @@ def _select(head_size, dtype, supported, platform, need_lse, need_mask, strict, 
         candidates = auto_preference(platform, dtype)
         if B.TORCH_SDPA not in candidates:
             candidates += (B.TORCH_SDPA,)
+    if supported is not None:
+        # A layer that names backends outside the usual order still gets one of them.
+        candidates += tuple(b for b in AttentionBackendEnum if b in supported and b not in candidates)
     rejected: list[tuple[AttentionBackendEnum, str]] = []
     chosen = None
     for cand in candidates:

@@ -180,3 +180,14 @@ def test_chains(request_, platform, expected_path, caplog):
             assert reason in warning.getMessage()
     else:
         assert warnings_of(caplog) == []
+
+
+def test_supported_set_outside_the_automatic_order_is_still_used():
+    """supported={sage_attn} under auto on a machine with sageattention picks sage, not an error."""
+    from usp_attn import AttentionBackendEnum as B, Platform, get_attn_backend, override_platform
+
+    hopper_with_sage = Platform.make("cuda", capability=(9, 0), packages={"sageattention": "2.2.0"})
+    with override_platform(hopper_with_sage):
+        sel = get_attn_backend(128, torch.bfloat16, ["sage_attn"])
+    assert sel.backend == B.SAGE_ATTN
+    assert [b for b, _ in sel.rejected] == [B.TORCH_SDPA]  # the usual pick, rejected by the layer's set
