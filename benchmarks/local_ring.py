@@ -26,8 +26,8 @@ class LocalRingExchange:
     """Hands ring rank ``ring_rank`` the blocks it would receive, in ring order.
 
     Args:
-        blocks: ``[2, B, S_j, H_kv, D]`` K/V block of every ring rank j (contiguous,
-            like a received buffer).
+        blocks: ``(k_j, v_j)`` of every ring rank j, each ``[B, S_j, H_kv, D]`` contiguous
+            (like received buffers; K and V travel as two tensors).
         ring_rank: the rank being simulated; its first incoming block is rank r-1's.
         masks: optional uint8 ``[B, S_j]`` key masks travelling with the blocks.
     """
@@ -43,23 +43,25 @@ class LocalRingExchange:
             raise RuntimeError("LocalRingExchange.start called twice without wait()")
         self.source = (self.source - 1) % len(self.blocks)
         expected = tuple(incoming_like[0][0])
-        if tuple(self.blocks[self.source].shape) != expected:
-            raise ValueError(f"ring expects a block of shape {expected}, have {tuple(self.blocks[self.source].shape)}")
+        have = tuple(self.blocks[self.source][0].shape)
+        if have != expected:
+            raise ValueError(f"ring expects a block of shape {expected}, have {have}")
         self._pending = self.source
 
     def wait(self) -> list[torch.Tensor]:
         if self._pending is None:
             raise RuntimeError("LocalRingExchange.wait called without start()")
         j, self._pending = self._pending, None
-        return [self.blocks[j]] if self.masks is None else [self.blocks[j], self.masks[j]]
+        k_j, v_j = self.blocks[j]
+        return [k_j, v_j] if self.masks is None else [k_j, v_j, self.masks[j]]
 
 
-def split_blocks(k: torch.Tensor, v: torch.Tensor, ring_size: int) -> tuple[list[torch.Tensor], tuple[int, ...]]:
-    """Full ``k, v [B, S, H_kv, D]`` -> ring_size contiguous ``[2, B, S_j, H_kv, D]`` blocks
+def split_blocks(k: torch.Tensor, v: torch.Tensor, ring_size: int) -> tuple[list[tuple], tuple[int, ...]]:
+    """Full ``k, v [B, S, H_kv, D]`` -> ring_size contiguous ``(k_j, v_j)`` blocks
     (``torch.tensor_split`` sizes, as ``usp_attn.shard_sequence`` cuts) and their lengths."""
     ks = torch.tensor_split(k, ring_size, dim=1)
     vs = torch.tensor_split(v, ring_size, dim=1)
-    blocks = [torch.stack((kj, vj)).contiguous() for kj, vj in zip(ks, vs)]
+    blocks = [(kj.contiguous(), vj.contiguous()) for kj, vj in zip(ks, vs)]
     return blocks, tuple(kj.shape[1] for kj in ks)
 
 

@@ -5,52 +5,86 @@ Attention of a query row over keys split into blocks A and B:
     lse = logaddexp(lse_A, lse_B)
     out = out_A * exp(lse_A - lse) + out_B * exp(lse_B - lse)
 
-exact, in fp32. A row with no attendable key in either block has lse = -inf in both;
-then both weights are defined as 0 so the row stays 0 (never NaN).
+exact, accumulated in fp32. A row with no attendable key in either block has lse = -inf
+in both; then both weights are defined as 0 so the row stays 0 (never NaN).
 """
 
 from __future__ import annotations
 
 import torch
 
-from usp_attn.layers.merge_triton import fused_merge_, fused_merge_available
+from usp_attn.layers.merge_triton import fused_merge, fused_merge_available
 
-__all__ = ["PartialAttention"]
+__all__ = ["PartialAttention", "merge_partials"]
+
+
+def merge_partials(a, lse_a, b, lse_b, out, lse_out=None) -> None:
+    """Torch-ops version of :func:`~usp_attn.layers.merge_triton.fused_merge` (same contract)."""
+    lse_a, lse_b = lse_a.float(), lse_b.float()
+    lse = torch.logaddexp(lse_a, lse_b)
+    # Rows where both are -inf: subtract 0 instead, so exp(-inf - 0) = 0, not NaN.
+    ref = torch.where(torch.isneginf(lse), torch.zeros_like(lse), lse)
+    weight_a = torch.exp(lse_a - ref).transpose(1, 2).unsqueeze(-1)  # [B, S, H, 1]
+    weight_b = torch.exp(lse_b - ref).transpose(1, 2).unsqueeze(-1)
+    out.copy_(a.float() * weight_a + b.float() * weight_b)
+    if lse_out is not None:
+        lse_out.copy_(lse)
 
 
 class PartialAttention:
-    """Running fp32 accumulator of attention over key blocks.
+    """Running merge of attention over key blocks.
 
-    ``out``: ``[B, S, H, D]`` float32; ``lse``: ``[B, H, S]`` float32.
+    Blocks are ``out [B, S, H, D]`` (any float dtype, any strides) with ``lse [B, H, S]``.
+    The first block is kept as it is; from the second on, an fp32 accumulator holds the
+    merge. The caller flags the last block with ``last_dtype`` to get the result written
+    directly in that dtype (no separate cast pass).
+
+    Args:
+        fused: use the Triton kernel (``None``: when the device supports it).
     """
 
     def __init__(self, fused: bool | None = None) -> None:
-        self.out: torch.Tensor | None = None
-        self.lse: torch.Tensor | None = None
-        self._fused = fused  # None: use the Triton kernel when the device supports it
+        self._acc: torch.Tensor | None = None  # fp32, contiguous [B, S, H, D]
+        self._acc_lse: torch.Tensor | None = None  # fp32, contiguous [B, H, S]
+        self._first: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._fused = fused
 
-    def add(self, out: torch.Tensor, lse: torch.Tensor) -> None:
-        """Fold in one block's ``out [B, S, H, D]`` (any float dtype) and ``lse [B, H, S]``."""
-        if self.out is None:
-            # Contiguous fp32 copies we own (a kernel's fp32 output is already ours: no copy).
-            self.out = out.to(torch.float32).contiguous()
-            self.lse = lse.to(torch.float32).contiguous()
-            if self._fused is None:
-                self._fused = fused_merge_available(out.device)
-            return
-        if self._fused:
-            fused_merge_(self.out, self.lse, out, lse)
-            return
-        lse = lse.float()
-        new_lse = torch.logaddexp(self.lse, lse)
-        # Rows where both are -inf: subtract 0 instead, so exp(-inf - 0) = 0, not NaN.
-        ref = torch.where(torch.isneginf(new_lse), torch.zeros_like(new_lse), new_lse)
-        weight_acc = torch.exp(self.lse - ref).transpose(1, 2).unsqueeze(-1)
-        weight_new = torch.exp(lse - ref).transpose(1, 2).unsqueeze(-1)
-        self.out.mul_(weight_acc).add_(out.float() * weight_new)
-        self.lse = new_lse
+    @property
+    def empty(self) -> bool:
+        return self._acc is None and self._first is None
+
+    def add(self, out: torch.Tensor, lse: torch.Tensor, *, last_dtype: torch.dtype | None = None):
+        """Fold in one block. With ``last_dtype`` this is the final block: returns the merged
+        result in ``last_dtype`` (the accumulator is not updated). Otherwise returns None."""
+        if self._fused is None:
+            self._fused = fused_merge_available(out.device)
+        if self.empty:
+            if last_dtype is not None:
+                return out.to(last_dtype)
+            self._first = (out, lse)
+            return None
+        a, lse_a = self._first if self._acc is None else (self._acc, self._acc_lse)
+        self._first = None
+        merge = fused_merge if self._fused else merge_partials
+        if last_dtype is not None:
+            result = torch.empty(out.shape, dtype=last_dtype, device=out.device)
+            merge(a, lse_a, out, lse, result, None)
+            self._acc = self._acc_lse = None
+            return result
+        if self._acc is None:
+            self._acc = torch.empty(out.shape, dtype=torch.float32, device=out.device)
+            self._acc_lse = torch.empty(lse.shape, dtype=torch.float32, device=lse.device)
+        merge(a, lse_a, out, lse, self._acc, self._acc_lse)
+        return None
 
     def result(self, dtype: torch.dtype) -> torch.Tensor:
-        if self.out is None:
+        """The merge so far, in ``dtype``."""
+        if self.empty:
             raise RuntimeError("no attention block was added")
-        return self.out.to(dtype)
+        return (self._first[0] if self._acc is None else self._acc).to(dtype)
+
+    def lse(self) -> torch.Tensor:
+        """The log-sum-exp so far, fp32 ``[B, H, S]``."""
+        if self.empty:
+            raise RuntimeError("no attention block was added")
+        return (self._first[1] if self._acc is None else self._acc_lse).float()

@@ -1,26 +1,29 @@
-"""Fused log-sum-exp merge for CUDA: one pass over the accumulator per ring hop.
+"""Fused log-sum-exp merge for CUDA: one pass per ring hop.
 
-The unfused merge in :mod:`usp_attn.layers.merge` makes ~6 passes over an fp32
-``[B, S, H, D]`` tensor per hop (casts, two exps broadcast over D, mul, add); on a
-long sequence that costs a noticeable fraction of the hop's attention time. This
-kernel reads the accumulator, the block output (any float dtype, any strides) and
-both LSEs once and writes the accumulator and the new LSE in place:
+Merging with torch ops costs ~6 passes over an fp32 ``[B, S, H, D]`` tensor per hop
+(casts, two exps broadcast over D, mul, add). This kernel reads both partial results
+(any float dtype, any strides) and both LSEs once and writes the merged result in the
+output's dtype, so the accumulator needs no separate cast on the first hop and the
+last hop writes the caller's dtype directly:
 
-    m     = max(lse_acc, lse_blk)                      (per row b, s, h)
-    lse   = m + log(exp(lse_acc - m) + exp(lse_blk - m))
-    acc   = acc * exp(lse_acc - lse) + blk * exp(lse_blk - lse)
-    rows with m = -inf (no key yet in either) keep acc = 0, lse = -inf.
+    m   = max(lse_a, lse_b)                        (per row b, s, h)
+    lse = m + log(exp(lse_a - m) + exp(lse_b - m))
+    out = a * exp(lse_a - lse) + b * exp(lse_b - lse)
+    rows with m = -inf (no attendable key in either) give out = 0, lse = -inf.
 
-Triton is imported lazily; :func:`fused_merge_available` says whether it can run.
+``out`` may alias ``a`` and ``lse_out`` may alias ``lse_a`` (each element is read
+before it is written by the same program). Triton is imported lazily;
+:func:`fused_merge_available` says whether the kernel can run.
 """
 
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 
-__all__ = ["fused_merge_", "fused_merge_available"]
+__all__ = ["fused_merge", "fused_merge_available"]
 
 
 @functools.lru_cache(maxsize=1)
@@ -30,21 +33,21 @@ def _kernel():
 
     @triton.jit
     def merge_kernel(
-        acc_ptr, acc_lse_ptr, blk_ptr, blk_lse_ptr,
+        a_ptr, lse_a_ptr, b_ptr, lse_b_ptr, out_ptr, lse_out_ptr,
         n_rows, seq, heads, dim,
-        blk_sb, blk_ss, blk_sh, blk_sd,
-        lse_sb, lse_sh, lse_ss,
-        ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
+        a_sb, a_ss, a_sh, a_sd, b_sb, b_ss, b_sh, b_sd,
+        la_sb, la_sh, la_ss, lb_sb, lb_sh, lb_ss,
+        STORE_LSE: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
         rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)  # row = (b * S + s) * H + h
         row_ok = rows < n_rows
         h = rows % heads
         s = (rows // heads) % seq
         b = rows // (heads * seq)
-        acc_lse_off = (b * heads + h) * seq + s  # the accumulator's LSE is contiguous [B, H, S]
-        blk_lse_off = b * lse_sb + h * lse_sh + s * lse_ss
-        lse_a = tl.load(acc_lse_ptr + acc_lse_off, mask=row_ok, other=float("-inf"))
-        lse_b = tl.load(blk_lse_ptr + blk_lse_off, mask=row_ok, other=float("-inf")).to(tl.float32)
+        lse_a = tl.load(lse_a_ptr + b * la_sb + h * la_sh + s * la_ss, mask=row_ok, other=float("-inf"))
+        lse_b = tl.load(lse_b_ptr + b * lb_sb + h * lb_sh + s * lb_ss, mask=row_ok, other=float("-inf"))
+        lse_a = lse_a.to(tl.float32)
+        lse_b = lse_b.to(tl.float32)
         m = tl.maximum(lse_a, lse_b)
         empty = m == float("-inf")
         m_safe = tl.where(empty, 0.0, m)
@@ -55,14 +58,21 @@ def _kernel():
         w_b = tl.where(empty, 0.0, tl.exp(lse_b - lse_safe))
         d = tl.arange(0, BLOCK_D)
         tile_ok = row_ok[:, None] & (d[None, :] < dim)
-        acc_off = rows[:, None] * dim + d[None, :]
-        blk_off = (b * blk_sb + s * blk_ss + h * blk_sh)[:, None] + d[None, :] * blk_sd
-        acc = tl.load(acc_ptr + acc_off, mask=tile_ok, other=0.0)
-        blk = tl.load(blk_ptr + blk_off, mask=tile_ok, other=0.0).to(tl.float32)
-        tl.store(acc_ptr + acc_off, acc * w_a[:, None] + blk * w_b[:, None], mask=tile_ok)
-        tl.store(acc_lse_ptr + acc_lse_off, lse, mask=row_ok)
+        a_off = (b * a_sb + s * a_ss + h * a_sh)[:, None] + d[None, :] * a_sd
+        b_off = (b * b_sb + s * b_ss + h * b_sh)[:, None] + d[None, :] * b_sd
+        x = tl.load(a_ptr + a_off, mask=tile_ok, other=0.0).to(tl.float32)
+        y = tl.load(b_ptr + b_off, mask=tile_ok, other=0.0).to(tl.float32)
+        merged = x * w_a[:, None] + y * w_b[:, None]
+        out_off = rows[:, None] * dim + d[None, :]  # out is contiguous [B, S, H, D]
+        tl.store(out_ptr + out_off, merged.to(out_ptr.dtype.element_ty), mask=tile_ok)
+        if STORE_LSE:
+            tl.store(lse_out_ptr + (b * heads + h) * seq + s, lse, mask=row_ok)  # contiguous [B, H, S]
 
     return merge_kernel, triton
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def fused_merge_available(device: torch.device) -> bool:
@@ -71,22 +81,20 @@ def fused_merge_available(device: torch.device) -> bool:
         return False
     try:
         _kernel()
-    except Exception:  # Triton missing or broken: the unfused merge is used
+    except Exception:  # Triton missing or broken: the torch-ops merge is used instead
         return False
     return True
 
 
-def _interpreting() -> bool:
-    import os
-
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def fused_merge_(acc: torch.Tensor, acc_lse: torch.Tensor, blk: torch.Tensor, blk_lse: torch.Tensor) -> None:
-    """In place: fold ``blk [B, S, H, D]`` / ``blk_lse [B, H, S]`` into ``acc`` (fp32, contiguous
-    ``[B, S, H, D]``) and ``acc_lse`` (fp32, contiguous ``[B, H, S]``)."""
+def fused_merge(
+    a: torch.Tensor, lse_a: torch.Tensor, b: torch.Tensor, lse_b: torch.Tensor,
+    out: torch.Tensor, lse_out: torch.Tensor | None,
+) -> None:
+    """Merge partial results ``a``/``b`` (``[B, S, H, D]``, any float dtype and strides) with their
+    LSEs (``[B, H, S]``, any strides) into ``out`` (contiguous ``[B, S, H, D]``, any float dtype)
+    and, unless ``None``, ``lse_out`` (contiguous fp32 ``[B, H, S]``)."""
     kernel, triton = _kernel()
-    batch, seq, heads, dim = acc.shape
+    batch, seq, heads, dim = out.shape
     n_rows = batch * seq * heads
     if n_rows == 0:
         return
@@ -94,8 +102,8 @@ def fused_merge_(acc: torch.Tensor, acc_lse: torch.Tensor, blk: torch.Tensor, bl
     rows = max(1, 4096 // block_d)  # ~4K elements per program
     grid = (triton.cdiv(n_rows, rows),)
     kernel[grid](
-        acc, acc_lse, blk, blk_lse,
+        a, lse_a, b, lse_b, out, out if lse_out is None else lse_out,
         n_rows, seq, heads, dim,
-        *blk.stride(), *blk_lse.stride(),
-        ROWS=rows, BLOCK_D=block_d,
+        *a.stride(), *b.stride(), *lse_a.stride(), *lse_b.stride(),
+        STORE_LSE=lse_out is not None, ROWS=rows, BLOCK_D=block_d,
     )

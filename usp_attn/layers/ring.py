@@ -54,36 +54,38 @@ def ring_attention(
     """
     ring_size = len(block_lengths)
     batch, _, kv_heads, head_dim = k.shape
-    acc = PartialAttention()
-    block = torch.stack((k, v))  # one contiguous [2, B, S, H_kv, D] buffer to send and read
-    mask = None if key_mask is None else key_mask.to(torch.uint8)
-    source = ring_rank
-    for step in range(ring_size):
-        if step + 1 < ring_size:
-            incoming_source = (source - 1) % ring_size
-            incoming_len = block_lengths[incoming_source]
-            shapes = [((2, batch, incoming_len, kv_heads, head_dim), block.dtype)]
-            if mask is not None:
-                shapes.append(((batch, incoming_len), torch.uint8))
-            exchange.start([block] if mask is None else [block, mask], shapes)
-        if step == 0:
-            for k_extra, v_extra, mask_extra in local_blocks:  # overlaps the first transfer
-                _attend_block(attend, acc, q, k_extra, v_extra, mask_extra, causal=False)
-        if not (causal and source > ring_rank):
-            _attend_block(attend, acc, q, block[0], block[1], mask, causal=causal and source == ring_rank)
-        if step + 1 < ring_size:
-            received = exchange.wait()
-            block = received[0]
-            mask = received[1] if mask is not None else None
-            source = incoming_source
-    if acc.out is None:  # no keys at all (empty blocks)
+    # Which blocks this rank attends, known up front so the last merge can write q's dtype.
+    sources = [(ring_rank - step) % ring_size for step in range(ring_size)]
+    attended = {src for src in sources if not (causal and src > ring_rank) and block_lengths[src] > 0}
+    extras = [blk for blk in local_blocks if blk[0].shape[1] > 0]
+    remaining = (len(attended) + len(extras)) if q.shape[1] > 0 else 0
+    if remaining == 0 and exchange is None:
         return torch.zeros_like(q)
-    return acc.result(q.dtype)
+    acc = PartialAttention()
+    result = None
 
+    def attend_block(k_blk, v_blk, mask_blk, block_causal):
+        nonlocal remaining, result
+        remaining -= 1
+        mask4d = None if mask_blk is None else mask_blk.bool()[:, None, None, :]
+        out, lse = attend(q, k_blk, v_blk, mask=mask4d, causal=block_causal, return_lse=True)
+        result = acc.add(out, lse, last_dtype=q.dtype if remaining == 0 else None)
 
-def _attend_block(attend, acc: PartialAttention, q, k, v, key_mask, *, causal: bool) -> None:
-    if q.shape[1] == 0 or k.shape[1] == 0:
-        return
-    mask4d = None if key_mask is None else key_mask.bool()[:, None, None, :]
-    out, lse = attend(q, k, v, mask=mask4d, causal=causal, return_lse=True)
-    acc.add(out, lse)
+    # K and V travel as two contiguous tensors (no stacking copy), the mask as uint8.
+    block = [k.contiguous(), v.contiguous()] + ([] if key_mask is None else [key_mask.to(torch.uint8)])
+    for step, source in enumerate(sources):
+        if step + 1 < ring_size:
+            incoming_len = block_lengths[sources[step + 1]]
+            shapes = [((batch, incoming_len, kv_heads, head_dim), k.dtype)] * 2
+            if key_mask is not None:
+                shapes.append(((batch, incoming_len), torch.uint8))
+            exchange.start(block, shapes)
+        if step == 0 and q.shape[1] > 0:
+            for k_extra, v_extra, mask_extra in extras:  # overlaps the first transfer
+                attend_block(k_extra, v_extra, mask_extra, False)
+        if source in attended and q.shape[1] > 0:
+            mask = block[2] if key_mask is not None else None
+            attend_block(block[0], block[1], mask, causal and source == ring_rank)
+        if step + 1 < ring_size:
+            block = exchange.wait()
+    return result if result is not None else torch.zeros_like(q)
