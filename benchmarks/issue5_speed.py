@@ -14,7 +14,15 @@ from benchmarks.issue5_common import Ctx, auto_raw_kernel, measure, short_error
 from benchmarks.kernels import RAW_KERNELS, kernel_by_name
 from benchmarks.local_ring import merge_variant, run_local_ring, split_blocks
 from benchmarks.report import markdown_table
-from benchmarks.timing import attention_flops, host_issue_time, random_qkv, rotation_count, tflops, time_fn
+from benchmarks.timing import (
+    attention_flops,
+    host_issue_time,
+    plan_reps,
+    random_qkv,
+    rotation_count,
+    tflops,
+    time_interleaved,
+)
 
 __all__ = ["p1_default_choice", "p2_layer_overhead", "p3_ring_hops"]
 
@@ -74,17 +82,21 @@ def p1_default_choice(ctx: Ctx) -> dict:
         # The fastest kernel on the layer's own input layout ([B, S, H, D] storage, as DiT blocks give it).
         raw = {k: v for k, v in results.items() if not k.startswith("LocalAttention") and "BHSD" not in k}
         if raw and "LocalAttention (auto)" in results:
-            # Second timing of the fastest kernel and of the layer: their spread bounds the noise.
+            # Head to head, call by call in turn, so drift hits both alike.
             best = max(raw, key=raw.get)
             kern = kernel_by_name(best)
             arg_sets = sets if not kern.mutates_k else [(q, k.clone(), v) for q, k, v in sets]
-            record(f"{best} (again)", lambda q, k, v: kern.call(q, k, v, scale=scale), arg_sets)
-            record("LocalAttention (auto) (again)", layer, sets, f"picks {desc}")
-            auto = [results["LocalAttention (auto)"], results.get("LocalAttention (auto) (again)", float("nan"))]
-            fastest = [raw[best], results.get(f"{best} (again)", float("nan"))]
-            ratios = [a / f for a, f in zip(auto, fastest)]
-            summary.append(dict(row="P1", shape=shape, fastest=best, fastest_tflops=fastest[0], auto_backend=desc,
-                                auto_tflops=auto[0], ratio=ratios[0], ratio_repeat=ratios[1], target=">= 0.97"))
+            reps = 3 if ctx.smoke else plan_reps(flops / (raw[best] * 1e12), target_s=2 * ctx.config["target_s"],
+                                                  lo=5, hi=60)
+            pair = time_interleaved({"fastest": (lambda q, k, v: kern.call(q, k, v, scale=scale), arg_sets),
+                                     "auto": (layer, sets)}, warmup=2, reps=reps, device=ctx.device)
+            ratio = pair["fastest"].median / pair["auto"].median
+            rows.append([str(shape), f"head to head: LocalAttention (auto) vs {best}, interleaved",
+                         pair["auto"].median * 1e3, tflops(flops, pair["auto"].median), reps,
+                         f"ratio {ratio:.3f} ({best} {tflops(flops, pair['fastest'].median):.0f} TFLOP/s)"])
+            summary.append(dict(row="P1", shape=shape, fastest=best, fastest_tflops=raw[best], auto_backend=desc,
+                                auto_tflops=results["LocalAttention (auto)"], ratio=ratio,
+                                ratio_separate_runs=results["LocalAttention (auto)"] / raw[best], target=">= 0.97"))
         del sets
         torch.cuda.empty_cache() if ctx.device.type == "cuda" else None
     table = markdown_table(["shape (B,H,S,D)", "kernel", "median ms", "TFLOP/s", "reps", "note"], rows)
@@ -113,9 +125,11 @@ def p2_layer_overhead(ctx: Ctx) -> dict:
         reps = ctx.config["p2_reps"]
         medians: dict[str, list[float]] = {name: [] for name in variants}
         hosts: dict[str, float] = {}
-        for _round in range(ctx.config.get("p2_rounds", 5)):  # interleaved rounds: their spread is the noise
-            for name, fn in variants.items():
-                medians[name].append(time_fn(fn, sets, warmup=max(3, reps // 10), reps=reps, device=ctx.device).median)
+        for _round in range(ctx.config.get("p2_rounds", 5)):  # interleaved call by call; rounds show the noise
+            timed = time_interleaved({name: (fn, sets) for name, fn in variants.items()},
+                                     warmup=max(3, reps // 10), reps=reps, device=ctx.device)
+            for name in variants:
+                medians[name].append(timed[name].median)
         for name, fn in variants.items():
             hosts[name] = host_issue_time(fn, sets, calls=min(50, reps), device=ctx.device)
         flops = attention_flops(b, h, s, s, d)
@@ -138,12 +152,6 @@ def p2_layer_overhead(ctx: Ctx) -> dict:
     return {"table": table + note, "data": {"medians": medians, "host": hosts}, "summary": summary}
 
 
-def _median_timing(timings):
-    """The timing whose median is the median of the rounds' medians."""
-    ordered = sorted(timings, key=lambda t: t.median)
-    return ordered[len(ordered) // 2]
-
-
 def p3_ring_hops(ctx: Ctx) -> dict:
     rows, data, summary = [], [], []
     _, full_kernel, desc = auto_raw_kernel(ctx.device, ctx.dtype, ctx.config["p3_shapes"][0][3])
@@ -160,18 +168,15 @@ def p3_ring_hops(ctx: Ctx) -> dict:
             for q_rows in ("per-rank", "all"):
                 qr = q[:, : lengths[0]] if q_rows == "per-rank" else q
                 try:
-                    # Interleaved rounds (one call, ring, blocks only, repeated): clock and thermal
-                    # drift hits all three alike; each ratio is the median over the rounds.
-                    rounds = {"full": [], "ring": [], "only": []}
-                    for _round in range(ctx.config.get("p3_rounds", 3)):
-                        rounds["full"].append(measure(ctx, lambda: full_kernel.call(qr, k, v, scale=scale), [()],
-                                                      target_s=0.3))
-                        rounds["ring"].append(measure(ctx, lambda: run_local_ring(attend, qr, blocks, lengths), [()],
-                                                      target_s=0.3))
-                        rounds["only"].append(measure(
-                            ctx, lambda: [attend(qr, blk[0], blk[1], return_lse=True) for blk in blocks], [()],
-                            target_s=0.3))
-                    full, ring_t, only = (_median_timing(rounds[key]) for key in ("full", "ring", "only"))
+                    trio = {
+                        "full": (lambda: full_kernel.call(qr, k, v, scale=scale), [()]),
+                        "ring": (lambda: run_local_ring(attend, qr, blocks, lengths), [()]),
+                        "only": (lambda: [attend(qr, blk[0], blk[1], return_lse=True) for blk in blocks], [()]),
+                    }
+                    per_call = measure(ctx, trio["full"][0], [()], target_s=0.05).median
+                    reps = 3 if ctx.smoke else plan_reps(3 * per_call, target_s=2.0, lo=5, hi=40)
+                    timed = time_interleaved(trio, warmup=1, reps=reps, device=ctx.device)
+                    full, ring_t, only = timed["full"], timed["ring"], timed["only"]
                 except Exception as exc:
                     rows.append([str(shape), ring, q_rows, None, None, None, None, None, None,
                                  f"error: {short_error(exc)}"])

@@ -161,3 +161,44 @@ def plan_reps(seconds_per_call: float, *, target_s: float, lo: int, hi: int) -> 
     if not seconds_per_call > 0:
         return hi
     return int(min(hi, max(lo, round(target_s / seconds_per_call))))
+
+
+def time_interleaved(
+    variants: dict[str, tuple[Callable[..., object], Sequence[tuple]]],
+    *,
+    warmup: int,
+    reps: int,
+    device: torch.device | str,
+) -> dict[str, Timing]:
+    """Time several variants call by call in turn (A B C A B C ...), so clock, power and
+    thermal drift affect them alike; ratios of their medians are then comparable to ~1%.
+
+    ``variants``: name -> (fn, arg_sets); returns name -> Timing of ``reps`` calls each.
+    """
+    device = torch.device(device)
+    names = list(variants)
+    for i in range(warmup):
+        for name in names:
+            fn, sets = variants[name]
+            fn(*sets[i % len(sets)])
+    synchronize(device)
+    if device.type != "cuda":
+        times: dict[str, list[float]] = {name: [] for name in names}
+        for i in range(reps):
+            for name in names:
+                fn, sets = variants[name]
+                t0 = time.perf_counter()
+                fn(*sets[i % len(sets)])
+                times[name].append(time.perf_counter() - t0)
+        return {name: Timing(t) for name, t in times.items()}
+    events = {name: [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+                     for _ in range(reps)] for name in names}
+    for i in range(reps):
+        for name in names:
+            fn, sets = variants[name]
+            start, end = events[name][i]
+            start.record()
+            fn(*sets[i % len(sets)])
+            end.record()
+    torch.cuda.synchronize(device)
+    return {name: Timing([s.elapsed_time(e) / 1e3 for s, e in events[name]]) for name in names}
