@@ -1,0 +1,179 @@
+#!/usr/bin/env python
+"""Text-to-video denoising with sequence-parallel attention, under torchrun (or plain python = 1 rank).
+
+    torchrun --nproc-per-node 4 launch/generate.py --ulysses-degree 2 --ring-degree 2 \\
+        --output video.npz --verify
+
+Without --model-path it runs a small built-in Wan-style video DiT with seeded random
+weights (launch/tiny_dit.py): random text embeddings instead of a text encoder and no
+VAE (the "video" is a fixed linear map of the latents to RGB), so the command runs
+anywhere, on CPU + gloo when there is no GPU. With --model-path it runs a real diffusers
+Wan pipeline with sequence parallelism enabled on its transformer.
+
+Exit status: 0 success, 1 failure (including a failed --verify), 2 bad arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+
+import torch
+
+import usp_attn
+from usp_attn.config import AttentionConfig, add_attention_args, positive_int
+from usp_attn.selector import AttentionBackendUnavailableError
+
+from builtin_job import WEIGHT_SEED, builtin_config, run_builtin
+from flow_match import VAE_STRIDE, latent_grid, latents_to_video
+from run_report import check_output, print_summary, write_output
+from tiny_dit import TinyDiTConfig
+from wan_job import check_model_path, run_model_path
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+PATCH = TinyDiTConfig.patch_size  # Wan's (1, 2, 2), for the built-in model and Wan 2.1 alike
+
+
+def nonnegative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {value}")
+    return value
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Shows defaults, except the uninformative None / False."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="generate.py",
+        description="\n\n".join(__doc__.split("\n\n")[1:]),
+        formatter_class=_HelpFormatter,
+    )
+    p.add_argument("--model-path", default=None, metavar="PATH",
+                   help="local diffusers Wan 2.x directory (or hub id, with network) run through WanPipeline; needs "
+                   "diffusers and usp_attn.integrations.diffusers (untested in CI: no weights there). Default: the "
+                   "built-in random-weight DiT")
+    add_attention_args(p)
+    p.add_argument("--num-frames", type=positive_int, default=17, help="video frames: 4k+1 (Wan VAE time stride 4)")
+    p.add_argument("--height", type=positive_int, default=384, help="pixels, multiple of 16 (VAE 8 x patch 2)")
+    p.add_argument("--width", type=positive_int, default=640, help="pixels, multiple of 16 (VAE 8 x patch 2)")
+    p.add_argument("--num-inference-steps", type=positive_int, default=10, help="denoising (Euler) steps")
+    p.add_argument("--seed", type=nonnegative_int, default=0, help="noise and random text embeddings")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--guidance-scale", type=float, default=5.0, help="classifier-free guidance; 1 turns it off")
+    p.add_argument("--shift", type=float, default=5.0, help="flow-matching sigma shift (built-in model)")
+    p.add_argument("--output", default=None, metavar="FILE",
+                   help="write the video: .mp4 or .gif (needs imageio[, imageio-ffmpeg]: pip install "
+                   "'usp-attn[video]') or .npz (video uint8 [F, H, W, 3], plus latents for the built-in model). "
+                   "The built-in model has no VAE: its video is a linear map of the latents to RGB")
+    p.add_argument("--fps", type=positive_int, default=16, help="frame rate of .mp4/.gif output")
+    p.add_argument("--verify", action="store_true",
+                   help="built-in model only: rank 0 reruns the same steps on the full sequence without sequence "
+                   "parallelism and the run fails (exit 1) unless the results agree: fp32 within 1e-4 relative; "
+                   "fp16/bf16 no further from an fp32 rerun than 2x the one-process low-precision rerun is")
+    p.add_argument("--prompt", default="a red panda drinking tea in a garden", help="--model-path only")
+    p.add_argument("--negative-prompt", default="", help="--model-path only")
+    model = p.add_argument_group("built-in model (ignored with --model-path)")
+    model.add_argument("--hidden-size", type=positive_int, default=TinyDiTConfig.hidden_size)
+    model.add_argument("--num-heads", type=positive_int, default=TinyDiTConfig.num_heads,
+                       help="need not divide --ulysses-degree: USPAttention pads heads")
+    model.add_argument("--num-layers", type=positive_int, default=TinyDiTConfig.num_layers)
+    p.add_argument("-v", "--verbose", action="store_true", help="show usp_attn's INFO log messages (rank 0)")
+    return p
+
+
+def check_args(args, world_size: int) -> list[str]:
+    """Every problem with the arguments, found without touching a GPU, a process group or a model."""
+    problems = []
+    u, r = args.ulysses_degree, args.ring_degree
+    if u * r != world_size:
+        problems.append(
+            f"--ulysses-degree {u} x --ring-degree {r} = {u * r} must equal the number of ranks, {world_size} "
+            "(torchrun --nproc-per-node N; 1 when run without torchrun)"
+        )
+    st, (sh, sw) = VAE_STRIDE[0], (VAE_STRIDE[1] * PATCH[1], VAE_STRIDE[2] * PATCH[2])
+    if (args.num_frames - 1) % st:
+        problems.append(f"--num-frames {args.num_frames} must be 4k+1 (1, 5, 9, ..., 81): the VAE stride in time is 4")
+    for name, value, mult in (("--height", args.height, sh), ("--width", args.width, sw)):
+        if value % mult:
+            problems.append(f"{name} {value} must be a multiple of {mult} (VAE stride 8 x patch 2)")
+    if not problems:
+        f, h, w = latent_grid(args.num_frames, args.height, args.width)
+        tokens = f * (h // PATCH[1]) * (w // PATCH[2])
+        if tokens < world_size:
+            problems.append(f"the video has {tokens} tokens, fewer than the {world_size} ranks; make it larger")
+    if args.guidance_scale < 1.0:
+        problems.append(f"--guidance-scale must be >= 1 (1 = no guidance), got {args.guidance_scale}")
+    if args.output is not None:
+        problems += check_output(args.output)
+    if args.model_path is None:
+        problems += builtin_config(args).problems()
+    else:
+        problems += check_model_path(args)
+    return problems
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    problems = check_args(args, world)
+    if problems:  # every rank finds the same problems from the same arguments: all exit, none hangs
+        lines = problems if len(problems) == 1 else [f"{len(problems)} problems:"] + [f"  - {p}" for p in problems]
+        print(f"{parser.prog}: error (rank {rank}): " + "\n".join(lines), file=sys.stderr)
+        return 2
+    logging.basicConfig(format="%(levelname)s %(message)s",
+                        level=(logging.INFO if args.verbose else logging.WARNING) if rank == 0 else logging.ERROR)
+    dtype = DTYPES[args.dtype or ("bf16" if torch.cuda.is_available() else "fp32")]
+    t_start = time.perf_counter()
+    AttentionConfig.from_args(args).apply()
+    try:
+        state = usp_attn.init_sequence_parallel(args.ulysses_degree, args.ring_degree, strict=args.attention_strict)
+    except (ValueError, AttentionBackendUnavailableError) as exc:
+        print(f"{parser.prog}: error (rank {rank}): {exc}", file=sys.stderr)
+        return 1
+    try:
+        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        if rank == 0:
+            print(describe_backend(state.agreement), flush=True)
+        run = run_builtin if args.model_path is None else run_model_path
+        result = run(args, state, device, dtype, rank)
+        result["wall"] = time.perf_counter() - t_start
+        if rank == 0:
+            if args.output is not None:
+                video = result.get("video")
+                if video is None:
+                    video = latents_to_video(result["latents"][0], args.num_frames, args.height, args.width,
+                                             seed=WEIGHT_SEED + 1)
+                write_output(args.output, video, result.get("latents"), args, str(state.backend))
+            print_summary(args, state, dtype, result)
+        verdict = result.get("verify")
+        return 0 if verdict is None or verdict["passed"] else 1
+    finally:
+        usp_attn.destroy_sequence_parallel()
+
+
+def describe_backend(agreement) -> str:
+    line = f"attention backend: {agreement.backend}"
+    if agreement.requested is None:
+        return line + f" (automatic choice, agreed by {agreement.world_size} rank(s))"
+    if agreement.requested != agreement.backend:
+        return line + f" (requested '{agreement.requested}' {agreement.reason_unavailable(agreement.requested)})"
+    return line + f" (requested via --attention-backend, agreed by {agreement.world_size} rank(s))"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

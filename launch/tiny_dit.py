@@ -1,0 +1,247 @@
+"""A small Wan-style video DiT with seeded random weights: the built-in model of generate.py.
+
+Same structure as Wan 2.x (facts from its public architecture; our own code):
+
+    latents [B, C, F, H, W] --3D patchify (1, 2, 2)--> tokens [B, S, dim], S = F * H/2 * W/2
+    timestep -> sinusoidal embedding -> MLP -> 6 adaLN modulation vectors per block
+    N blocks:  x += gate * SelfAttn(norm(x) * (1 + scale) + shift)     (q/k RMSNorm, 3D rotary)
+               x += CrossAttn(norm(x), text)                           (text full on every rank)
+               x += gate * FFN(norm(x) * (1 + scale) + shift)
+    head: norm + modulation + linear -> unpatchify -> velocity [B, C, F, H, W]
+
+Sequence parallelism (``sequence_parallel=True`` and an initialised usp_attn state):
+the token sequence and the rotary tables are split with ``shard_sequence`` after the
+patch embedding, self-attention runs through ``USPAttention``, cross-attention through
+``USPAttention(skip_sequence_parallel=True)`` (no communication), and the tokens are
+gathered with ``gather_sequence`` before the output projection. Each rank applies the
+rotary embedding of its tokens' *global* positions. With ``sequence_parallel=False``
+every attention is a plain ``LocalAttention`` over the full sequence: the reference.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+from torch import nn
+
+from usp_attn import LocalAttention, USPAttention, gather_sequence, get_sequence_parallel_state, shard_sequence
+
+__all__ = ["TinyDiTConfig", "TinyWanDiT", "rope_axis_dims", "rope_tables"]
+
+
+@dataclasses.dataclass(frozen=True)
+class TinyDiTConfig:
+    """Shape of the built-in model. ``head_size = hidden_size // num_heads``."""
+
+    in_channels: int = 16  # Wan 2.1 VAE latent channels
+    hidden_size: int = 384
+    num_heads: int = 12
+    num_layers: int = 2
+    ffn_size: int = 1024
+    text_dim: int = 128
+    text_length: int = 32
+    freq_dim: int = 256
+    patch_size: tuple[int, int, int] = (1, 2, 2)
+    rope_theta: float = 10000.0
+    eps: float = 1e-6
+
+    @property
+    def head_size(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    def problems(self) -> list[str]:
+        """Why this config cannot be built (empty if it can)."""
+        out = []
+        if self.hidden_size % self.num_heads:
+            out.append(f"--hidden-size {self.hidden_size} must be divisible by --num-heads {self.num_heads}")
+        elif self.head_size % 2 or self.head_size < 6:
+            out.append(
+                f"head size --hidden-size/--num-heads = {self.head_size} must be even and >= 6 "
+                "(3D rotary rotates pairs of channels along time, height and width)"
+            )
+        return out
+
+
+def rope_axis_dims(head_size: int) -> tuple[int, int, int]:
+    """Channels per axis (time, height, width) as Wan splits a head: h = w = 2 * (D // 6), t = rest."""
+    hw = 2 * (head_size // 6)
+    return head_size - 2 * hw, hw, hw
+
+
+def rope_tables(grid: tuple[int, int, int], head_size: int, theta: float, device=None):
+    """cos/sin of the 3D rotary angles of every token of a ``grid = (F, H, W)`` token grid.
+
+    Returns ``(cos, sin)``, each ``[F * H * W, head_size // 2]`` float32, tokens in the
+    patchify order (frame-major, then row, then column). Angles are computed in float64.
+    """
+    angles = []
+    for axis, (n, dim) in enumerate(zip(grid, rope_axis_dims(head_size))):
+        inv_freq = 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float64, device=device) / dim)
+        ang = torch.outer(torch.arange(n, dtype=torch.float64, device=device), inv_freq)  # [n, dim/2]
+        shape = [1, 1, 1, dim // 2]
+        shape[axis] = n
+        angles.append(ang.view(shape).expand(*grid, dim // 2))
+    table = torch.cat(angles, dim=-1).reshape(-1, head_size // 2)
+    return table.cos().float(), table.sin().float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate channel pairs (2i, 2i+1) of ``x [B, S, H, D]`` by the angles of ``cos/sin [S, D/2]``."""
+    xf = x.float().unflatten(-1, (-1, 2))
+    a, b = xf[..., 0], xf[..., 1]
+    c, s = cos[None, :, None, :], sin[None, :, None, :]
+    return torch.stack((a * c - b * s, a * s + b * c), dim=-1).flatten(-2).to(x.dtype)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
+
+
+class Attention(nn.Module):
+    """Multi-head attention with Wan's q/k RMSNorm; rotary only for self-attention."""
+
+    def __init__(self, cfg: TinyDiTConfig, attention: nn.Module) -> None:
+        super().__init__()
+        dim = cfg.hidden_size
+        self.heads = cfg.num_heads
+        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
+        self.norm_q, self.norm_k = RMSNorm(dim, cfg.eps), RMSNorm(dim, cfg.eps)
+        self.attn = attention
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor, rope=None) -> torch.Tensor:
+        """x ``[B, s, dim]`` (queries; a shard under SP), context ``[B, L, dim]`` (keys/values)."""
+        q = self.norm_q(self.q(x)).unflatten(-1, (self.heads, -1))
+        k = self.norm_k(self.k(context)).unflatten(-1, (self.heads, -1))
+        v = self.v(context).unflatten(-1, (self.heads, -1))
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        return self.o(self.attn(q, k, v).flatten(-2))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: TinyDiTConfig, sequence_parallel: bool) -> None:
+        super().__init__()
+        dim, heads, head = cfg.hidden_size, cfg.num_heads, cfg.head_size
+        if sequence_parallel:
+            self_attn, cross_attn = USPAttention(heads, head), USPAttention(heads, head, skip_sequence_parallel=True)
+        else:
+            self_attn, cross_attn = LocalAttention(heads, head), LocalAttention(heads, head)
+        self.norm1 = nn.LayerNorm(dim, cfg.eps, elementwise_affine=False)
+        self.self_attn = Attention(cfg, self_attn)
+        self.norm3 = nn.LayerNorm(dim, cfg.eps)
+        self.cross_attn = Attention(cfg, cross_attn)
+        self.norm2 = nn.LayerNorm(dim, cfg.eps, elementwise_affine=False)
+        self.ffn = nn.Sequential(nn.Linear(dim, cfg.ffn_size), nn.GELU(approximate="tanh"), nn.Linear(cfg.ffn_size, dim))
+        self.modulation = nn.Parameter(torch.zeros(1, 6, dim))
+
+    def forward(self, x, mod, context, rope):
+        """x ``[B, s, dim]``, mod ``[B, 6, dim]``, context ``[B, L, dim]``."""
+        shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation + mod).unsqueeze(2).unbind(1)
+        h = self.norm1(x) * (1 + scale1) + shift1
+        x = x + gate1 * self.self_attn(h, h, rope)
+        x = x + self.cross_attn(self.norm3(x), context)
+        return x + gate2 * self.ffn(self.norm2(x) * (1 + scale2) + shift2)
+
+
+class TinyWanDiT(nn.Module):
+    """The built-in video DiT. ``forward(latents, timestep, text) -> velocity`` (same shape as latents)."""
+
+    def __init__(self, cfg: TinyDiTConfig, sequence_parallel: bool = True) -> None:
+        super().__init__()
+        if cfg.problems():
+            raise ValueError("; ".join(cfg.problems()))
+        self.cfg, self.sequence_parallel = cfg, sequence_parallel
+        dim, patch_dim = cfg.hidden_size, cfg.in_channels * math.prod(cfg.patch_size)
+        self.patch_embedding = nn.Linear(patch_dim, dim)
+        self.text_embedding = nn.Sequential(nn.Linear(cfg.text_dim, dim), nn.GELU(approximate="tanh"), nn.Linear(dim, dim))
+        self.time_embedding = nn.Sequential(nn.Linear(cfg.freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+        self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+        self.blocks = nn.ModuleList(Block(cfg, sequence_parallel) for _ in range(cfg.num_layers))
+        self.head_norm = nn.LayerNorm(dim, cfg.eps, elementwise_affine=False)
+        self.head = nn.Linear(dim, patch_dim)
+        self.head_modulation = nn.Parameter(torch.zeros(1, 2, dim))
+
+    @torch.no_grad()
+    def init_weights(self, seed: int) -> "TinyWanDiT":
+        """Seeded random weights, identical on every rank (drawn on the CPU, in parameter order).
+
+        Nothing is zero-initialised (unlike a trainable DiT's gates and head). Plain random
+        weights would give near-uniform attention whose output is tiny, so a token sharded
+        to the wrong place would hardly change the result. Larger q/k norm weights (logits
+        ~4x sharper) and a 3x stronger self-attention output make self-attention about half
+        of the output, as in a trained DiT, so ``--verify`` sees sequence-parallel mistakes.
+        """
+        gen = torch.Generator().manual_seed(seed)
+        for name, p in self.named_parameters():
+            noise = torch.randn(p.shape, generator=gen)
+            if "modulation" in name:
+                value = noise / math.sqrt(self.cfg.hidden_size)
+            elif "self_attn.norm_" in name:
+                value = 2 + 0.1 * noise
+            elif "norm" in name:
+                value = 1 + 0.1 * noise
+            elif p.dim() == 2:
+                gain = 3.0 if name.endswith("self_attn.o.weight") else 1.0
+                value = gain * noise / math.sqrt(p.shape[1])
+            else:
+                value = 0.02 * noise
+            p.copy_(value)
+        return self
+
+    # ---- geometry ------------------------------------------------------------------------
+    def token_grid(self, latent_shape) -> tuple[int, int, int]:
+        """(F, H, W) token grid of latents shaped ``[B, C, F, H, W]``."""
+        return tuple(n // p for n, p in zip(latent_shape[2:], self.cfg.patch_size))
+
+    def patchify(self, x: torch.Tensor) -> torch.Tensor:
+        """``[B, C, F, H, W]`` -> ``[B, S, C * pt * ph * pw]`` (tokens frame-major)."""
+        b, c = x.shape[:2]
+        (gf, gh, gw), (pt, ph, pw) = self.token_grid(x.shape), self.cfg.patch_size
+        x = x.reshape(b, c, gf, pt, gh, ph, gw, pw).permute(0, 2, 4, 6, 1, 3, 5, 7)
+        return x.reshape(b, gf * gh * gw, c * pt * ph * pw)
+
+    def unpatchify(self, tokens: torch.Tensor, grid) -> torch.Tensor:
+        """Inverse of :meth:`patchify`: ``[B, S, C * pt * ph * pw]`` -> ``[B, C, F, H, W]``."""
+        (gf, gh, gw), (pt, ph, pw), c = grid, self.cfg.patch_size, self.cfg.in_channels
+        x = tokens.reshape(tokens.shape[0], gf, gh, gw, c, pt, ph, pw).permute(0, 4, 1, 5, 2, 6, 3, 7)
+        return x.reshape(tokens.shape[0], c, gf * pt, gh * ph, gw * pw)
+
+    def timestep_features(self, t: torch.Tensor) -> torch.Tensor:
+        """Sinusoidal features ``[B, freq_dim]`` float32 of timesteps ``t [B]`` (0..1000)."""
+        half = self.cfg.freq_dim // 2
+        freqs = torch.pow(10000.0, -torch.arange(half, dtype=torch.float64, device=t.device) / half)
+        args = torch.outer(t.double(), freqs)
+        return torch.cat([args.cos(), args.sin()], dim=1).float()
+
+    # ---- forward -------------------------------------------------------------------------
+    def forward(self, latents: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """latents ``[B, C, F, H, W]``, timestep ``[B]``, text ``[B, L, text_dim]``; full on every rank.
+
+        Returns the velocity ``[B, C, F, H, W]`` in the parameters' dtype, full on every rank.
+        """
+        dtype = self.patch_embedding.weight.dtype
+        grid = self.token_grid(latents.shape)
+        x = self.patch_embedding(self.patchify(latents.to(dtype)))  # [B, S, dim]
+        rope = rope_tables(grid, self.cfg.head_size, self.cfg.rope_theta, device=x.device)
+        state = get_sequence_parallel_state() if self.sequence_parallel else None
+        if state is not None:
+            x = shard_sequence(x, dim=1, state=state)
+            rope = tuple(shard_sequence(t, dim=0, state=state, record_length=False) for t in rope)
+        emb = self.time_embedding(self.timestep_features(timestep).to(dtype))  # [B, dim]
+        mod = self.time_projection(emb).unflatten(1, (6, -1))  # [B, 6, dim]
+        context = self.text_embedding(text.to(dtype))
+        for block in self.blocks:
+            x = block(x, mod, context, rope)
+        if state is not None:
+            x = gather_sequence(x, dim=1, state=state)
+        shift, scale = (self.head_modulation + emb.unsqueeze(1)).unsqueeze(2).unbind(1)
+        return self.unpatchify(self.head(self.head_norm(x) * (1 + scale) + shift), grid)

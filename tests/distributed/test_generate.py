@@ -1,0 +1,287 @@
+"""launch/generate.py end to end: the real command under torchrun on 4 CPU ranks (gloo), one plain
+``python`` run, bad arguments, the .npz output, and a check that --verify can fail.
+
+The model is tiny (70 tokens: 2 latent frames x 5 x 7 patches, split 18/18/17/17 over 4 ranks;
+6 heads, which U=4 does not divide, so Ulysses pads heads) so each torchrun stays within a few
+seconds on 2 cores. fp32 throughout: the sequence-parallel run and the one-process run do the same
+math in a different summation order, so they agree to ~1e-6 relative; 1e-4 is the bound
+generate.py itself applies (run_report.FP32_TOLERANCE).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+import re
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+LAUNCH = ROOT / "launch"
+GENERATE = LAUNCH / "generate.py"
+sys.path.insert(0, str(LAUNCH))  # generate.py imports its siblings (tiny_dit, flow_match, run_report)
+
+import generate  # noqa: E402
+from flow_match import latents_to_video  # noqa: E402
+from run_report import FP32_TOLERANCE, low_precision_bound  # noqa: E402
+
+from tests.helpers.multiproc import run_in_group  # noqa: E402
+
+TINY = [
+    "--num-frames", "5", "--height", "80", "--width", "112", "--hidden-size", "96", "--num-heads", "6",
+    "--num-layers", "2", "--num-inference-steps", "3", "--seed", "7",
+]
+LATENT_SHAPE = (16, 2, 10, 14)
+VIDEO_SHAPE = (5, 80, 112, 3)
+FP32_TOL = FP32_TOLERANCE
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run(cmd: list[str], timeout: float = 120) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
+
+
+def torchrun(nproc: int, *args: str) -> subprocess.CompletedProcess:
+    return _run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+                 "--master-port", str(_free_port()), str(GENERATE), *args])
+
+
+def python(*args: str) -> subprocess.CompletedProcess:
+    return _run([sys.executable, str(GENERATE), *args])
+
+
+def verify_rows(stdout: str) -> dict:
+    """{name: (max_abs, rel)} from the summary table's verify rows."""
+    rows = re.findall(r"\| verify: ([\w -]+?)\s+\| rel (\S+) \(bound ([^ )]+).*?, max abs (\S+?)\s+\|", stdout)
+    return {name: (float(a), float(r), float(b)) for name, r, b, a in rows}
+
+
+def check_success(proc: subprocess.CompletedProcess) -> None:
+    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    # Rank 0 alone prints: one backend line, one summary table.
+    assert proc.stdout.count("attention backend: ") == 1, proc.stdout
+    assert proc.stdout.count("| quantity") == 1, proc.stdout
+    assert "attention backend: torch_sdpa" in proc.stdout  # the only backend a CPU machine has
+    assert "| verify  " in proc.stdout and "PASS" in proc.stdout, proc.stdout
+    errors = verify_rows(proc.stdout)
+    assert set(errors) == {"first-step velocity", "final latents"}, proc.stdout
+    for name, (max_abs, rel, bound) in errors.items():
+        assert bound == FP32_TOL and rel <= FP32_TOL and max_abs < 1e-3, (name, max_abs, rel, bound)
+
+
+def load_npz(path: Path) -> dict:
+    with np.load(path) as data:
+        return {k: data[k] for k in data.files}
+
+
+@pytest.fixture(scope="module")
+def single_process(tmp_path_factory) -> dict:
+    """``python launch/generate.py`` without torchrun: 1 rank, the reference for the layouts."""
+    out = tmp_path_factory.mktemp("single") / "video.npz"
+    proc = python(*TINY, "--output", str(out), "--verify")
+    check_success(proc)
+    assert "Ulysses 1 x ring 1" in proc.stdout and re.search(r"\| world size\s+\| 1 ", proc.stdout)
+    return load_npz(out)
+
+
+def test_single_process_npz_content(single_process):
+    data = single_process
+    assert data["video"].shape == VIDEO_SHAPE and data["video"].dtype == np.uint8
+    assert data["latents"].shape == LATENT_SHAPE and data["latents"].dtype == np.float32
+    assert np.isfinite(data["latents"]).all() and data["latents"].std() > 0.1
+    assert int(data["seed"]) == 7 and int(data["num_inference_steps"]) == 3
+    assert str(data["attention_backend"]) == "torch_sdpa"
+    # The video is the documented stand-in decode of the stored latents, and is not blank.
+    expected = latents_to_video(torch.from_numpy(data["latents"]), *VIDEO_SHAPE[:3], seed=generate.WEIGHT_SEED + 1)
+    np.testing.assert_array_equal(data["video"], expected.numpy())
+    assert len(np.unique(data["video"])) > 50
+
+
+@pytest.mark.parametrize("u,r", [(4, 1), (2, 2), (1, 4)], ids=["U4xR1", "U2xR2", "U1xR4"])
+def test_torchrun_layout_verifies(u, r, tmp_path, single_process):
+    out = tmp_path / "video.npz"
+    proc = torchrun(4, *TINY, "--ulysses-degree", str(u), "--ring-degree", str(r), "--output", str(out), "--verify")
+    check_success(proc)
+    assert f"Ulysses {u} x ring {r}" in proc.stdout and re.search(r"\| world size\s+\| 4 ", proc.stdout)
+    data = load_npz(out)
+    assert (int(data["ulysses_degree"]), int(data["ring_degree"])) == (u, r)
+    # Independent of --verify: the 4-rank result equals the separate 1-process run's.
+    got, want = data["latents"].astype(np.float64), single_process["latents"].astype(np.float64)
+    assert np.linalg.norm(got - want) / np.linalg.norm(want) <= FP32_TOL
+
+
+def test_degrees_must_match_world_size():
+    proc = torchrun(2, *TINY, "--ulysses-degree", "2", "--ring-degree", "2")
+    assert proc.returncode != 0
+    assert "--ulysses-degree 2 x --ring-degree 2 = 4 must equal the number of ranks, 2" in proc.stderr, proc.stderr
+    assert "attention backend" not in proc.stdout  # failed before any work
+
+
+def test_unknown_backend_fails_while_parsing():
+    proc = python(*TINY, "--attention-backend", "flashy")
+    assert proc.returncode == 2
+    assert "unknown attention backend 'flashy'" in proc.stderr and "torch_sdpa" in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--num-frames", "6"], "--num-frames 6 must be 4k+1"),
+        (["--height", "100"], "--height 100 must be a multiple of 16"),
+        (["--width", "8"], "--width 8 must be a multiple of 16"),
+        (["--num-heads", "7"], "--hidden-size 384 must be divisible by --num-heads 7"),
+        (["--hidden-size", "36", "--num-heads", "9"], "head size --hidden-size/--num-heads = 4 must be even and >= 6"),
+        (["--output", "video.avi"], "unknown extension '.avi'"),
+        (["--output", "/no/such/dir/video.npz"], "directory /no/such/dir does not exist"),
+        (["--guidance-scale", "0.5"], "--guidance-scale must be >= 1"),
+        (["--model-path", "/no/such/model", "--verify"], "--verify needs the built-in model"),
+        (["--model-path", "./not/a hub id"], "neither a directory nor a hub id"),
+    ],
+)
+def test_bad_arguments_fail_before_any_work(args, message, capsys):
+    from usp_attn import get_sequence_parallel_state
+
+    assert generate.main(args) == 2
+    err = capsys.readouterr().err
+    assert message in err, err
+    assert get_sequence_parallel_state() is None and not torch.distributed.is_initialized()
+
+
+def test_several_problems_are_all_reported(capsys):
+    assert generate.main(["--num-frames", "6", "--height", "100", "--output", "x.avi"]) == 2
+    err = capsys.readouterr().err
+    assert "3 problems" in err and "--num-frames" in err and "--height" in err and ".avi" in err, err
+
+
+def test_sequence_parallel_degrees_checked_against_world(monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    monkeypatch.setenv("RANK", "3")
+    assert generate.main(["--ulysses-degree", "2", "--ring-degree", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "error (rank 3)" in err and "= 4 must equal the number of ranks, 8" in err, err
+
+
+# ---- --verify has teeth -----------------------------------------------------------------------
+def _sabotaged_rope_error(u: int, r: int) -> dict:
+    """Relative error of the final latents vs the one-process fp32 model: correct, with the classic bug
+    (each rank rotates its shard with positions starting at 0 instead of its global positions), and
+    the bf16 rounding floor that sets --verify's bound for bf16 runs."""
+    sys.path.insert(0, str(LAUNCH))
+    import tiny_dit
+    from flow_match import denoise, flow_match_sigmas
+
+    import usp_attn
+
+    usp_attn.init_sequence_parallel(u, r)
+    try:
+        cfg = tiny_dit.TinyDiTConfig(hidden_size=96, num_heads=6, num_layers=2)
+        par = tiny_dit.TinyWanDiT(cfg).init_weights(generate.WEIGHT_SEED)
+        ref = tiny_dit.TinyWanDiT(cfg, sequence_parallel=False)
+        ref.load_state_dict(par.state_dict())
+        gen = torch.Generator().manual_seed(7)
+        noise = torch.randn(1, *LATENT_SHAPE, generator=gen)
+        text, negative = torch.randn(2, 1, cfg.text_length, cfg.text_dim, generator=gen)
+        run = functools.partial(denoise, noise=noise, text=text, negative_text=negative,
+                                sigmas=flow_match_sigmas(3), guidance_scale=5.0)
+        want = run(ref)
+
+        def rel(model):
+            got = run(model)
+            return ((got.double() - want.double()).norm() / want.double().norm()).item()
+
+        correct_shard = tiny_dit.shard_sequence
+
+        def local_positions(x, dim=1, state=None, record_length=True):
+            mine = correct_shard(x, dim, state, record_length)
+            return x[: mine.shape[0]] if dim == 0 else mine  # dim 0 = the rotary tables
+
+        result = {"correct": rel(par)}
+        tiny_dit.shard_sequence = local_positions
+        try:
+            result["local rotary positions"] = rel(par)
+        finally:
+            tiny_dit.shard_sequence = correct_shard
+        result["bf16 rounding"] = rel(ref.to(torch.bfloat16))
+        return result
+    finally:
+        usp_attn.destroy_sequence_parallel()
+
+
+def test_verify_detects_wrong_rotary_positions():
+    results = run_in_group(2, _sabotaged_rope_error, 1, 2, timeout=120)
+    for res in results:
+        assert res["correct"] <= FP32_TOL, res
+        # The bug fails the fp32 check, and the bf16 one, each by a wide margin.
+        bug = res["local rotary positions"]
+        assert bug > 100 * FP32_TOL and bug > 2 * low_precision_bound(res["bf16 rounding"]), res
+
+
+def test_bf16_run_is_judged_against_fp32_rerun():
+    proc = torchrun(4, *TINY, "--ulysses-degree", "2", "--ring-degree", "2", "--dtype", "bf16", "--verify")
+    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    assert "| verify  " in proc.stdout and "PASS" in proc.stdout, proc.stdout
+    errors = verify_rows(proc.stdout)
+    assert set(errors) == {"first-step velocity", "final latents"}, proc.stdout
+    for name, (_, rel, bound) in errors.items():
+        # bf16 rounding alone is ~1e-2 here: the bound comes from the bf16 rerun, not the fp32 constant.
+        assert 1e-3 < rel <= bound < 0.1, (name, rel, bound)
+    assert "x bfloat16 rerun's" in proc.stdout
+
+
+# ---- --model-path (diffusers WanPipeline) ------------------------------------------------------
+WAN_ARGS = ["--num-frames", "9", "--height", "64", "--width", "96", "--num-inference-steps", "3", "--dtype", "fp32"]
+
+
+def test_model_path_runs_diffusers_wan_or_says_what_is_missing(tmp_path, capsys):
+    missing = [m for m in ("diffusers", "transformers", "accelerate") if importlib.util.find_spec(m) is None]
+    if missing:
+        # CI installs no diffusers extra: the path must refuse before any work, naming the fix.
+        assert generate.main(["--model-path", str(tmp_path), *WAN_ARGS]) == 2
+        err = capsys.readouterr().err
+        assert "--model-path needs" in err and "pip install 'usp-attn[diffusers]'" in err, err
+        return
+    # With the extra: a tiny random pipeline (no download), 4 ranks U=2 x R=2 vs 1 process.
+    model = tmp_path / "tiny-wan"
+    built = _run([sys.executable, str(LAUNCH / "make_tiny_wan.py"), str(model)])
+    assert built.returncode == 0, built.stderr
+    parallel = torchrun(4, "--model-path", str(model), "--ulysses-degree", "2", "--ring-degree", "2", *WAN_ARGS,
+                        "--output", str(tmp_path / "par.npz"))
+    single = python("--model-path", str(model), *WAN_ARGS, "--output", str(tmp_path / "one.npz"))
+    for proc in (parallel, single):
+        assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+        assert proc.stdout.count("attention backend: ") == 1
+    got, want = (load_npz(tmp_path / n)["video"].astype(int) for n in ("par.npz", "one.npz"))
+    assert got.shape == (9, 64, 96, 3) and want.std() > 5
+    assert np.abs(got - want).max() <= 1  # uint8 frames: equal up to rounding
+
+
+@pytest.mark.parametrize("ext", [".gif", ".mp4"])
+def test_video_output_written_or_missing_package_named(ext, tmp_path, capsys):
+    out = tmp_path / f"video{ext}"
+    needed = ["imageio"] + (["imageio_ffmpeg"] if ext == ".mp4" else [])
+    missing = [m for m in needed if importlib.util.find_spec(m) is None]
+    if missing:
+        assert generate.main([*TINY, "--output", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert f"needs the {missing[0]} package" in err and "usp-attn[video]" in err and "or write .npz" in err, err
+        assert not out.exists()
+        return
+    proc = python(*TINY, "--output", str(out))
+    assert proc.returncode == 0, proc.stderr
+    import imageio.v3 as iio
+
+    frames = iio.imread(out, index=None)
+    assert frames.shape[1:] == VIDEO_SHAPE[1:] and frames.std() > 5
