@@ -7,9 +7,15 @@ Attention of a query row over keys split into blocks A and B:
 
 exact, accumulated in fp32. A row with no attendable key in either block has lse = -inf
 in both; then both weights are defined as 0 so the row stays 0 (never NaN).
+
+On CUDA the merges run on a side stream: merging (memory-bound) block t overlaps the
+attention kernel (compute-bound) of block t+1 instead of following it.
 """
 
 from __future__ import annotations
+
+import contextlib
+import functools
 
 import torch
 
@@ -31,6 +37,11 @@ def merge_partials(a, lse_a, b, lse_b, out, lse_out=None) -> None:
         lse_out.copy_(lse)
 
 
+@functools.lru_cache(maxsize=None)
+def _side_stream(device: torch.device) -> "torch.cuda.Stream":
+    return torch.cuda.Stream(device=device)
+
+
 class PartialAttention:
     """Running merge of attention over key blocks.
 
@@ -48,6 +59,7 @@ class PartialAttention:
         self._acc_lse: torch.Tensor | None = None  # fp32, contiguous [B, H, S]
         self._first: tuple[torch.Tensor, torch.Tensor] | None = None
         self._fused = fused
+        self._stream = None  # CUDA side stream the merges run on, once there is one to run
 
     @property
     def empty(self) -> bool:
@@ -66,25 +78,49 @@ class PartialAttention:
         a, lse_a = self._first if self._acc is None else (self._acc, self._acc_lse)
         self._first = None
         merge = fused_merge if self._fused else merge_partials
-        if last_dtype is not None:
-            result = torch.empty(out.shape, dtype=last_dtype, device=out.device)
-            merge(a, lse_a, out, lse, result, None)
-            self._acc = self._acc_lse = None
-            return result
-        if self._acc is None:
-            self._acc = torch.empty(out.shape, dtype=torch.float32, device=out.device)
-            self._acc_lse = torch.empty(lse.shape, dtype=torch.float32, device=lse.device)
-        merge(a, lse_a, out, lse, self._acc, self._acc_lse)
-        return None
+        main = None
+        if out.device.type == "cuda":
+            main = torch.cuda.current_stream(out.device)
+            self._stream = self._stream or _side_stream(out.device)
+            self._stream.wait_stream(main)  # the block (and any earlier work) is ready
+            for t in (a, lse_a, out, lse):  # used on the side stream: keep their memory until it is done
+                t.record_stream(self._stream)
+        with torch.cuda.stream(self._stream) if self._stream is not None else contextlib.nullcontext():
+            if last_dtype is not None:
+                result = torch.empty(out.shape, dtype=last_dtype, device=out.device)
+                merge(a, lse_a, out, lse, result, None)
+                self._acc = self._acc_lse = None
+            else:
+                result = None
+                if self._acc is None:
+                    self._acc = torch.empty(out.shape, dtype=torch.float32, device=out.device)
+                    self._acc_lse = torch.empty(lse.shape, dtype=torch.float32, device=lse.device)
+                merge(a, lse_a, out, lse, self._acc, self._acc_lse)
+        if result is not None and main is not None:
+            main.wait_stream(self._stream)
+            result.record_stream(main)
+        return result
+
+    def _join(self) -> None:
+        """Make the caller's stream wait for the merges before it reads the accumulator."""
+        if self._stream is not None:
+            main = torch.cuda.current_stream(self._stream.device)
+            main.wait_stream(self._stream)
+            for t in (self._acc, self._acc_lse):
+                if t is not None:  # read on the caller's stream now: keep it alive for that too
+                    t.record_stream(main)
 
     def result(self, dtype: torch.dtype) -> torch.Tensor:
         """The merge so far, in ``dtype``."""
         if self.empty:
             raise RuntimeError("no attention block was added")
+        self._join()
         return (self._first[0] if self._acc is None else self._acc).to(dtype)
 
     def lse(self) -> torch.Tensor:
         """The log-sum-exp so far, fp32 ``[B, H, S]``."""
         if self.empty:
             raise RuntimeError("no attention block was added")
+        self._join()
         return (self._first[1] if self._acc is None else self._acc_lse).float()
+
