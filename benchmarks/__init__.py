@@ -1,4 +1,4 @@
-"""Benchmark code shared by ``launch/bench.py`` and the single-GPU issue-5 script.
+"""Benchmark code shared by ``launch/bench.py``, the single-GPU issue-5 script and the multi-GPU check.
 
 Not part of the ``usp_attn`` package: these modules time and report, they never
 change library behaviour. Run the scripts from the repository root (they put it on
@@ -10,4 +10,7 @@ change library behaviour. Run the scripts from the repository root (they put it 
     local_ring.py   a single-GPU stand-in for the ring transport (benchmark only)
     peers.py        yunchang and diffusers context parallel, when installed
     issue5_*.py     the sections of gpu_issue5.py
+    nccl_layouts.py     the sequence-parallel test scenarios on CUDA + NCCL (launch/multigpu_check.sh)
+    multigpu_*.py       P4 scaling and P5 peers under torchrun, and the issue-6 report
+    comm_bandwidth.py   all-to-all / ring-hop times vs bytes and probed link bandwidth
 """
