@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from usp_attn.backends import AttentionBackendEnum
+from usp_attn.backends import BACKEND_CLASSES, AttentionBackendEnum
 from usp_attn.distributed.consistency import check_consistent
 from usp_attn.distributed.ring_comm import RingExchange
 from usp_attn.distributed.sharding import exchange_lengths
@@ -105,17 +105,17 @@ class USPAttention(nn.Module):
                 "use USPAttention"
             )
         if state.ring_degree > 1 and not self.skip_sequence_parallel:
-            # Ring merging needs each block's log-sum-exp: fail at construction for an
-            # explicit backend without it, rather than at the first forward.
-            for dtype in (torch.bfloat16, torch.float16, torch.float32):
-                sel = self.local.selection(dtype, need_lse=True)
-                if sel.requested is not None and sel.fell_back and sel.rejected[0][0] == sel.requested:
-                    reason = sel.rejected[0][1]
-                    if "log-sum-exp" in reason:
-                        raise AttentionBackendUnavailableError(
-                            f"ring attention needs a backend that returns the log-sum-exp; '{sel.requested}' "
-                            f"does not ({reason}). Choose fa or torch_sdpa, or leave the backend on auto."
-                        )
+            # Ring merging needs each block's log-sum-exp. An explicit backend that could run
+            # here but cannot return it is a configuration error, not a reason to fall back.
+            sel = self.local.selection(torch.bfloat16, need_lse=True)
+            requested = sel.requested
+            if requested is not None and requested != sel.backend:
+                kernel = BACKEND_CLASSES[requested]
+                if kernel.machine_reason(sel.platform) is None and not kernel.supports_lse(sel.platform):
+                    raise AttentionBackendUnavailableError(
+                        f"ring attention needs a backend that returns the log-sum-exp; '{requested}' does not "
+                        f"on {sel.platform.describe()}. Choose fa or torch_sdpa, or leave the backend on auto."
+                    )
         self._checked_layouts.add(key)
 
     @property
