@@ -11,6 +11,7 @@ change library behaviour. Run the scripts from the repository root (they put it 
     peers.py        yunchang and diffusers context parallel, when installed
     issue5_*.py     the sections of gpu_issue5.py
     nccl_layouts.py     the sequence-parallel test scenarios on CUDA + NCCL (launch/multigpu_check.sh)
+    process_group.py    torchrun group start-up (NCCL on cuda:LOCAL_RANK, else gloo)
     multigpu_*.py       P4 scaling and P5 peers under torchrun, and the issue-6 report
     comm_bandwidth.py   all-to-all / ring-hop times vs bytes and probed link bandwidth
 """

@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
 import pathlib
 import sys
 import time
@@ -40,6 +39,7 @@ if str(REPO) not in sys.path:
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
+from benchmarks.process_group import init_benchmark_group  # noqa: E402
 from benchmarks.report import markdown_table  # noqa: E402
 from benchmarks.timing import time_fn  # noqa: E402
 from usp_attn.distributed.ring_comm import RingExchange  # noqa: E402
@@ -159,14 +159,7 @@ def main(argv=None) -> int:
     cuda = torch.cuda.is_available() and not args.cpu_dry_run
     if not cuda and not args.cpu_dry_run:
         parser.error("no CUDA GPU here; use --cpu-dry-run for tiny sizes on CPU")
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
-    timeout = datetime.timedelta(minutes=3)
-    if cuda:
-        torch.cuda.set_device(device)
-        dist.init_process_group("nccl", timeout=timeout, device_id=device)
-    else:
-        dist.init_process_group("gloo", timeout=timeout)
+    device = init_benchmark_group(cuda, datetime.timedelta(minutes=3))
     bench = Bench(GPU if cuda else CPU, device)
     t0 = time.perf_counter()
     rows = []

@@ -32,7 +32,6 @@ import argparse
 import datetime
 import json
 import logging
-import os
 import pathlib
 import sys
 import time
@@ -47,6 +46,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 import usp_attn  # noqa: E402
+from benchmarks.process_group import init_benchmark_group  # noqa: E402
 from benchmarks.multigpu_sections import Run, attention_section, dit_section, short_error  # noqa: E402
 from benchmarks.multigpu_wan import WAN_14B_SHAPE, WAN_TOY_SHAPE, wan_section  # noqa: E402
 
@@ -116,15 +116,7 @@ def main(argv=None) -> int:
         diffusers.utils.logging.set_verbosity_error()  # its "experimental feature" warnings, on every rank
     except ImportError:
         pass
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
-    timeout = datetime.timedelta(minutes=5)
-    if cuda:
-        torch.cuda.set_device(device)
-        dist.init_process_group("nccl", timeout=timeout, device_id=device)
-    else:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("WORLD_SIZE", "1"))))
-        dist.init_process_group("gloo", timeout=timeout)
+    device = init_benchmark_group(cuda, datetime.timedelta(minutes=5))
     run = Run(CPU_CONFIG if args.cpu_dry_run else GPU_CONFIG, device, args.budget_s)
     result = {"k": run.world, "dry_run": args.cpu_dry_run, "config": {k: v for k, v in run.config.items()},
               "env": environment(device), "sections": {}}
