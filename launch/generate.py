@@ -25,6 +25,7 @@ import torch
 
 import usp_attn
 from usp_attn.config import AttentionConfig, add_attention_args, positive_int
+from usp_attn.distributed.state import DEFAULT_TIMEOUT, check_timeout
 from usp_attn.selector import AttentionBackendUnavailableError
 
 from builtin_job import WEIGHT_SEED, builtin_config, run_builtin
@@ -44,6 +45,16 @@ def nonnegative_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
     if value < 0:
         raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {value}")
+    return value
+
+
+def seconds(text: str) -> float:
+    """argparse ``type=``: a positive finite number of seconds."""
+    try:
+        value = float(text)
+        check_timeout(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive finite number of seconds, got {text!r}") from None
     return value
 
 
@@ -67,6 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "diffusers and usp_attn.integrations.diffusers (untested in CI: no weights there). Default: the "
                    "built-in random-weight DiT")
     add_attention_args(p)
+    p.add_argument("--sp-timeout", type=seconds, default=DEFAULT_TIMEOUT.total_seconds(), metavar="SECONDS",
+                   help="bound on every sequence-parallel collective: when a rank dies or hangs, the others stop "
+                   "after this long with an error naming it (needs more than the slowest rank's model loading and "
+                   "first-step compilation take beyond the fastest's)")
     p.add_argument("--num-frames", type=positive_int, default=17, help="video frames: 4k+1 (Wan VAE time stride 4)")
     p.add_argument("--height", type=positive_int, default=384, help="pixels, multiple of 16 (VAE 8 x patch 2)")
     p.add_argument("--width", type=positive_int, default=640, help="pixels, multiple of 16 (VAE 8 x patch 2)")
@@ -141,7 +156,8 @@ def main(argv=None) -> int:
     t_start = time.perf_counter()
     AttentionConfig.from_args(args).apply()
     try:
-        state = usp_attn.init_sequence_parallel(args.ulysses_degree, args.ring_degree, strict=args.attention_strict)
+        state = usp_attn.init_sequence_parallel(args.ulysses_degree, args.ring_degree, strict=args.attention_strict,
+                                                timeout=args.sp_timeout)
     except (ValueError, AttentionBackendUnavailableError) as exc:
         print(f"{parser.prog}: error (rank {rank}): {exc}", file=sys.stderr)
         return 1

@@ -33,7 +33,8 @@ _aten = torch.ops.aten
 
 def math_attention(q, k, v, *, causal, scale, attn_mask=None, return_lse=False):
     """Plain attention in ``[B, S, H, D]``, computed in fp32 (fp64 for fp64 inputs); the
-    fallback when no fused kernel fits. The LSE is returned as fp32, per the contract."""
+    fallback when no fused kernel fits. The LSE is returned as fp32 (fp64 for fp64 inputs,
+    so a ring merge keeps their accuracy)."""
     h = q.shape[2]
     k = expand_kv_heads(k, h)
     v = expand_kv_heads(v, h)
@@ -50,7 +51,7 @@ def math_attention(q, k, v, *, causal, scale, attn_mask=None, return_lse=False):
     # Fully masked rows have lse = -inf; use 0 there so exp() gives 0, not NaN.
     probs = torch.exp(scores - torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)[..., None])
     out = torch.matmul(probs, vf).transpose(1, 2).to(q.dtype)
-    return (out, lse.float()) if return_lse else out
+    return (out, lse) if return_lse else out
 
 
 def cuda_subkernel(capability, dtype, head_size, has_mask) -> str:

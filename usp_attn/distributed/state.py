@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import logging
+import math
 import os
 import socket
 from typing import Sequence
@@ -30,7 +31,9 @@ from usp_attn.distributed.agreement import agree_on_backend
 from usp_attn.selector import GroupAgreement, get_global_forced_attn_backend, set_group_agreement
 
 __all__ = [
+    "DEFAULT_TIMEOUT",
     "SequenceParallelState",
+    "check_timeout",
     "init_sequence_parallel",
     "destroy_sequence_parallel",
     "get_sequence_parallel_state",
@@ -39,9 +42,23 @@ __all__ = [
 
 logger = logging.getLogger("usp_attn")
 
-#: Set to 1 to make every layer check, before its collectives, that all ranks agree on
-#: the arguments that decide which collectives run (costs one small gather per call).
+#: Default of ``validate``: unset = check each layer's first call and every call whose
+#: arguments changed; 1 = check every call; 0 = never (see usp_attn.distributed.consistency).
 VALIDATE_ENV = "USP_ATTN_VALIDATE"
+
+#: Bound on every collective of the SP groups. Inference ranks run the same kernels in
+#: lockstep, so a healthy peer is late by at most one layer's work plus first-call
+#: compilation skew (seconds to a minute); 5 minutes still allows for that and for
+#: uneven model loading before the first collective, and ends a job with a dead or
+#: stuck rank well before torch's 10-minute NCCL / 30-minute gloo defaults would.
+DEFAULT_TIMEOUT = datetime.timedelta(seconds=300)
+
+# init_sequence_parallel calls so far in this process (the same on every rank): each gets
+# its own key space in the c10d store (usp_attn.distributed.rank_channel).
+_generation = 0
+# (store, rank, world_size) of the first torchrun (env://) rendezvous, reused by every later
+# default group this process creates (see _init_default_group).
+_rendezvous = None
 
 
 def shard_sizes(total: int, world: int) -> tuple[int, ...]:
@@ -62,7 +79,8 @@ class SequenceParallelState:
         ulysses_ranks, ring_ranks: global ranks of this rank's Ulysses / ring group, in order.
         agreement: the backend decision shared by the SP group.
         timeout: bound on every collective.
-        validate: check cross-rank consistency of layer arguments before collectives.
+        validate: cross-rank argument checks: ``None`` = each layer's first call and calls
+            whose arguments changed, ``True`` = every call, ``False`` = none.
         sequence_length: global length of the sharded sequence, recorded by
             :func:`~usp_attn.distributed.sharding.shard_sequence` (or set by hand), so
             layers know every shard's size without communicating.
@@ -79,10 +97,13 @@ class SequenceParallelState:
     ring_ranks: tuple[int, ...]
     agreement: GroupAgreement
     timeout: datetime.timedelta
-    validate: bool = False
+    validate: bool | None = None
     sequence_length: int | None = None
+    generation: int = 0
     _created_groups: list = dataclasses.field(default_factory=list, repr=False)
     _owns_default_group: bool = False
+    _channel: object = dataclasses.field(default=None, repr=False)  # RankChannel, made on first use
+    _checks: int = 0  # argument checks run so far (the same count on every rank)
 
     @property
     def world_size(self) -> int:
@@ -123,6 +144,49 @@ def _check_degree(name: str, value) -> int:
     return value
 
 
+def check_timeout(value) -> datetime.timedelta:
+    """``timeout``: ``None`` (:data:`DEFAULT_TIMEOUT`), positive finite seconds, or a positive timedelta."""
+    if value is None:
+        return DEFAULT_TIMEOUT
+    if isinstance(value, datetime.timedelta):
+        if value <= datetime.timedelta(0):
+            raise ValueError(f"timeout must be positive, got {value!r}")
+        return value
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(
+            f"timeout must be a number of seconds or a datetime.timedelta, got {type(value).__name__} {value!r}"
+        )
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"timeout must be a positive finite number of seconds, got {value!r}")
+    try:
+        return datetime.timedelta(seconds=value)
+    except OverflowError:
+        raise ValueError(f"timeout of {value!r} seconds is too large for a datetime.timedelta") from None
+
+
+def _check_flag(name: str, value) -> bool | None:
+    if value is not None and not isinstance(value, bool):
+        raise ValueError(f"{name} must be True, False or None, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _validate_from_env() -> bool | None:
+    text = os.environ.get(VALIDATE_ENV, "").strip().lower()
+    if text in ("", "auto", "default"):
+        return None
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"environment variable {VALIDATE_ENV}={text!r}: expected 1 (every call), 0 (off) or unset")
+
+
+def _global_rank(value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"ranks must hold global ranks (ints) or lists of them, got {type(value).__name__} {value!r}")
+    return value
+
+
 def _sp_partition(ranks, world: int, degree: int) -> list[tuple[int, ...]]:
     """Normalise ``ranks`` (None, one list, or a list of lists) to a list of SP groups."""
     if ranks is None:
@@ -130,7 +194,7 @@ def _sp_partition(ranks, world: int, degree: int) -> list[tuple[int, ...]]:
     else:
         ranks = list(ranks)
         nested = bool(ranks) and all(isinstance(r, (list, tuple)) for r in ranks)
-        groups = [tuple(int(x) for x in g) for g in ranks] if nested else [tuple(int(x) for x in ranks)]
+        groups = [tuple(_global_rank(x) for x in g) for g in ranks] if nested else [tuple(map(_global_rank, ranks))]
     seen: set[int] = set()
     for g in groups:
         if len(g) != degree:
@@ -147,8 +211,9 @@ def _sp_partition(ranks, world: int, degree: int) -> list[tuple[int, ...]]:
     return groups
 
 
-def _init_default_group(timeout: datetime.timedelta) -> bool:
+def _init_default_group(timeout: datetime.timedelta, generation: int) -> bool:
     """Initialise torch.distributed from the torchrun environment (or as a 1-rank group)."""
+    global _rendezvous
     if dist.is_initialized():
         return False
     use_cuda = torch.cuda.is_available() and torch.cuda.device_count() > 0
@@ -156,7 +221,16 @@ def _init_default_group(timeout: datetime.timedelta) -> bool:
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     backend = "nccl" if use_cuda and dist.is_nccl_available() else "gloo"
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        dist.init_process_group(backend, timeout=timeout)
+        # Rendezvous once per process and keep the store. A destroyed default group leaves
+        # its keys in torchrun's store, and torch names the next default group like the old
+        # one, so a second env:// init would read the old group's addresses (connection
+        # refused, or a hang). Each default group we create gets a fresh key prefix instead.
+        if _rendezvous is None:
+            _rendezvous = next(dist.rendezvous("env://", timeout=timeout))
+        store, rank, world = _rendezvous
+        store.set_timeout(timeout)
+        prefixed = dist.PrefixStore(f"usp_attn/default_pg/g{generation}", store)
+        dist.init_process_group(backend, store=prefixed, rank=rank, world_size=world, timeout=timeout)
     else:
         # Plain `python script.py`: a group of one, so the same code runs without torchrun.
         with socket.socket() as s:
@@ -189,38 +263,67 @@ def init_sequence_parallel(
             still wins). Only rank 0's request counts; ``None`` = the CLI value / auto.
         ranks: the SP ranks (default: all). One list of global ranks, or a list of
             disjoint lists (several SP groups beside data/tensor parallel groups).
-        timeout: bound on every collective (seconds or timedelta; default 10 min).
+        timeout: bound on every collective: positive finite seconds or a timedelta
+            (default :data:`DEFAULT_TIMEOUT`, 5 minutes).
         strict: fail instead of falling back if the request cannot run on every rank.
-        validate: check cross-rank consistency of layer arguments before every
-            collective (default: env ``USP_ATTN_VALIDATE=1``).
+        validate: cross-rank argument checks (see :mod:`usp_attn.distributed.consistency`):
+            ``None`` = the first call of each layer and every call whose arguments changed
+            (default, unless env ``USP_ATTN_VALIDATE`` is 1 = every call or 0 = never),
+            ``True`` = every call, ``False`` = never.
+
+    Raises:
+        ValueError: a bad argument (named, before any collective); every rank raises it.
+        AttentionBackendUnavailableError: strict mode and the request cannot run.
+
+    A failed call destroys what it created (its groups, the default group if it made it),
+    so the process can call it again.
 
     Returns:
         The :class:`SequenceParallelState`, also available from
         :func:`get_sequence_parallel_state`.
     """
-    global _state
+    global _state, _generation
+    # Every argument is checked before any collective, so a bad one fails alike on every rank.
     _check_degree("ulysses_degree", ulysses_degree)
     _check_degree("ring_degree", ring_degree)
-    request = parse_attention_backend(attention_backend)  # a bad name fails before any collective
-    if timeout is None:
-        timeout = datetime.timedelta(minutes=10)
-    elif not isinstance(timeout, datetime.timedelta):
-        timeout = datetime.timedelta(seconds=float(timeout))
+    request = parse_attention_backend(attention_backend)
+    timeout = check_timeout(timeout)
+    strict = _check_flag("strict", strict)
+    validate = _validate_from_env() if _check_flag("validate", validate) is None else validate
     if _state is not None:
         raise RuntimeError("sequence parallelism is already initialised; call destroy_sequence_parallel() first")
-    owns_default = _init_default_group(timeout)
-    world, rank = dist.get_world_size(), dist.get_rank()
-    degree = ulysses_degree * ring_degree
+    generation, _generation = _generation, _generation + 1
+    owns_default = _init_default_group(timeout, generation)
+    created: list = []
     try:
-        partition = _sp_partition(ranks, world, degree)
-    except ValueError:
-        if owns_default:
+        _state = _build_state(ulysses_degree, ring_degree, request, ranks, timeout, strict, validate, created)
+    except BaseException:
+        # Leave nothing behind: the groups made so far, the agreement, the default group if ours.
+        set_group_agreement(None)
+        for group in reversed(created):
+            dist.destroy_process_group(group)
+        if owns_default and dist.is_initialized():
             dist.destroy_process_group()
         raise
+    _state.generation = generation
+    _state._owns_default_group = owns_default
+    if _state.sp_rank == 0:
+        logger.info(
+            "usp_attn: sequence parallel U=%d x R=%d over ranks %s, backend '%s'",
+            ulysses_degree, ring_degree, list(_state.sp_ranks), _state.agreement.backend,
+        )
+    return _state
+
+
+def _build_state(ulysses_degree, ring_degree, request, ranks, timeout, strict, validate,
+                 created: list) -> SequenceParallelState:
+    """Create the groups (appending each to ``created``) and agree on the backend."""
+    world, rank = dist.get_world_size(), dist.get_rank()
+    degree = ulysses_degree * ring_degree
+    partition = _sp_partition(ranks, world, degree)
     mine = [g for g in partition if rank in g]
     if not mine:
         raise ValueError(f"rank {rank} is in none of the sequence-parallel groups {partition}")
-    created: list = []
 
     def new_group(members: Sequence[int]):
         # Always a group of our own, even for all ranks: it carries our timeout, and our
@@ -255,13 +358,11 @@ def init_sequence_parallel(
             group = new_group(r_members) if ring_degree > 1 else None
             if rank in r_members:
                 ring_group, ring_ranks = group, tuple(r_members)
-    if validate is None:
-        validate = os.environ.get(VALIDATE_ENV, "0") not in ("", "0", "false", "False")
     # A forced backend beats the argument, which beats the CLI value (agree_on_backend's default).
     use_argument = request is not None and get_global_forced_attn_backend() is None
     kwargs = {"requested": request} if use_argument else {}
     agreement = agree_on_backend(sp_group, strict=strict, **kwargs)
-    _state = SequenceParallelState(
+    return SequenceParallelState(
         ulysses_degree=ulysses_degree,
         ring_degree=ring_degree,
         sp_rank=sp_ranks.index(rank),
@@ -273,16 +374,9 @@ def init_sequence_parallel(
         ring_ranks=ring_ranks,
         agreement=agreement,
         timeout=timeout,
-        validate=bool(validate),
+        validate=validate,
         _created_groups=created,
-        _owns_default_group=owns_default,
     )
-    if _state.sp_rank == 0:
-        logger.info(
-            "usp_attn: sequence parallel U=%d x R=%d over ranks %s, backend '%s'",
-            ulysses_degree, ring_degree, list(sp_ranks), agreement.backend,
-        )
-    return _state
 
 
 def destroy_sequence_parallel() -> None:

@@ -5,7 +5,8 @@ Attention of a query row over keys split into blocks A and B:
     lse = logaddexp(lse_A, lse_B)
     out = out_A * exp(lse_A - lse) + out_B * exp(lse_B - lse)
 
-exact, accumulated in fp32. A row with no attendable key in either block has lse = -inf
+exact, accumulated in fp32 (fp64 when the blocks are fp64, so fp64 inputs keep fp64
+accuracy through the ring). A row with no attendable key in either block has lse = -inf
 in both; then both weights are defined as 0 so the row stays 0 (never NaN).
 
 On CUDA the merges run on a side stream: merging (memory-bound) block t overlaps the
@@ -24,15 +25,21 @@ from usp_attn.layers.merge_triton import fused_merge, fused_merge_available
 __all__ = ["PartialAttention", "merge_partials"]
 
 
+def _acc_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
 def merge_partials(a, lse_a, b, lse_b, out, lse_out=None) -> None:
-    """Torch-ops version of :func:`~usp_attn.layers.merge_triton.fused_merge` (same contract)."""
-    lse_a, lse_b = lse_a.float(), lse_b.float()
+    """Torch-ops version of :func:`~usp_attn.layers.merge_triton.fused_merge` (same contract),
+    in fp32, or in fp64 when any input is fp64."""
+    acc = _acc_dtype(a, lse_a, b, lse_b)
+    lse_a, lse_b = lse_a.to(acc), lse_b.to(acc)
     lse = torch.logaddexp(lse_a, lse_b)
     # Rows where both are -inf: subtract 0 instead, so exp(-inf - 0) = 0, not NaN.
     ref = torch.where(torch.isneginf(lse), torch.zeros_like(lse), lse)
     weight_a = torch.exp(lse_a - ref).transpose(1, 2).unsqueeze(-1)  # [B, S, H, 1]
     weight_b = torch.exp(lse_b - ref).transpose(1, 2).unsqueeze(-1)
-    out.copy_(a.float() * weight_a + b.float() * weight_b)
+    out.copy_(a.to(acc) * weight_a + b.to(acc) * weight_b)
     if lse_out is not None:
         lse_out.copy_(lse)
 
@@ -46,8 +53,8 @@ class PartialAttention:
     """Running merge of attention over key blocks.
 
     Blocks are ``out [B, S, H, D]`` (any float dtype, any strides) with ``lse [B, H, S]``.
-    The first block is kept as it is; from the second on, an fp32 accumulator holds the
-    merge. The caller flags the last block with ``last_dtype`` to get the result written
+    The first block is kept as it is; from the second on, an fp32 accumulator (fp64 for
+    fp64 blocks, merged with torch ops: the fused kernel computes in fp32) holds the merge. The caller flags the last block with ``last_dtype`` to get the result written
     directly in that dtype (no separate cast pass).
 
     Args:
@@ -77,7 +84,8 @@ class PartialAttention:
             return None
         a, lse_a = self._first if self._acc is None else (self._acc, self._acc_lse)
         self._first = None
-        merge = fused_merge if self._fused else merge_partials
+        acc_dtype = _acc_dtype(out, lse)
+        merge = fused_merge if self._fused and acc_dtype == torch.float32 else merge_partials
         main = None
         if out.device.type == "cuda":
             main = torch.cuda.current_stream(out.device)
@@ -93,8 +101,8 @@ class PartialAttention:
             else:
                 result = None
                 if self._acc is None:
-                    self._acc = torch.empty(out.shape, dtype=torch.float32, device=out.device)
-                    self._acc_lse = torch.empty(lse.shape, dtype=torch.float32, device=lse.device)
+                    self._acc = torch.empty(out.shape, dtype=acc_dtype, device=out.device)
+                    self._acc_lse = torch.empty(lse.shape, dtype=acc_dtype, device=lse.device)
                 merge(a, lse_a, out, lse, self._acc, self._acc_lse)
         if result is not None and main is not None:
             main.wait_stream(self._stream)
@@ -118,9 +126,10 @@ class PartialAttention:
         return (self._first[0] if self._acc is None else self._acc).to(dtype)
 
     def lse(self) -> torch.Tensor:
-        """The log-sum-exp so far, fp32 ``[B, H, S]``."""
+        """The log-sum-exp so far, ``[B, H, S]``: fp32, or fp64 for fp64 blocks."""
         if self.empty:
             raise RuntimeError("no attention block was added")
         self._join()
-        return (self._first[1] if self._acc is None else self._acc_lse).float()
+        lse = self._first[1] if self._acc is None else self._acc_lse
+        return lse.to(_acc_dtype(lse))
 

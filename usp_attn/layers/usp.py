@@ -23,7 +23,8 @@ import torch.distributed as dist
 from torch import nn
 
 from usp_attn.backends import BACKEND_CLASSES, AttentionBackendEnum
-from usp_attn.distributed.consistency import check_consistent
+from usp_attn.distributed.consistency import call_signature, check_call, check_reason, shared_summary
+from usp_attn.distributed.failures import name_failed_ranks
 from usp_attn.distributed.ring_comm import RingExchange
 from usp_attn.distributed.sharding import exchange_lengths
 from usp_attn.distributed.state import SequenceParallelState, get_sequence_parallel_state
@@ -31,7 +32,7 @@ from usp_attn.distributed.ulysses_comm import gather_group_sequence, heads_to_se
 from usp_attn.layers.heads import HeadPlan
 from usp_attn.layers.local import LocalAttention
 from usp_attn.layers.ring import ring_attention
-from usp_attn.layers.validation import check_qkv
+from usp_attn.layers.validation import check_group_device, check_qkv
 from usp_attn.selector import AttentionBackendUnavailableError
 
 __all__ = ["USPAttention", "UlyssesAttention", "RingAttention"]
@@ -146,10 +147,15 @@ class USPAttention(nn.Module):
             return self.local(q, k, v, attn_mask)
         self._check_state(state)
         n_pre, n_suf = num_replicated_prefix, num_replicated_suffix
-        error, local_len = None, None
+        total = seq_len if seq_len is not None else state.sequence_length
+        # Host-only; in steady state (signature as last agreed) no check and no communication.
+        signature = call_signature(q, k, v, attn_mask, n_pre, n_suf, total)
+        reason = check_reason(self, state, signature)
+        error, local_len, sizes = None, None, None
         try:
             check_qkv(q, k, v, num_heads=self.num_heads, num_kv_heads=self.num_kv_heads,
                       head_size=self.head_size, causal=False)
+            check_group_device(q, state.sp_group)
             if k.shape[1] != q.shape[1]:
                 raise ValueError(
                     f"q and k/v shards must have the same length under sequence parallelism, got {q.shape[1]} and "
@@ -160,30 +166,31 @@ class USPAttention(nn.Module):
             _check_key_mask(attn_mask, q)
             if seq_len is not None and (isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 0):
                 raise ValueError(f"seq_len must be a non-negative int or None, got {seq_len!r}")
+            if total is not None:
+                sizes = state.sizes(total)
+                if sizes[state.sp_rank] != local_len:
+                    raise ValueError(
+                        f"the local sequence shard has {local_len} tokens (q length {q.shape[1]} minus "
+                        f"{n_pre}+{n_suf} replicated), but seq_len={total} over {state.world_size} ranks gives "
+                        f"shards {list(sizes)}; pass the global seq_len= or shard with usp_attn.shard_sequence"
+                    )
         except (ValueError, TypeError) as exc:
-            if not state.validate:
+            if reason is None:
                 raise
             error = str(exc)
-        total = seq_len if seq_len is not None else state.sequence_length
-        if state.validate:
-            summary = {
-                "shape (B, H, D)": None if error else (q.shape[0], q.shape[2], q.shape[3]),
-                "dtype": None if error else str(q.dtype),
-                "num_replicated_prefix": n_pre,
-                "num_replicated_suffix": n_suf,
-                "attn_mask given": attn_mask is not None,
-                "seq_len": total,
-                "causal": self.causal,
-            }
-            check_consistent(state.sp_group, "USPAttention.forward", summary, error)
-        sizes = state.sizes(total) if total is not None else exchange_lengths(local_len, state)
-        if sizes[state.sp_rank] != local_len:
-            raise ValueError(
-                f"this rank's sequence shard has {local_len} tokens (q length {q.shape[1]} minus "
-                f"{n_pre}+{n_suf} replicated), but a global length of {sum(sizes)} over {state.world_size} ranks "
-                f"gives shards {list(sizes)}; pass seq_len= or shard with usp_attn.shard_sequence"
-            )
-        return self._forward_parallel(state, q, k, v, attn_mask, n_pre, n_suf, sizes)
+        if reason is not None:  # every rank raises the same error here, or none does
+            lengths = check_call(self, state, signature, reason, error, local_len, "USPAttention.forward")
+            if sizes is None and lengths is not None:
+                sizes = tuple(lengths)
+        if sizes is None:
+            sizes = exchange_lengths(local_len, state)
+        try:
+            return self._forward_parallel(state, q, k, v, attn_mask, n_pre, n_suf, sizes)
+        except RuntimeError as exc:  # a failed collective names the rank behind it
+            named = name_failed_ranks(state, exc, "USPAttention.forward", lambda: shared_summary(self, signature))
+            if named is None:
+                raise
+            raise named from exc
 
     def _forward_parallel(self, state, q, k, v, attn_mask, n_pre, n_suf, sizes):
         u_deg, r_deg = state.ulysses_degree, state.ring_degree

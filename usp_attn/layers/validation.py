@@ -4,11 +4,17 @@ the value received and what would be valid, so a bad call fails clearly and loca
 
 from __future__ import annotations
 
+import math
+
 import torch
+import torch.distributed as dist
 
 from usp_attn.backends.enum import AttentionBackendEnum, parse_attention_backend
 
-__all__ = ["check_positive_int", "check_head_config", "check_qkv", "check_supported_backends"]
+__all__ = ["check_positive_int", "check_head_config", "check_qkv", "check_supported_backends", "check_group_device"]
+
+#: Device types the attention kernels run on (ROCm tensors are "cuda" in torch).
+SUPPORTED_DEVICE_TYPES = ("cpu", "cuda", "mps")
 
 
 def check_positive_int(name: str, value) -> int:
@@ -51,8 +57,10 @@ def check_head_config(num_heads, head_size, num_kv_heads, softmax_scale) -> tupl
         )
     if softmax_scale is None:
         softmax_scale = head_size**-0.5
-    elif isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)) or not softmax_scale > 0:
-        raise ValueError(f"softmax_scale must be a positive float or None, got {softmax_scale!r}")
+    elif (isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float))
+          or not math.isfinite(softmax_scale) or not softmax_scale > 0):
+        # inf or nan would turn every output row into NaN.
+        raise ValueError(f"softmax_scale must be a finite float > 0 or None, got {softmax_scale!r}")
     return num_heads, head_size, num_kv_heads, float(softmax_scale)
 
 
@@ -65,6 +73,11 @@ def check_qkv(q, k, v, *, num_heads: int, num_kv_heads: int, head_size: int, cau
             raise ValueError(f"{name} must be 4-D [B, S, H, D], got shape {list(t.shape)}")
         if not t.is_floating_point():
             raise TypeError(f"{name} must be a floating tensor, got dtype {t.dtype}")
+        if t.device.type not in SUPPORTED_DEVICE_TYPES:
+            hint = " (meta tensors have no data to attend)" if t.device.type == "meta" else ""
+            raise ValueError(
+                f"{name} is on device {t.device}{hint}; attention runs on {', '.join(SUPPORTED_DEVICE_TYPES)} tensors"
+            )
     if k.dtype != q.dtype or v.dtype != q.dtype:
         raise TypeError(f"q, k, v must share one dtype, got q={q.dtype}, k={k.dtype}, v={v.dtype}")
     if k.device != q.device or v.device != q.device:
@@ -89,3 +102,17 @@ def check_qkv(q, k, v, *, num_heads: int, num_kv_heads: int, head_size: int, cau
             f"causal=True needs S_q == S_k, got S_q={q.shape[1]}, S_k={k.shape[1]} "
             "(the diagonal alignment of a rectangular causal mask is ambiguous)"
         )
+
+
+def check_group_device(q: torch.Tensor, group) -> None:
+    """q's device must be one the process group's backend moves: NCCL needs this rank's
+    CUDA device, gloo (as used here: all-to-all, send/recv) CPU tensors."""
+    backend = str(dist.get_backend(group))
+    if backend == "nccl":
+        if q.device.type != "cuda" or q.device.index != torch.cuda.current_device():
+            raise ValueError(
+                f"q is on {q.device}, but the sequence-parallel group uses NCCL on this rank's device "
+                f"cuda:{torch.cuda.current_device()}; move q, k, v there"
+            )
+    elif backend == "gloo" and q.device.type != "cpu":
+        raise ValueError(f"q is on {q.device}, but the sequence-parallel group uses gloo, which needs CPU tensors")
