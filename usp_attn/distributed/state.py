@@ -56,8 +56,8 @@ DEFAULT_TIMEOUT = datetime.timedelta(seconds=300)
 # init_sequence_parallel calls so far in this process (the same on every rank): each gets
 # its own key space in the c10d store (usp_attn.distributed.rank_channel).
 _generation = 0
-# (store, rank, world_size) of the first torchrun (env://) rendezvous, reused by every later
-# default group this process creates (see _init_default_group).
+# (store, rank, world_size) of this process's env:// rendezvous, reused by every default
+# group it creates (see _init_default_group).
 _rendezvous = None
 
 
@@ -222,9 +222,11 @@ def _init_default_group(timeout: datetime.timedelta, generation: int) -> bool:
     backend = "nccl" if use_cuda and dist.is_nccl_available() else "gloo"
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         # Rendezvous once per process and keep the store. A destroyed default group leaves
-        # its keys in torchrun's store, and torch names the next default group like the old
-        # one, so a second env:// init would read the old group's addresses (connection
-        # refused, or a hang). Each default group we create gets a fresh key prefix instead.
+        # its keys in torchrun's store (the agent hosts it), and torch names the next default
+        # group like the old one, so a plain second env:// init reads the old group's
+        # addresses (connection refused, or a hang); without torchrun, rank 0 would have to
+        # host a new store on the same port while peers may still reach the old one. So each
+        # default group we create reuses the store under a fresh key prefix.
         if _rendezvous is None:
             _rendezvous = next(dist.rendezvous("env://", timeout=timeout))
         store, rank, world = _rendezvous

@@ -73,15 +73,15 @@ def check_qkv(q, k, v, *, num_heads: int, num_kv_heads: int, head_size: int, cau
             raise ValueError(f"{name} must be 4-D [B, S, H, D], got shape {list(t.shape)}")
         if not t.is_floating_point():
             raise TypeError(f"{name} must be a floating tensor, got dtype {t.dtype}")
-        if t.device.type not in SUPPORTED_DEVICE_TYPES:
-            hint = " (meta tensors have no data to attend)" if t.device.type == "meta" else ""
-            raise ValueError(
-                f"{name} is on device {t.device}{hint}; attention runs on {', '.join(SUPPORTED_DEVICE_TYPES)} tensors"
-            )
     if k.dtype != q.dtype or v.dtype != q.dtype:
         raise TypeError(f"q, k, v must share one dtype, got q={q.dtype}, k={k.dtype}, v={v.dtype}")
     if k.device != q.device or v.device != q.device:
         raise ValueError(f"q, k, v must be on one device, got q={q.device}, k={k.device}, v={v.device}")
+    if q.device.type not in SUPPORTED_DEVICE_TYPES:
+        hint = " (meta tensors have no data to attend)" if q.device.type == "meta" else ""
+        raise ValueError(
+            f"q, k, v are on device {q.device}{hint}; attention runs on {', '.join(SUPPORTED_DEVICE_TYPES)} tensors"
+        )
     if q.shape[2] != num_heads or q.shape[3] != head_size:
         raise ValueError(
             f"q has shape {list(q.shape)}; expected [B, S_q, {num_heads}, {head_size}] "
