@@ -7,6 +7,7 @@ patched, no optional kernel package is imported.
 from usp_attn.backends import AttentionBackendEnum, parse_attention_backend
 from usp_attn.config import AttentionConfig, add_attention_args
 from usp_attn.distributed.agreement import agree_on_backend
+from usp_attn.distributed.failures import CollectiveError
 from usp_attn.distributed.sharding import gather_sequence, shard_sequence
 from usp_attn.distributed.state import (
     SequenceParallelState,
@@ -34,6 +35,7 @@ __all__ = [
     "AttentionBackendUnavailableError",
     "AttentionConfig",
     "BackendSelection",
+    "CollectiveError",
     "GroupAgreement",
     "LocalAttention",
     "RingAttention",
