@@ -14,4 +14,6 @@ change library behaviour. Run the scripts from the repository root (they put it 
     process_group.py    torchrun group start-up (NCCL on cuda:LOCAL_RANK, else gloo)
     multigpu_*.py       P4 scaling and P5 peers under torchrun, and the issue-6 report
     comm_bandwidth.py   all-to-all / ring-hop times vs bytes and probed link bandwidth
+    safe_defaults.py    cost of the default cross-rank argument checks on 2 GPUs, no host syncs,
+                        fp64 through the ring, errors under NCCL (--dry-run: CPU + gloo)
 """
