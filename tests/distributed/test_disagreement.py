@@ -128,7 +128,8 @@ def test_bad_softmax_scale(two):
 
 @two_ranks
 def test_meta_tensors(two):
-    same_error_everywhere(two.check(cases.meta_tensors), "rank 0: q, k, v are on device meta", "rank 1: q, k, v are on device meta")
+    same_error_everywhere(two.check(cases.meta_tensors),
+                          "rank 0: q, k, v are on device meta", "rank 1: q, k, v are on device meta")
 
 
 @two_ranks

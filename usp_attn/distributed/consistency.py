@@ -114,7 +114,7 @@ def check_call(layer, state, signature: tuple, reason: str, error: str | None, s
     state._checks += 1  # the same count on every rank: every rank checks the same calls
     values, missing = channel.exchange(name, (summary, shard_length, error), state.timeout)
     if missing:
-        raise _missing_ranks(layer, state, channel, signature, reason, missing, summary, where)
+        raise _missing_ranks(layer, state, channel, reason, missing, summary, error, where)
     if state._checks >= 2:  # every rank has read the previous round's keys: they all posted this one since
         channel.forget(f"check{state._checks - 2}")
     problems = describe_disagreement([v[0] for v in values], [v[2] for v in values])
@@ -148,21 +148,22 @@ def group_ranks(values: list) -> str:
     return "; ".join(parts)
 
 
-def _missing_ranks(layer, state, channel, signature, reason, missing, summary, where) -> Exception:
+def _missing_ranks(layer, state, channel, reason, missing, summary, error, where) -> Exception:
     seconds = state.timeout.total_seconds()
     ranks = ", ".join(map(str, missing))
+    own = f"; this rank's arguments are also invalid: {error}" if error else ""
     if reason == "changed":
         before = shared_summary(layer, layer.__dict__["_usp_agreed_call"][1])
         changed = "; ".join(f"{k}: {before[k]!r} -> {summary[k]!r}" for k in summary if summary[k] != before[k])
         exc: Exception = ValueError(
             f"{where}: rank {state.sp_rank}'s arguments changed since the last check ({changed or 'shard shapes'}) "
             f"but rank(s) {ranks} did not enter the argument check within {seconds:g} s: their arguments "
-            "presumably did not change. Every rank must change its arguments together"
+            f"presumably did not change. Every rank must change its arguments together{own}"
         )
     else:
         exc = CollectiveError(
             f"{where}: rank(s) {ranks} did not reach the argument check of this call ({reason}) within "
-            f"{seconds:g} s: they exited, are stuck, or do not call this layer"
+            f"{seconds:g} s: they exited, are stuck, or do not call this layer{own}"
         )
     report_failure(channel, exc)
     return exc
