@@ -29,7 +29,10 @@ import inspect
 from usp_attn.backends.base import HALF_DTYPES, AttentionBackend
 from usp_attn.backends.enum import AttentionBackendEnum
 
-__all__ = ["FlashAttentionBackend", "flash_generation", "flash_generations", "generation_head_size_reason"]
+__all__ = [
+    "FlashAttentionBackend", "flash_generation", "flash_generations", "generation_head_size_reason",
+    "generation_head_sizes", "GENERATION_PACKAGES",
+]
 
 #: import name of each generation's package
 GENERATION_PACKAGES = {"fa4": "flash_attn.cute", "fa3": "flash_attn_interface", "fa2": "flash_attn"}
@@ -69,6 +72,14 @@ def generation_head_size_reason(generation: str, platform, head_size: int) -> st
     if not (8 <= head_size <= 256 and head_size % 8 == 0):
         return f"{generation.upper()} takes head sizes 8..256 in multiples of 8, not {head_size}"
     return None
+
+
+def generation_head_sizes(generation: str, platform) -> str:
+    """The head sizes ``generation`` takes on ``platform``, as text (for ``usp-attn info``)."""
+    major = platform.capability[0] if platform.capability else 0
+    if generation == "fa4" and major in (10, 11):
+        return "D 8..128 or 256, multiples of 8"
+    return "D 8..256, multiples of 8"
 
 
 def flash_generation(platform, head_size: int | None = None) -> str | None:
