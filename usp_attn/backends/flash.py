@@ -19,6 +19,11 @@ every path here returns it as fp32 ``[B, H, S_q]``:
 All take ``[B, S, H, D]`` natively and support GQA and causal. None takes an arbitrary
 mask; masked calls go to a backend that does (the layer handles that). Packages are
 imported on first use only.
+
+Under ``torch.compile`` the call goes through one torch custom op
+(``usp_attn::flash_attn_forward``, registered on first use): the kernels are Python that
+dynamo cannot trace (FA4 is JIT-compiled CuTe DSL), and an opaque op keeps
+``fullgraph=True`` working. Eager calls skip the op's dispatch cost.
 """
 
 from __future__ import annotations
@@ -26,7 +31,9 @@ from __future__ import annotations
 import importlib
 import inspect
 
-from usp_attn.backends.base import HALF_DTYPES, AttentionBackend
+import torch
+
+from usp_attn.backends.base import HALF_DTYPES, AttentionBackend, default_scale
 from usp_attn.backends.enum import AttentionBackendEnum
 
 __all__ = [
@@ -138,6 +145,8 @@ class FlashAttentionBackend(AttentionBackend):
         self.generation = kernel or flash_generation(platform)
         self._fn = None
         self._fa3_has_lse_flag = True
+        if self.generation is not None and not torch.compiler.is_compiling():
+            _compiled_op()  # registered now, eagerly: dynamo cannot trace the registration
 
     def _function(self):
         if self._fn is None:
@@ -153,6 +162,14 @@ class FlashAttentionBackend(AttentionBackend):
     def forward(self, q, k, v, *, causal=False, softmax_scale=None, attn_mask=None, return_lse=False):
         if attn_mask is not None:
             raise ValueError("fa does not take attn_mask; route masked calls to torch_sdpa")
+        if torch.compiler.is_compiling():
+            scale = default_scale(q.shape[-1], softmax_scale)
+            out, lse = _compiled_op()(q, k, v, self.generation, scale, causal, return_lse)
+            return (out, lse) if return_lse else out
+        return self.call(q, k, v, causal=causal, softmax_scale=softmax_scale, return_lse=return_lse)
+
+    def call(self, q, k, v, *, causal=False, softmax_scale=None, return_lse=False):
+        """The generation's own function, with its LSE convention (see module doc)."""
         fn = self._function()
         if self.generation == "fa4":
             out, lse = fn(q, k, v, softmax_scale=softmax_scale, causal=causal, return_lse=return_lse)
@@ -167,6 +184,37 @@ class FlashAttentionBackend(AttentionBackend):
         if lse is None:
             raise RuntimeError(f"{self.generation.upper()} returned no log-sum-exp although it was requested")
         return out, lse
+
+
+_op = None
+
+
+def _compiled_op():
+    """``usp_attn::flash_attn_forward(q, k, v, generation, scale, causal, return_lse) -> (out, lse)``,
+    registered on first use (importing usp_attn registers nothing). ``lse`` is empty when not
+    requested: a custom op's outputs must be tensors."""
+    global _op
+    if _op is None:
+        from usp_attn.backends import make_backend
+        from usp_attn.platforms import current_platform
+
+        @torch.library.custom_op("usp_attn::flash_attn_forward", mutates_args=())
+        def flash_attn_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, generation: str, scale: float,
+                               causal: bool, return_lse: bool) -> tuple[torch.Tensor, torch.Tensor]:
+            impl = make_backend(AttentionBackendEnum.FA, current_platform(), generation)
+            res = impl.call(q, k, v, causal=causal, softmax_scale=scale, return_lse=return_lse)
+            if return_lse:
+                return res[0], res[1]
+            return res, q.new_empty(0, dtype=torch.float32)
+
+        @flash_attn_forward.register_fake
+        def _(q, k, v, generation, scale, causal, return_lse):
+            b, s, h, _ = q.shape
+            lse_shape = (b, h, s) if return_lse else (0,)
+            return q.new_empty(b, s, h, v.shape[-1]), q.new_empty(lse_shape, dtype=torch.float32)
+
+        _op = flash_attn_forward
+    return _op
 
 
 def _wanted_package(capability) -> str:
