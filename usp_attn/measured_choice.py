@@ -10,7 +10,8 @@ gets such crossovers wrong somewhere, so on CUDA automatic selection measures:
    serve it on every rank (FA4/FA3/FA2 generations, aten cuDNN / flash / memory-efficient;
    lossy kernels such as SageAttention never).
 2. One process times them on the call's own tensors: one warm-up call each (FA4
-   compiles here), then interleaved rounds, median per kernel, within a small budget.
+   compiles here), then interleaved rounds in rotating order, median per kernel, within a
+   small budget; kernels 1.5x slower than the best after one round are not timed again.
    Under a sequence-parallel group that process is the group's rank 0, which broadcasts
    the winner, so every rank runs the same kernel; the shape class is then built from
    quantities every rank has identically (global lengths), never from a rank's shard.
@@ -70,6 +71,8 @@ EXACT_BACKENDS = (AttentionBackendEnum.FA, AttentionBackendEnum.TORCH_SDPA)
 #: time is spent (at least MIN_ROUNDS, at most MAX_ROUNDS).
 BUDGET_MS = 300.0
 MIN_ROUNDS, MAX_ROUNDS = 3, 10
+#: After the first round, kernels slower than this factor times the fastest are dropped.
+PRUNE_FACTOR = 1.5
 
 
 def length_bucket(n: int) -> int:
@@ -237,10 +240,17 @@ def measure(
         times = {cand: [] for cand in calls}
         spent, rounds = 0.0, 0
         while rounds < MAX_ROUNDS and (rounds < MIN_ROUNDS or spent < BUDGET_MS):
-            for cand, call in calls.items():  # interleaved: clock and thermal drift hit all alike
-                ms = _timer.time(cand, call, q.device)
+            # Interleaved, and the order rotated every round: clock and thermal drift within a
+            # round (a kernel after a long cool one runs at a higher boost) hit all alike.
+            order = list(calls)
+            order = order[rounds % len(order):] + order[: rounds % len(order)]
+            for cand in order:
+                ms = _timer.time(cand, calls[cand], q.device)
                 times[cand].append(ms)
                 spent += ms
+            if rounds == 0:  # a kernel 1.5x slower than the best cannot win: stop timing it
+                best = min(ts[0] for ts in times.values())
+                calls = {c: f for c, f in calls.items() if times[c][0] <= PRUNE_FACTOR * best}
             rounds += 1
     medians = {cand: statistics.median(ts) for cand, ts in times.items()}
     order = sorted(medians, key=medians.get)

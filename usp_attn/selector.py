@@ -5,7 +5,8 @@ number of keys per call):
 
     CUDA  fa   if SM80+, fp16/bf16, and a FlashAttention generation that beats cuDNN
                here is installed: FA4/FA3 on Hopper for calls of at least
-               FA_MIN_KEYS_HOPPER keys (cuDNN wins below), FA4 on Blackwell, FA2 on SM8x.
+               fa_min_keys_hopper(D) keys (6144 for D <= 64, else 12288; cuDNN wins
+               below), FA4 on Blackwell, FA2 on SM8x.
                (FA2 on Hopper loses to cuDNN SDPA by ~1.6x, REFERENCE §5.)
           torch_sdpa otherwise (it runs cuDNN attention on Hopper).
 
@@ -47,6 +48,7 @@ __all__ = [
     "GroupAgreement",
     "FALLBACK_CHAIN",
     "auto_preference",
+    "fa_min_keys_hopper",
     "get_attn_backend",
     "global_force_attn_backend",
     "global_force_attn_backend_context_manager",
@@ -66,9 +68,16 @@ logger = logging.getLogger("usp_attn")
 
 B = AttentionBackendEnum
 
-#: Static rule: on Hopper, FA4/FA3 beat cuDNN attention from about this many keys per call
-#: (H200, bf16, D=64 and 128; BENCHMARKS.md, "Local kernels"). Below it cuDNN is faster.
-FA_MIN_KEYS_HOPPER = 8192
+#: Static rule on Hopper: FA4/FA3 beat cuDNN attention from this many keys per call, by head
+#: size: ``(largest head size, keys)``. Measured on H200, bf16 (BENCHMARKS.md, "Local kernels"):
+#: D=64 cuDNN 417 vs FA4 401 TFLOP/s at 4096 keys, 465 vs 474 at 6144; D=128 650 vs 632 at
+#: 8192, 654 vs 661 at 12288.
+FA_MIN_KEYS_HOPPER: tuple[tuple[int, int], ...] = ((64, 6144), (256, 12288))
+
+
+def fa_min_keys_hopper(head_size: int) -> int:
+    """Keys per call from which the static rule prefers FA4/FA3 over cuDNN on Hopper."""
+    return next((keys for largest, keys in FA_MIN_KEYS_HOPPER if head_size <= largest), FA_MIN_KEYS_HOPPER[-1][1])
 
 #: Where an explicit request goes when it cannot run, in order. torch_sdpa runs everywhere.
 FALLBACK_CHAIN: dict[AttentionBackendEnum, tuple[AttentionBackendEnum, ...]] = {
@@ -279,7 +288,7 @@ def local_request() -> tuple[AttentionBackendEnum | None, str]:
 
 # ---- the rules ---------------------------------------------------------------------------
 def auto_preference(
-    platform: Platform, dtype: torch.dtype | None = None, num_keys: int | None = None
+    platform: Platform, dtype: torch.dtype | None = None, num_keys: int | None = None, head_size: int = 128
 ) -> tuple[AttentionBackendEnum, ...]:
     """Backends the static automatic rule tries on ``platform``, best first.
 
@@ -290,7 +299,7 @@ def auto_preference(
         gen = flash_generation(platform)
         cap = platform.capability or (0, 0)
         if gen in ("fa3", "fa4") and cap[0] == 9:
-            fa_wins = num_keys is None or num_keys >= FA_MIN_KEYS_HOPPER
+            fa_wins = num_keys is None or num_keys >= fa_min_keys_hopper(head_size)
         else:
             fa_wins = gen in ("fa3", "fa4") or (gen == "fa2" and cap[0] == 8)
         if fa_wins:
@@ -350,7 +359,7 @@ def get_attn_backend(
     explicit_platform = platform is not None
     if platform is None:
         platform = agreement.platform if agreement is not None else current_platform()
-    long_call = None if num_keys is None else num_keys >= FA_MIN_KEYS_HOPPER  # all the rule needs
+    long_call = None if num_keys is None else num_keys >= fa_min_keys_hopper(int(head_size))  # all the rule needs
     selection = _select(
         int(head_size), dtype, supported, platform, need_lse, need_mask,
         _strict if strict is None else bool(strict), requested, source, agreement, long_call,
@@ -369,7 +378,7 @@ def _select(head_size, dtype, supported, platform, need_lse, need_mask, strict, 
         candidates = (requested,) + FALLBACK_CHAIN[requested]
     else:
         num_keys = None if long_call in (None, True) else 0
-        candidates = auto_preference(platform, dtype, num_keys)
+        candidates = auto_preference(platform, dtype, num_keys, head_size)
         if B.TORCH_SDPA not in candidates:
             candidates += (B.TORCH_SDPA,)
     if supported is not None:

@@ -20,7 +20,7 @@ from usp_attn import (
     set_cli_attention_backend,
 )
 from usp_attn.backends.flash import flash_generation
-from usp_attn.selector import FA_MIN_KEYS_HOPPER
+from usp_attn.selector import fa_min_keys_hopper
 
 BF16, FP16, FP32, FP64 = torch.bfloat16, torch.float16, torch.float32, torch.float64
 
@@ -76,12 +76,16 @@ def test_cuda_sm90_with_fa3_uses_fa(packages):
                                                  (("flash_attn_interface", "flash_attn.cute"), "fa4"),
                                                  (("flash_attn_interface",), "fa3")])
 def test_cuda_sm90_static_rule_by_number_of_keys(packages, generation):
-    """Static rule on Hopper (measured on H200): cuDNN below FA_MIN_KEYS_HOPPER keys, FA4/FA3 from there."""
+    """Static rule on Hopper (measured on H200): cuDNN below fa_min_keys_hopper(D) keys, FA4/FA3 from there."""
     p = cuda((9, 0), *packages)
-    long = auto(p, num_keys=FA_MIN_KEYS_HOPPER)
-    assert long.backend is B.FA and long.impl.generation == generation
-    short = auto(p, num_keys=FA_MIN_KEYS_HOPPER - 1)
-    assert short.backend is B.TORCH_SDPA and short.impl.kernel is None  # aten cuDNN, decided per call
+    assert (fa_min_keys_hopper(64), fa_min_keys_hopper(128), fa_min_keys_hopper(256)) == (6144, 12288, 12288)
+    for d in (64, 128):
+        long = auto(p, num_keys=fa_min_keys_hopper(d), head_size=d)
+        assert long.backend is B.FA and long.impl.generation == generation
+        short = auto(p, num_keys=fa_min_keys_hopper(d) - 1, head_size=d)
+        assert short.backend is B.TORCH_SDPA and short.impl.kernel is None  # aten cuDNN, decided per call
+    assert auto(p, num_keys=8192, head_size=64).backend is B.FA
+    assert auto(p, num_keys=8192, head_size=128).backend is B.TORCH_SDPA
     assert auto(p).backend is B.FA  # length unknown: the long-sequence choice
     # Blackwell and Ampere do not depend on the length
     assert auto(cuda((10, 0), "flash_attn.cute"), num_keys=64).backend is B.FA

@@ -162,7 +162,7 @@ class LocalAttention(nn.Module):
         if kernel is None:
             kernel = self.kernel_for(q, k, v, causal=causal, need_mask=mask is not None, need_lse=return_lse)
         sel, impl = kernel
-        self._last = sel
+        self.__dict__["_last"] = sel  # nn.Module.__setattr__ costs microseconds per call
         if not impl.supports_gqa and k.shape[2] != q.shape[2]:
             k = expand_kv_heads(k, q.shape[2])
             v = expand_kv_heads(v, q.shape[2])
