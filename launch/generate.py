@@ -25,7 +25,7 @@ import torch
 
 import usp_attn
 from usp_attn.config import AttentionConfig, add_attention_args, positive_int
-from usp_attn.distributed.state import DEFAULT_TIMEOUT, check_timeout
+from usp_attn.distributed.arguments import DEFAULT_TIMEOUT, check_timeout
 from usp_attn.selector import AttentionBackendUnavailableError
 
 from builtin_job import WEIGHT_SEED, builtin_config, run_builtin

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 import usp_attn
-from usp_attn.distributed import consistency, failures, state
+from usp_attn.distributed import arguments, consistency, failures
 from usp_attn.layers.validation import check_group_device
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[2]
     (None, 300.0), (5, 5.0), (0.25, 0.25), (datetime.timedelta(minutes=2), 120.0),
 ])
 def test_timeout_accepts(value, seconds):
-    assert state.check_timeout(value).total_seconds() == seconds
+    assert arguments.check_timeout(value).total_seconds() == seconds
 
 
 @pytest.mark.parametrize("value,words", [
@@ -58,12 +58,12 @@ def test_flags_must_be_bool_or_none(name):
 
 @pytest.mark.parametrize("text,mode", [("", None), ("1", True), ("true", True), ("0", False), ("off", False)])
 def test_validate_environment_variable(monkeypatch, text, mode):
-    monkeypatch.setenv(state.VALIDATE_ENV, text)
-    assert state._validate_from_env() is mode
+    monkeypatch.setenv(arguments.VALIDATE_ENV, text)
+    assert arguments.validate_from_env() is mode
 
 
 def test_validate_environment_variable_rejects_junk(monkeypatch):
-    monkeypatch.setenv(state.VALIDATE_ENV, "sometimes")
+    monkeypatch.setenv(arguments.VALIDATE_ENV, "sometimes")
     with pytest.raises(ValueError, match="USP_ATTN_VALIDATE='sometimes'"):
         usp_attn.init_sequence_parallel()
     assert not dist.is_initialized()
@@ -105,7 +105,7 @@ def _generate_parser():
 
 def test_sp_timeout_flag():
     parser = _generate_parser()
-    assert parser.parse_args([]).sp_timeout == state.DEFAULT_TIMEOUT.total_seconds()
+    assert parser.parse_args([]).sp_timeout == arguments.DEFAULT_TIMEOUT.total_seconds()
     assert parser.parse_args(["--sp-timeout", "45"]).sp_timeout == 45.0
     assert "--sp-timeout SECONDS" in parser.format_help()
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import logging
-import math
 import os
 import socket
 from typing import Sequence
@@ -28,6 +27,13 @@ import torch.distributed as dist
 
 from usp_attn.backends.enum import AttentionBackendEnum, parse_attention_backend
 from usp_attn.distributed.agreement import agree_on_backend
+from usp_attn.distributed.arguments import (  # noqa: F401 - VALIDATE_ENV, DEFAULT_TIMEOUT: documented here too
+    DEFAULT_TIMEOUT,
+    VALIDATE_ENV,
+    check_flag,
+    check_timeout,
+    validate_from_env,
+)
 from usp_attn.selector import GroupAgreement, get_global_forced_attn_backend, set_group_agreement
 
 __all__ = [
@@ -41,17 +47,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger("usp_attn")
-
-#: Default of ``validate``: unset = check each layer's first call and every call whose
-#: arguments changed; 1 = check every call; 0 = never (see usp_attn.distributed.consistency).
-VALIDATE_ENV = "USP_ATTN_VALIDATE"
-
-#: Bound on every collective of the SP groups. Inference ranks run the same kernels in
-#: lockstep, so a healthy peer is late by at most one layer's work plus first-call
-#: compilation skew (seconds to a minute); 5 minutes still allows for that and for
-#: uneven model loading before the first collective, and ends a job with a dead or
-#: stuck rank well before torch's 10-minute NCCL / 30-minute gloo defaults would.
-DEFAULT_TIMEOUT = datetime.timedelta(seconds=300)
 
 # init_sequence_parallel calls so far in this process (the same on every rank): each gets
 # its own key space in the c10d store (usp_attn.distributed.rank_channel).
@@ -142,43 +137,6 @@ def _check_degree(name: str, value) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
     return value
-
-
-def check_timeout(value) -> datetime.timedelta:
-    """``timeout``: ``None`` (:data:`DEFAULT_TIMEOUT`), positive finite seconds, or a positive timedelta."""
-    if value is None:
-        return DEFAULT_TIMEOUT
-    if isinstance(value, datetime.timedelta):
-        if value <= datetime.timedelta(0):
-            raise ValueError(f"timeout must be positive, got {value!r}")
-        return value
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(
-            f"timeout must be a number of seconds or a datetime.timedelta, got {type(value).__name__} {value!r}"
-        )
-    if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"timeout must be a positive finite number of seconds, got {value!r}")
-    try:
-        return datetime.timedelta(seconds=value)
-    except OverflowError:
-        raise ValueError(f"timeout of {value!r} seconds is too large for a datetime.timedelta") from None
-
-
-def _check_flag(name: str, value) -> bool | None:
-    if value is not None and not isinstance(value, bool):
-        raise ValueError(f"{name} must be True, False or None, got {type(value).__name__} {value!r}")
-    return value
-
-
-def _validate_from_env() -> bool | None:
-    text = os.environ.get(VALIDATE_ENV, "").strip().lower()
-    if text in ("", "auto", "default"):
-        return None
-    if text in ("1", "true", "yes", "on"):
-        return True
-    if text in ("0", "false", "no", "off"):
-        return False
-    raise ValueError(f"environment variable {VALIDATE_ENV}={text!r}: expected 1 (every call), 0 (off) or unset")
 
 
 def _global_rank(value) -> int:
@@ -290,8 +248,8 @@ def init_sequence_parallel(
     _check_degree("ring_degree", ring_degree)
     request = parse_attention_backend(attention_backend)
     timeout = check_timeout(timeout)
-    strict = _check_flag("strict", strict)
-    validate = _validate_from_env() if _check_flag("validate", validate) is None else validate
+    strict = check_flag("strict", strict)
+    validate = validate_from_env() if check_flag("validate", validate) is None else validate
     if _state is not None:
         raise RuntimeError("sequence parallelism is already initialised; call destroy_sequence_parallel() first")
     generation, _generation = _generation, _generation + 1

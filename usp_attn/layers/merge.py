@@ -54,7 +54,8 @@ class PartialAttention:
 
     Blocks are ``out [B, S, H, D]`` (any float dtype, any strides) with ``lse [B, H, S]``.
     The first block is kept as it is; from the second on, an fp32 accumulator (fp64 for
-    fp64 blocks, merged with torch ops: the fused kernel computes in fp32) holds the merge. The caller flags the last block with ``last_dtype`` to get the result written
+    fp64 blocks, merged with torch ops: the fused kernel computes in fp32) holds the
+    merge. The caller flags the last block with ``last_dtype`` to get the result written
     directly in that dtype (no separate cast pass).
 
     Args:
