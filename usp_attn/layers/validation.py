@@ -105,14 +105,10 @@ def check_qkv(q, k, v, *, num_heads: int, num_kv_heads: int, head_size: int, cau
 
 
 def check_group_device(q: torch.Tensor, group) -> None:
-    """q's device must be one the process group's backend moves: NCCL needs this rank's
-    CUDA device, gloo (as used here: all-to-all, send/recv) CPU tensors."""
+    """q's device must be one the process group's backend moves: NCCL needs CUDA tensors,
+    gloo (as used here: all-to-all, send/recv) CPU tensors."""
     backend = str(dist.get_backend(group))
-    if backend == "nccl":
-        if q.device.type != "cuda" or q.device.index != torch.cuda.current_device():
-            raise ValueError(
-                f"q is on {q.device}, but the sequence-parallel group uses NCCL on this rank's device "
-                f"cuda:{torch.cuda.current_device()}; move q, k, v there"
-            )
-    elif backend == "gloo" and q.device.type != "cpu":
+    if backend == "nccl" and q.device.type != "cuda":
+        raise ValueError(f"q is on {q.device}, but the sequence-parallel group uses NCCL, which needs CUDA tensors")
+    if backend == "gloo" and q.device.type != "cpu":
         raise ValueError(f"q is on {q.device}, but the sequence-parallel group uses gloo, which needs CPU tensors")
