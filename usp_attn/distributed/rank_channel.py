@@ -16,10 +16,13 @@ never reads an old one's messages.
 from __future__ import annotations
 
 import datetime
+import logging
 import pickle
 import time
 
 import torch.distributed as dist
+
+from usp_attn.selector import log_once
 
 __all__ = ["RankChannel", "channel_for"]
 
@@ -108,7 +111,9 @@ def channel_for(state) -> RankChannel | None:
     if channel is None:
         try:
             store = dist.distributed_c10d._get_default_store().clone()
-        except (AttributeError, RuntimeError, ValueError):
+        except (AttributeError, RuntimeError, ValueError) as exc:
+            log_once(logging.WARNING, f"usp_attn: no c10d store to reach the other ranks through ({exc}); "
+                     "cross-rank argument checks and failure reports are off")
             return None
         prefix = f"usp_attn/g{state.generation}/sp{state.sp_ranks[0]}/"
         channel = state._channel = RankChannel(store, prefix, state.world_size, state.sp_rank)
