@@ -164,6 +164,21 @@ def check_schedule() -> dict:
     return counts
 
 
+def compile_steady_state() -> float:
+    """After the checked first call, the default path compiles with fullgraph=True (no graph break:
+    the steady state is one tuple comparison, no store access)."""
+    layout(dist.get_world_size(), 1)
+    layer = usp_attn.USPAttention(4, 16)
+    x = usp_attn.shard_sequence(_full(32, dim=16))
+    eager = layer(x, x, x)
+    torch._dynamo.reset()
+    try:
+        out = torch.compile(layer, fullgraph=True, backend="aot_eager")(x, x, x)
+    finally:
+        torch._dynamo.reset()
+    return (out - eager).abs().max().item()
+
+
 # ---- rows that can only end at the timeout, and a rank that dies (each last in its group) -------
 def arguments_change_on_one_rank() -> dict:
     """After an agreed first call, rank 1 alone starts passing a mask."""

@@ -37,6 +37,7 @@ TWO_RANKS = [
     cases.meta_tensors,
     P(cases.fp64_ring, 1, 2),
     cases.check_schedule,
+    cases.compile_steady_state,
     cases.arguments_change_on_one_rank,  # last: it leaves the SP groups timed out
 ]
 FOUR_RANKS = [
@@ -151,6 +152,11 @@ def test_checks_cost_nothing_in_steady_state(two):
         assert (every["first"], every["steady"], every["after_change"]) == (1, 3, 1) and every["store_ops"] > 0
         assert (off["first"], off["steady"], off["store_ops"], off["after_change"]) == (0, 0, 0, 0)
         assert max(c["error"] for c in counts.values()) < 2e-5  # fp32: the changed call still computes right
+
+
+@two_ranks
+def test_default_checks_compile_without_graph_breaks(two):
+    assert max(two.check(cases.compile_steady_state)) == 0.0  # aot_eager runs the same kernels
 
 
 @two_ranks
