@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import importlib
 
-from usp_attn.backends.base import HALF_DTYPES, AttentionBackend
+from usp_attn.backends.base import HALF_DTYPES, AttentionBackend, default_scale, finite_lse
 from usp_attn.backends.enum import AttentionBackendEnum
+from usp_attn.backends.flash_backward import flash_backward
 
 __all__ = ["FlashAttentionBackend", "flash_generation"]
 
@@ -95,6 +96,20 @@ class FlashAttentionBackend(AttentionBackend):
             if return_lse:
                 out, lse = fn(q, k, v, softmax_scale=softmax_scale, causal=causal, return_attn_probs=True)[:2]
         return (out, lse) if return_lse else out
+
+    # -- gradients: each generation's own backward kernel ------------------------------------
+    @classmethod
+    def supports_backward(cls, platform) -> bool:
+        gen = flash_generation(platform)
+        if gen == "fa4":  # FA4's backward kernels exist for SM90 and newer only
+            return platform.capability is not None and platform.capability >= (9, 0)
+        return gen is not None
+
+    def backward(self, q, k, v, out, dout, lse, *, causal=False, softmax_scale=None, attn_mask=None):
+        if attn_mask is not None:
+            raise ValueError("fa does not take attn_mask; route masked calls to torch_sdpa")
+        scale = default_scale(q.shape[-1], softmax_scale)
+        return flash_backward(self.generation, q, k, v, out, dout, finite_lse(lse), causal=causal, scale=scale)
 
 
 def _wanted_package(capability) -> str:

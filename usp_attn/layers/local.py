@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from usp_attn.backends import AttentionBackendEnum, expand_kv_heads
+from usp_attn.layers.attention_grad import attend_with_grad, grad_required
 from usp_attn.layers.validation import check_head_config, check_qkv, check_supported_backends
 from usp_attn.masks import normalize_mask
 from usp_attn.platforms import current_platform
@@ -123,6 +124,9 @@ class LocalAttention(nn.Module):
         if not impl.supports_gqa and k.shape[2] != q.shape[2]:
             k = expand_kv_heads(k, q.shape[2])
             v = expand_kv_heads(v, q.shape[2])
+        if grad_required(q, k, v):  # training: the backend's own backward kernel
+            return attend_with_grad(impl, q, k, v, mask=mask, causal=causal, scale=self.softmax_scale,
+                                    return_lse=return_lse)
         return impl.forward(
             q, k, v, causal=causal, softmax_scale=self.softmax_scale, attn_mask=mask, return_lse=return_lse
         )
