@@ -30,8 +30,8 @@ def attention_fp64(q, k, v, *, scale=None, causal=False, mask=None):
     if mask is not None:
         scores = scores + reference_mask_4d(mask, batch=b, num_heads=h, s_q=s_q, s_k=s_k).to(scores.device)
     if causal:
-        visible = torch.ones(s_q, s_k, dtype=torch.bool, device=q.device).tril()
-        scores = scores.masked_fill(~visible, -math.inf)
+        above = torch.arange(s_k, device=q.device)[None, :] > torch.arange(s_q, device=q.device)[:, None]
+        scores = scores.masked_fill(above, -math.inf)
     empty = torch.isneginf(scores).all(dim=-1, keepdim=True)
     probs = torch.softmax(scores.masked_fill(empty, 0.0), dim=-1).masked_fill(empty, 0.0)
     return torch.matmul(probs, vt).permute(0, 2, 1, 3)

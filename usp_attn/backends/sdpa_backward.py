@@ -42,8 +42,9 @@ def math_backward(q, k, v, out, dout, lse, *, causal, scale, attn_mask=None):
     if attn_mask is not None:
         scores = scores + mask_to_additive(attn_mask, acc)
     if causal:
-        keep = torch.ones(scores.shape[-2:], dtype=torch.bool, device=q.device).tril()
-        scores = scores.masked_fill(~keep, float("-inf"))
+        s_q, s_k = scores.shape[-2:]
+        above = torch.arange(s_k, device=q.device)[None, :] > torch.arange(s_q, device=q.device)[:, None]
+        scores = scores.masked_fill(above, float("-inf"))
     probs = torch.exp(scores - lse.to(acc)[..., None])  # [B, H, S_q, S_k]
     delta = (gf * of).sum(dim=-1, keepdim=True)
     dscores = probs * (torch.matmul(gf, vf.transpose(-1, -2)) - delta)
