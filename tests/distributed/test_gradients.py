@@ -27,6 +27,8 @@ def _cases(world: int) -> list:
         cases += [functools.partial(grad_cases.run_grad_scenario, u, r, name) for name in grad_cases.SCENARIOS]
         cases += [functools.partial(fn, u, r) for fn in PER_LAYOUT]
         cases += [functools.partial(grad_cases.gradcheck_layout, u, r, name) for name in grad_cases.GRADCHECK_CASES]
+    if world == 2:
+        cases.append(grad_cases.training_benchmark_dry_run)
     cases.append(functools.partial(grad_cases.sage_without_backward_is_an_error, world // 2, 2))  # last: re-inits
     return cases
 
@@ -77,3 +79,9 @@ def test_backend_without_backward_is_an_error_on_every_rank(world):
     messages = _run(world).check(functools.partial(grad_cases.sage_without_backward_is_an_error, world // 2, 2))
     assert len(set(messages)) == 1, messages
     assert "'sage_attn' has no backward kernel" in messages[0] and "torch_sdpa" in messages[0], messages[0]
+
+
+@pytest.mark.xdist_group("grad_world2")
+def test_training_benchmark_step_rows_dry_run():
+    rows = _run(2).check(grad_cases.training_benchmark_dry_run)[0]
+    assert rows[0]["speedup_vs_1gpu"] == 1.0
