@@ -123,7 +123,7 @@ def kernel_rows(shapes, degrees, dtype, device, *, warmup=2, reps=5) -> list[dic
             attn(*leaves).backward(dout)
 
         full_ms = time_call(full_step, device, warmup=warmup, reps=reps)
-        backend = str(attn.backend)
+        backend = _kernel_label(attn.kernel_for(*leaves)[1])
         with torch.no_grad():
             full_out = attn(*leaves)
         full_dq = leaves[0].grad.detach().clone()
@@ -133,7 +133,8 @@ def kernel_rows(shapes, degrees, dtype, device, *, warmup=2, reps=5) -> list[dic
                       zip(torch.tensor_split(k, ring, dim=1), torch.tensor_split(v, ring, dim=1))]
             q0 = q[:, : lengths[0]].clone().requires_grad_()
             k0, v0 = (t.clone().requires_grad_() for t in blocks[0])
-            plan = RingPlan(BlockKernels(attn), SimulatedRing(blocks), 0, lengths, False)
+            kernel = attn.kernel_for(q0, k0, v0, need_lse=True)  # what RingAttention picks for its blocks
+            plan = RingPlan(BlockKernels(attn, kernel), SimulatedRing(blocks), 0, lengths, False)
 
             def ring_step():
                 for t in (q0, k0, v0):
@@ -145,8 +146,8 @@ def kernel_rows(shapes, degrees, dtype, device, *, warmup=2, reps=5) -> list[dic
             ring_ms = time_call(ring_step, device, warmup=warmup, reps=reps)
             ring_out = ring_step().detach()
             rows.append({
-                "shape": [batch, heads, seq, dim], "dtype": str(dtype).replace("torch.", ""), "backend": backend,
-                "ring_degree": ring, "full_fwd_bwd_ms": round(full_ms, 3), "ring_rank_fwd_bwd_ms": round(ring_ms, 3),
+                "shape": [batch, heads, seq, dim], "dtype": str(dtype).replace("torch.", ""), "kernel": backend,
+                "ring_kernel": _kernel_label(kernel[1]), "ring_degree": ring, "full_fwd_bwd_ms": round(full_ms, 3), "ring_rank_fwd_bwd_ms": round(ring_ms, 3),
                 "ideal_ms": round(full_ms / ring, 3), "efficiency": round(full_ms / ring / ring_ms, 3),
                 "out_rel_err": rel_err(ring_out, full_out[:, : lengths[0]]),
                 "dq_rel_err": rel_err(q0.grad, full_dq[:, : lengths[0]]),
@@ -156,6 +157,11 @@ def kernel_rows(shapes, degrees, dtype, device, *, warmup=2, reps=5) -> list[dic
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return rows
+
+
+def _kernel_label(impl) -> str:
+    kernel = getattr(impl, "generation", None) or impl.kernel
+    return f"{impl.name}" + (f" ({kernel})" if kernel else "")
 
 
 # ---- step rows: the built-in DiT on two ranks -----------------------------------------------------

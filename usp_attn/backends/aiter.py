@@ -45,7 +45,7 @@ class AiterBackend(AttentionBackend):
 
     # -- gradients ---------------------------------------------------------------------------
     @classmethod
-    def supports_backward(cls, platform) -> bool:
+    def supports_backward(cls, platform, kernel=None) -> bool:
         return True
 
     def backward(self, q, k, v, out, dout, lse, *, causal=False, softmax_scale=None, attn_mask=None):

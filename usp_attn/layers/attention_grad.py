@@ -23,7 +23,7 @@ __all__ = ["grad_required", "check_backward", "attend_with_grad", "BlockKernels"
 
 def check_backward(impl: AttentionBackend) -> None:
     """Raise :class:`AttentionBackendUnavailableError` unless ``impl`` can compute gradients."""
-    if impl.supports_backward(impl.platform):
+    if impl.supports_backward(impl.platform, impl.kernel):
         return
     everywhere = [str(name) for name, cls in BACKEND_CLASSES.items() if cls.backward is not AttentionBackend.backward]
     here = [str(name) for name, cls in BACKEND_CLASSES.items() if cls.supports_backward(impl.platform)]
@@ -66,21 +66,21 @@ def attend_with_grad(impl, q, k, v, *, mask, causal, scale, return_lse=False):
 
 
 class BlockKernels:
-    """Forward and backward of one key block for a :class:`~usp_attn.LocalAttention`: the
-    forward is the layer's own ``attend``; the backward uses the backend the layer selects
-    for the same (dtype, mask, LSE) request, so both directions run the same kernel."""
+    """Forward and backward of one key block for a :class:`~usp_attn.LocalAttention`, both
+    with the kernel chosen for the layer call (an entry of ``LocalAttention.kernel_for``:
+    ``(BackendSelection, AttentionBackend)``), so both directions run the same backend."""
 
-    def __init__(self, local) -> None:
-        self.local = local
+    def __init__(self, local, kernel) -> None:
+        self.local, self.kernel = local, kernel
 
-    def impl(self, dtype: torch.dtype, masked: bool) -> AttentionBackend:
-        return self.local.selection(dtype, need_mask=masked, need_lse=True).impl
+    @property
+    def impl(self) -> AttentionBackend:
+        return self.kernel[1]
 
     def attend(self, q, k, v, *, mask=None, causal=False, return_lse=False):
-        return self.local.attend(q, k, v, mask=mask, causal=causal, return_lse=return_lse)
+        return self.local.attend(q, k, v, mask=mask, causal=causal, return_lse=return_lse, kernel=self.kernel)
 
     def backward(self, q, k, v, out, dout, lse, *, mask=None, causal=False):
         """One block's ``dq, dk, dv`` (see :meth:`AttentionBackend.backward`)."""
-        impl = self.impl(q.dtype, mask is not None)
-        return impl.backward(q, k, v, out, dout, lse, causal=causal, softmax_scale=self.local.softmax_scale,
-                             attn_mask=mask)
+        return self.impl.backward(q, k, v, out, dout, lse, causal=causal, softmax_scale=self.local.softmax_scale,
+                                  attn_mask=mask)
