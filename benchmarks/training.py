@@ -41,6 +41,7 @@ for path in (ROOT, ROOT / "launch"):
         sys.path.insert(0, str(path))
 
 import usp_attn  # noqa: E402
+from usp_attn.backends.sdpa import cuda_subkernel  # noqa: E402
 from usp_attn.distributed.state import shard_sizes  # noqa: E402
 from usp_attn.layers.attention_grad import BlockKernels  # noqa: E402
 from usp_attn.layers.ring_grad import RingPlan, ring_attention_with_grad  # noqa: E402
@@ -123,7 +124,7 @@ def kernel_rows(shapes, degrees, dtype, device, *, warmup=2, reps=5) -> list[dic
             attn(*leaves).backward(dout)
 
         full_ms = time_call(full_step, device, warmup=warmup, reps=reps)
-        backend = _kernel_label(attn.kernel_for(*leaves)[1])
+        backend = _kernel_label(attn.kernel_for(*leaves)[1], q)
         with torch.no_grad():
             full_out = attn(*leaves)
         full_dq = leaves[0].grad.detach().clone()
@@ -147,7 +148,7 @@ def kernel_rows(shapes, degrees, dtype, device, *, warmup=2, reps=5) -> list[dic
             ring_out = ring_step().detach()
             rows.append({
                 "shape": [batch, heads, seq, dim], "dtype": str(dtype).replace("torch.", ""), "kernel": backend,
-                "ring_kernel": _kernel_label(kernel[1]), "ring_degree": ring, "full_fwd_bwd_ms": round(full_ms, 3), "ring_rank_fwd_bwd_ms": round(ring_ms, 3),
+                "ring_kernel": _kernel_label(kernel[1], q), "ring_degree": ring, "full_fwd_bwd_ms": round(full_ms, 3), "ring_rank_fwd_bwd_ms": round(ring_ms, 3),
                 "ideal_ms": round(full_ms / ring, 3), "efficiency": round(full_ms / ring / ring_ms, 3),
                 "out_rel_err": rel_err(ring_out, full_out[:, : lengths[0]]),
                 "dq_rel_err": rel_err(q0.grad, full_dq[:, : lengths[0]]),
@@ -159,8 +160,10 @@ def kernel_rows(shapes, degrees, dtype, device, *, warmup=2, reps=5) -> list[dic
     return rows
 
 
-def _kernel_label(impl) -> str:
+def _kernel_label(impl, q) -> str:
     kernel = getattr(impl, "generation", None) or impl.kernel
+    if kernel is None and q.device.type == "cuda" and impl.name == usp_attn.AttentionBackendEnum.TORCH_SDPA:
+        kernel = cuda_subkernel(impl.platform.capability, q.dtype, q.shape[-1], False)
     return f"{impl.name}" + (f" ({kernel})" if kernel else "")
 
 
