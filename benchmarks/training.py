@@ -252,7 +252,7 @@ def main(argv=None) -> int:
         dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(minutes=10))
         if cuda:  # Wan 2.1 1.3B 480p token count (81 frames, 480 x 832), a 4-layer DiT with 128-dim heads
             cfg = tiny_dit.TinyDiTConfig(hidden_size=1536, num_heads=12, num_layers=4, ffn_size=6144)
-            rows = training_step_rows(cfg, (1, 16, 21, 60, 104), device, torch.bfloat16)
+            rows = training_step_rows(cfg, (1, 16, 21, 60, 104), device, torch.bfloat16, warmup=3, reps=10)
         else:
             cfg = tiny_dit.TinyDiTConfig(hidden_size=48, num_heads=6, num_layers=2, ffn_size=96, text_dim=16,
                                          text_length=5, freq_dim=32)
