@@ -6,9 +6,10 @@ tokens, and FA4 beats cuDNN by 27-34 % on Wan's 32760 (BENCHMARKS.md). A static 
 gets such crossovers wrong somewhere, so on CUDA automatic selection measures:
 
 1. The first call that brings a new :class:`ShapeClass` (dtype, head size, heads, kv
-   heads, q/k length buckets, causal, LSE needed) lists the *exact* candidates that can
-   serve it on every rank (FA4/FA3/FA2 generations, aten cuDNN / flash / memory-efficient;
-   lossy kernels such as SageAttention never).
+   heads, q/k length buckets, causal, LSE needed, gradients needed) lists the *exact*
+   candidates that can serve it on every rank (FA4/FA3/FA2 generations, aten cuDNN /
+   flash / memory-efficient; lossy kernels such as SageAttention never; when gradients
+   are needed, only kernels with a backward there — the forward alone is timed).
 2. One process times them on the call's own tensors: one warm-up call each (FA4
    compiles here), then interleaved rounds in rotating order, median per kernel, within a
    small budget; kernels 1.5x slower than the best after one round are not timed again.
@@ -92,16 +93,18 @@ class ShapeClass:
     k_bucket: int
     causal: bool
     need_lse: bool
+    need_backward: bool = False
 
     @classmethod
-    def of(cls, dtype, head_size, heads, kv_heads, q_len, k_len, causal, need_lse) -> "ShapeClass":
+    def of(cls, dtype, head_size, heads, kv_heads, q_len, k_len, causal, need_lse, need_backward=False
+           ) -> "ShapeClass":
         return cls(dtype, int(head_size), int(heads), int(kv_heads), length_bucket(q_len), length_bucket(k_len),
-                   bool(causal), bool(need_lse))
+                   bool(causal), bool(need_lse), bool(need_backward))
 
     def describe(self) -> str:
         return (f"{str(self.dtype).replace('torch.', '')} D={self.head_size} H={self.heads} H_kv={self.kv_heads} "
                 f"S_q<={self.q_bucket} S_k<={self.k_bucket}" + (" causal" if self.causal else "")
-                + (" lse" if self.need_lse else ""))
+                + (" lse" if self.need_lse else "") + (" backward" if self.need_backward else ""))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -167,9 +170,10 @@ def measuring_possible(q: torch.Tensor) -> bool:
 # ---- candidates ----------------------------------------------------------------------------
 def exact_candidates(
     platforms: Sequence[Platform], head_size: int, dtype: torch.dtype, *, need_lse: bool,
-    allowed: Callable[[AttentionBackendEnum], bool] = lambda b: True,
+    allowed: Callable[[AttentionBackendEnum], bool] = lambda b: True, need_backward: bool = False,
 ) -> tuple[Candidate, ...]:
-    """Exact kernels that can serve these properties on every platform in ``platforms``."""
+    """Exact kernels that can serve these properties on every platform in ``platforms``
+    (with ``need_backward``: only those with a backward kernel there, for training)."""
     found = []
     for backend in EXACT_BACKENDS:
         cls = BACKEND_CLASSES[backend]
@@ -178,7 +182,8 @@ def exact_candidates(
         if any(cls.unsupported_reason(p, head_size, dtype, need_lse=need_lse) for p in platforms):
             continue
         common = [k for k in cls.kernels(platforms[0], head_size, dtype)
-                  if all(k in cls.kernels(p, head_size, dtype) for p in platforms[1:])]
+                  if all(k in cls.kernels(p, head_size, dtype) for p in platforms[1:])
+                  and not (need_backward and not all(cls.supports_backward(p, k) for p in platforms))]
         found += [Candidate(backend, k) for k in common]
     return tuple(found)
 

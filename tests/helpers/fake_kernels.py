@@ -29,6 +29,10 @@ __all__ = [
     "fake_sageattention",
     "fake_sageattn3",
     "fake_aiter",
+    "fake_flash_attn2_backward",
+    "add_flash_attn3_backward",
+    "fake_flash_attn4_backward",
+    "fake_aiter_backward",
 ]
 
 
@@ -176,4 +180,142 @@ def fake_aiter() -> types.ModuleType:
         return (out, lse) if return_lse else out
 
     mod.flash_attn_func = flash_attn_func
+    return mod
+
+
+# ---- backward kernels ------------------------------------------------------------------------
+# Each stand-in takes what the real backward takes (names, buffers, the forward's LSE layout)
+# and computes the block's exact gradients from the GIVEN out and lse, as the kernels do.
+
+
+def _block_backward(q, k, v, out, dout, lse, scale, causal):
+    """fp64 flash-attention backward of one block; [B, S, H, D] in, grads in the inputs' dtype."""
+    assert lse.dtype == torch.float32 and tuple(lse.shape) == (q.shape[0], q.shape[2], q.shape[1]), (
+        f"softmax_lse must be float32 [B, H, S_q], got {lse.dtype} {tuple(lse.shape)}")
+    h, h_kv, d = q.shape[2], k.shape[2], q.shape[3]
+    scale = d**-0.5 if scale is None else scale
+    qd, od, gd = (t.double().transpose(1, 2) for t in (q, out, dout))
+    kd, vd = (t.double().repeat_interleave(h // h_kv, dim=2).transpose(1, 2) for t in (k, v))
+    scores = qd @ kd.transpose(-1, -2) * scale
+    if causal:
+        s_q, s_k = scores.shape[-2:]
+        scores = scores.masked_fill(torch.arange(s_k)[None, :] > torch.arange(s_q)[:, None], float("-inf"))
+    probs = torch.exp(scores - lse.double()[..., None])
+    dscores = probs * (gd @ vd.transpose(-1, -2) - (gd * od).sum(-1, keepdim=True))
+    dq = (dscores @ kd * scale).transpose(1, 2)
+    dk = (dscores.transpose(-1, -2) @ qd * scale).transpose(1, 2)
+    dv = (probs.transpose(-1, -2) @ gd).transpose(1, 2)
+    b, s_k = k.shape[:2]
+    dk, dv = (t.reshape(b, s_k, h_kv, h // h_kv, d).sum(3) for t in (dk, dv))
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+def _fill(dq, dk, dv, grads):
+    for buf, g in zip((dq, dk, dv), grads):
+        assert buf.shape == g.shape and buf.dtype == g.dtype, (buf.shape, g.shape, buf.dtype, g.dtype)
+        buf.copy_(g)
+
+
+class _CustomOp:
+    """Calls like a ``torch.library.custom_op`` object: ``(*args, **kwargs)`` signature, the
+    Python function under ``_init_fn`` (flash-attn >= 2.4 registers its backward this way)."""
+
+    def __init__(self, fn):
+        self._init_fn = fn
+
+    def __call__(self, *args, **kwargs):
+        return self._init_fn(*args, **kwargs)
+
+
+def fake_flash_attn2_backward(release: str = "2.8") -> types.ModuleType:
+    """``flash_attn.flash_attn_interface._flash_attn_backward``: fills dq/dk/dv. ``release``
+    ``"2.6"``: ``window_size=(l, r)``, a plain function; ``"2.8"``: ``window_size_left/right``,
+    wrapped as a custom op."""
+    mod = _module("flash_attn.flash_attn_interface")
+
+    def body(dout, q, k, v, out, softmax_lse, dq, dk, dv, dropout_p, softmax_scale, causal, window, softcap,
+             alibi_slopes, deterministic, rng_state):
+        mod.calls.append(dict(backward=True, softmax_scale=softmax_scale, causal=causal, window=window))
+        assert dropout_p == 0.0 and tuple(window) == (-1, -1) and softcap == 0.0 and alibi_slopes is None
+        _fill(dq, dk, dv, _block_backward(q, k, v, out, dout, softmax_lse, softmax_scale, causal))
+        return torch.empty(0)  # softmax_d
+
+    if release == "2.6":
+        def _flash_attn_backward(dout, q, k, v, out, softmax_lse, dq, dk, dv, dropout_p, softmax_scale, causal,
+                                 window_size, softcap, alibi_slopes, deterministic, rng_state=None):
+            return body(dout, q, k, v, out, softmax_lse, dq, dk, dv, dropout_p, softmax_scale, causal, window_size,
+                        softcap, alibi_slopes, deterministic, rng_state)
+        mod._flash_attn_backward = _flash_attn_backward
+    else:
+        def _flash_attn_backward(dout, q, k, v, out, softmax_lse, dq, dk, dv, dropout_p, softmax_scale, causal,
+                                 window_size_left, window_size_right, softcap, alibi_slopes, deterministic,
+                                 rng_state=None):
+            return body(dout, q, k, v, out, softmax_lse, dq, dk, dv, dropout_p, softmax_scale, causal,
+                        (window_size_left, window_size_right), softcap, alibi_slopes, deterministic, rng_state)
+        mod._flash_attn_backward = _CustomOp(_flash_attn_backward)
+    return mod
+
+
+def add_flash_attn3_backward(mod: types.ModuleType, release: str = "2026") -> types.ModuleType:
+    """Give a ``flash_attn_interface`` stand-in its ``_flash_attn_backward`` as ``release`` had it:
+    ``"2024"`` (dq, dk, dv, softmax_scale, causal), ``"2025"`` (varlen arguments without
+    defaults before dq, ``window_size`` tuple) or ``"2026"`` (all defaulted, ``is_causal``)."""
+
+    def run(dout, q, k, v, out, softmax_lse, dq, dk, dv, softmax_scale, causal, **extra):
+        mod.calls.append(dict(backward=True, softmax_scale=softmax_scale, causal=causal, **extra))
+        _fill(dq, dk, dv, _block_backward(q, k, v, out, dout, softmax_lse, softmax_scale, causal))
+
+    if release == "2024":
+        def _flash_attn_backward(dout, q, k, v, out, softmax_lse, dq, dk, dv, softmax_scale, causal,
+                                 deterministic=False):
+            run(dout, q, k, v, out, softmax_lse, dq, dk, dv, softmax_scale, causal)
+            return dq, dk, dv, torch.empty(0)
+    elif release == "2025":
+        def _flash_attn_backward(dout, q, k, v, out, softmax_lse, cu_seqlens_q, cu_seqlens_k, sequed_q, sequed_k,
+                                 max_seqlen_q, max_seqlen_k, dq, dk, dv, softmax_scale, causal,
+                                 window_size=(-1, -1), softcap=0.0, deterministic=False, sm_margin=0):
+            assert cu_seqlens_q is None and max_seqlen_q is None
+            run(dout, q, k, v, out, softmax_lse, dq, dk, dv, softmax_scale, causal, window_size=window_size)
+            return dq, dk, dv, torch.empty(0)
+    else:
+        def _flash_attn_backward(dout, q, k, v, out, softmax_lse, cu_seqlens_q=None, cu_seqlens_k=None,
+                                 sequed_q=None, sequed_k=None, max_seqlen_q=None, max_seqlen_k=None, dq=None,
+                                 dk=None, dv=None, softmax_scale=None, is_causal=False, window_size_left=-1,
+                                 window_size_right=-1, softcap=0.0, deterministic=False, sm_margin=0):
+            run(dout, q, k, v, out, softmax_lse, dq, dk, dv, softmax_scale, is_causal)
+            return torch.empty(0)
+        _flash_attn_backward = _CustomOp(_flash_attn_backward)
+    mod._flash_attn_backward = _flash_attn_backward
+    return mod
+
+
+def fake_flash_attn4_backward() -> types.ModuleType:
+    """``flash_attn.cute.interface._flash_attn_bwd(q, k, v, out, dout, lse, softmax_scale=None,
+    causal=False, ...) -> (dq, dk, dv)``."""
+    mod = _module("flash_attn.cute.interface")
+
+    def _flash_attn_bwd(q, k, v, out, dout, lse, softmax_scale=None, causal=False, softcap=0.0,
+                        window_size_left=None, window_size_right=None, **kw):
+        mod.calls.append(dict(backward=True, softmax_scale=softmax_scale, causal=causal, **kw))
+        return _block_backward(q, k, v, out, dout, lse, softmax_scale, causal)
+
+    mod._flash_attn_bwd = _flash_attn_bwd
+    return mod
+
+
+def fake_aiter_backward() -> types.ModuleType:
+    """``aiter.ops.mha._flash_attn_backward(dout, q, k, v, out, softmax_lse, dq, dk, dv, dbias,
+    dropout_p, softmax_scale, causal, window_size_left, window_size_right, bias, alibi_slopes,
+    deterministic, rng_state=None, ...)``: fills dq/dk/dv."""
+    mod = _module("aiter.ops.mha")
+
+    def _flash_attn_backward(dout, q, k, v, out, softmax_lse, dq, dk, dv, dbias, dropout_p, softmax_scale, causal,
+                             window_size_left, window_size_right, bias, alibi_slopes, deterministic, rng_state=None,
+                             is_v3_atomic_fp32=True, how_v3_bf16_cvt=1):
+        mod.calls.append(dict(backward=True, softmax_scale=softmax_scale, causal=causal))
+        assert dbias is None and bias is None and (window_size_left, window_size_right) == (-1, -1)
+        _fill(dq, dk, dv, _block_backward(q, k, v, out, dout, softmax_lse, softmax_scale, causal))
+        return torch.empty(0)
+
+    mod._flash_attn_backward = _flash_attn_backward
     return mod

@@ -237,3 +237,21 @@ def test_shape_class_describes_itself():
     shape = ShapeClass.of(BF16, 128, 40, 8, 32760, 4000, True, True)
     assert shape.describe() == "bfloat16 D=128 H=40 H_kv=8 S_q<=32768 S_k<=4096 causal lse"
     assert Candidate(B.FA, "fa4") == Candidate(B.FA, "fa4")
+
+
+def test_training_measures_only_kernels_with_a_backward(monkeypatch, timer):
+    """FA4 has no backward kernel on SM80: with gradients required it is not a candidate there."""
+    ampere = Platform.make("cuda", capability=(8, 0), packages=["flash_attn.cute"])
+    assert [c.kernel for c in exact_candidates([ampere], 64, BF16, need_lse=False)] == ["fa4", "flash", "efficient"]
+    assert [c.kernel for c in exact_candidates([ampere], 64, BF16, need_lse=False, need_backward=True)] == [
+        "flash", "efficient"]
+    fake_kernels.install(monkeypatch, fake_kernels.fake_flash_attn4())
+    t = timer({"fa4": 1.0, "cudnn": 2.0, "flash": 3.0, "efficient": 4.0})
+    with override_platform(HOPPER_FA4):
+        layer = LocalAttention(4, 64)
+        q, k, v = (x.requires_grad_() for x in qkv(40, 4, 64))
+        with torch.no_grad():
+            layer(q, k, v)
+        inference = len(t.timed)
+        layer(q, k, v)  # gradients required: another shape class, measured again
+        assert len(t.timed) > inference and layer._last.timings and "backward" not in str(layer._last.kernel)

@@ -127,6 +127,9 @@ def test_signature_is_host_only_and_exact():
     assert base != consistency.call_signature(q.double(), q, q, None, 1, 0, 10)
     assert base != consistency.call_signature(q, q, q, torch.ones(1, 5, dtype=torch.bool), 1, 0, 10)
     assert base != consistency.call_signature(q, q, q, None, 1, 0, None)
+    assert base != consistency.call_signature(q.requires_grad_(), q, q, None, 1, 0, 10)  # training vs inference
+    with torch.no_grad():
+        assert base == consistency.call_signature(q, q, q, None, 1, 0, 10)
 
 
 def test_disagreement_lists_errors_then_values_grouped_by_rank():

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import importlib
 
-from usp_attn.backends.base import HALF_DTYPES, AttentionBackend
+from usp_attn.backends.base import HALF_DTYPES, AttentionBackend, finite_lse
 from usp_attn.backends.enum import AttentionBackendEnum
+from usp_attn.backends.flash_backward import aiter_backward
 
 __all__ = ["AiterBackend"]
 
@@ -41,3 +42,14 @@ class AiterBackend(AttentionBackend):
         if return_lse:
             return res[0], res[1]
         return res[0] if isinstance(res, tuple) else res
+
+    # -- gradients ---------------------------------------------------------------------------
+    @classmethod
+    def supports_backward(cls, platform, kernel=None) -> bool:
+        return True
+
+    def backward(self, q, k, v, out, dout, lse, *, causal=False, softmax_scale=None, attn_mask=None):
+        if attn_mask is not None:
+            raise ValueError("aiter does not take attn_mask; route masked calls to torch_sdpa")
+        scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
+        return aiter_backward(q, k, v, out, dout, finite_lse(lse), causal=causal, scale=scale)

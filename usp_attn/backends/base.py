@@ -130,6 +130,47 @@ class AttentionBackend:
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.platform.describe()})"
 
+    # ---- gradients -----------------------------------------------------------------------
+    @classmethod
+    def supports_backward(cls, platform: "Platform", kernel: str | None = None) -> bool:
+        """Whether :meth:`backward` is available on ``platform`` for ``kernel`` (``None``: the
+        backend's default kernel there), i.e. whether gradients can flow through this backend."""
+        return False
+
+    def backward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        out: torch.Tensor,
+        dout: torch.Tensor,
+        lse: torch.Tensor,
+        *,
+        causal: bool = False,
+        softmax_scale: float | None = None,
+        attn_mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Gradients of one attention block, given the output and log-sum-exp of the WHOLE row.
+
+        With ``out``/``lse`` of the full attention (all key blocks merged), the probabilities
+        ``P = exp(scale * q k^T - lse)`` of this block are exact, so the result is this block's
+        exact share: ``dq`` summed over all blocks is the full ``dq``; ``dk``/``dv`` are exact
+        for this block's keys (flash-attention backward, as in ring-flash-attention and
+        torch's context parallelism).
+
+        Args:
+            q: ``[B, S_q, H, D]``; k, v: ``[B, S_k, H_kv, D]`` (this block's keys).
+            out, dout: ``[B, S_q, H, D]`` the full output and its gradient.
+            lse: ``[B, H, S_q]`` float32 full log-sum-exp; ``-inf`` rows (no key anywhere)
+                get zero gradients.
+            causal, softmax_scale, attn_mask: as :meth:`forward` for this block.
+
+        Returns:
+            ``dq [B, S_q, H, D]``, ``dk, dv [B, S_k, H_kv, D]`` (summed over each kv head's
+            query group), in the inputs' dtype.
+        """
+        raise NotImplementedError(f"{self.name} has no backward kernel")
+
 
 def expand_kv_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
     """``[B, S, H_kv, D]`` -> ``[B, S, num_heads, D]``: query head h reads kv head h // (H / H_kv)."""
@@ -142,3 +183,20 @@ def expand_kv_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
 
 def default_scale(head_size: int, softmax_scale: float | None) -> float:
     return head_size**-0.5 if softmax_scale is None else float(softmax_scale)
+
+
+def sum_kv_heads(x: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
+    """Adjoint of :func:`expand_kv_heads`: ``[B, S, H, D]`` -> ``[B, S, num_kv_heads, D]``,
+    summing the gradients of the query heads that read each kv head."""
+    b, s, h, d = x.shape
+    if h == num_kv_heads:
+        return x
+    return x.view(b, s, num_kv_heads, h // num_kv_heads, d).sum(dim=3)
+
+
+def finite_lse(lse: torch.Tensor) -> torch.Tensor:
+    """``lse [B, H, S]`` with ``-inf`` (rows with no attendable key) replaced by ``+inf``, so a
+    backward kernel's ``exp(score - lse)`` is 0 there instead of NaN; contiguous, float32
+    (float64 stays float64)."""
+    lse = lse if lse.dtype == torch.float64 else lse.float()
+    return torch.where(torch.isneginf(lse), torch.full((), float("inf"), device=lse.device), lse).contiguous()

@@ -33,8 +33,9 @@ import inspect
 
 import torch
 
-from usp_attn.backends.base import HALF_DTYPES, AttentionBackend, default_scale
+from usp_attn.backends.base import HALF_DTYPES, AttentionBackend, default_scale, finite_lse
 from usp_attn.backends.enum import AttentionBackendEnum
+from usp_attn.backends.flash_backward import flash_backward
 
 __all__ = [
     "FlashAttentionBackend", "flash_generation", "flash_generations", "generation_head_size_reason",
@@ -184,6 +185,20 @@ class FlashAttentionBackend(AttentionBackend):
         if lse is None:
             raise RuntimeError(f"{self.generation.upper()} returned no log-sum-exp although it was requested")
         return out, lse
+
+    # -- gradients: each generation's own backward kernel ------------------------------------
+    @classmethod
+    def supports_backward(cls, platform, kernel=None) -> bool:
+        generation = kernel or flash_generation(platform)
+        if generation == "fa4":  # FA4's backward kernels exist for SM90 and newer only
+            return platform.capability is not None and platform.capability >= (9, 0)
+        return generation is not None
+
+    def backward(self, q, k, v, out, dout, lse, *, causal=False, softmax_scale=None, attn_mask=None):
+        if attn_mask is not None:
+            raise ValueError("fa does not take attn_mask; route masked calls to torch_sdpa")
+        scale = default_scale(q.shape[-1], softmax_scale)
+        return flash_backward(self.generation, q, k, v, out, dout, finite_lse(lse), causal=causal, scale=scale)
 
 
 _op = None

@@ -22,8 +22,9 @@ import math
 import torch
 import torch.nn.functional as F
 
-from usp_attn.backends.base import FLOAT_DTYPES, AttentionBackend, default_scale, expand_kv_heads
+from usp_attn.backends.base import FLOAT_DTYPES, AttentionBackend, default_scale, expand_kv_heads, finite_lse
 from usp_attn.backends.enum import AttentionBackendEnum
+from usp_attn.backends.sdpa_backward import cpu_flash_backward, cuda_fused_backward, math_backward
 from usp_attn.masks import mask_to_additive, rows_with_keys
 
 __all__ = ["TorchSDPABackend", "math_attention", "cuda_subkernel", "cuda_subkernels"]
@@ -157,6 +158,32 @@ class TorchSDPABackend(AttentionBackend):
                 lse = lse.squeeze(-1)
             lse = lse[..., :s_q]  # efficient pads the sequence to a multiple of 32
         return out.transpose(1, 2), (lse if return_lse else None)
+
+    # -- gradients: the backward op of the sub-kernel the forward ran -----------------------
+    @classmethod
+    def supports_backward(cls, platform, kernel=None) -> bool:
+        return True
+
+    def backward(self, q, k, v, out, dout, lse, *, causal=False, softmax_scale=None, attn_mask=None):
+        scale = default_scale(q.shape[-1], softmax_scale)
+        lse = finite_lse(lse)
+        args = (q, k, v, out, dout, lse)
+        device = q.device.type
+        if device == "cpu":
+            per_query_mask = attn_mask is not None and attn_mask.shape[-2] not in (1, q.shape[1])
+            if q.dtype != torch.float64 and not per_query_mask:
+                bias = None if attn_mask is None else mask_to_additive(attn_mask, q.dtype)
+                return cpu_flash_backward(*args, causal=causal, scale=scale, bias=bias)
+        elif device == "cuda" and self.platform.kind.value == "cuda":
+            kernel = self.kernel  # the sub-kernel the forward ran (same rule as _cuda)
+            if kernel is None or (attn_mask is not None and kernel in ("cudnn", "flash")):
+                kernel = cuda_subkernel(self.platform.capability, q.dtype, q.shape[3], attn_mask is not None)
+            if kernel != "math":
+                bias = None
+                if attn_mask is not None:
+                    bias = _aligned_bias(attn_mask, q.dtype, q.transpose(1, 2).shape, k.shape[1])
+                return cuda_fused_backward(kernel, *args, causal=causal, scale=scale, bias=bias)
+        return math_backward(*args, causal=causal, scale=scale, attn_mask=attn_mask)
 
 
 def _aligned_bias(mask, dtype, q_shape, s_k):

@@ -10,8 +10,8 @@ What is checked, and when (``state.validate``):
 * ``None`` (default): the **first call of each layer** (per :func:`init_sequence_parallel`)
   and **every call whose signature differs from the one this rank last agreed on** for
   that layer. The signature (:func:`call_signature`) is host-only: q/k/v/mask shapes,
-  dtypes and devices, the replicated counts and the global sequence length, so shard
-  length vs. ``seq_len`` is part of it. A steady-state call compares one tuple: no
+  dtypes and devices, the replicated counts, the global sequence length (so shard
+  length vs. ``seq_len`` is part of it) and whether autograd records the call. A steady-state call compares one tuple: no
   collective, no store access, no host-device sync.
 * ``True``: every call. ``False``: never.
 
@@ -55,15 +55,17 @@ def _plain_sig(x):
 
 def call_signature(q, k, v, attn_mask, n_pre, n_suf, total) -> tuple:
     """Host-only description of one call: everything that decides which collectives run
-    and their sizes. Cheap (shapes and flags, no device access)."""
+    and their sizes (with gradients recorded, the forward adds its own). Cheap: shapes and
+    flags, no device access."""
     mask = None if attn_mask is None else _tensor_sig(attn_mask)
+    grad = torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in (q, k, v))
     return (_tensor_sig(q), _tensor_sig(k), _tensor_sig(v), mask, _plain_sig(n_pre), _plain_sig(n_suf),
-            _plain_sig(total))
+            _plain_sig(total), grad)
 
 
 def shared_summary(layer, signature: tuple) -> dict:
     """The values every rank must agree on, readable in an error message."""
-    q, k, _, mask, n_pre, n_suf, total = signature
+    q, k, _, mask, n_pre, n_suf, total, grad = signature
     tensors_ok = len(q) == 3 and len(q[0]) == 4 and len(k) == 3 and len(k[0]) == 4
     return {
         "num_heads, num_kv_heads, head_size": (layer.num_heads, layer.num_kv_heads, layer.head_size),
@@ -77,6 +79,7 @@ def shared_summary(layer, signature: tuple) -> dict:
         "num_replicated_prefix": n_pre,
         "num_replicated_suffix": n_suf,
         "seq_len": total,
+        "gradients recorded": grad,
     }
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from usp_attn.distributed.collectives_grad import gather_sequence_with_grad, grad_required
 from usp_attn.distributed.state import SequenceParallelState, get_sequence_parallel_state, shard_sizes
 
 __all__ = ["shard_sequence", "gather_sequence", "require_state"]
@@ -44,6 +45,10 @@ def gather_sequence(x: torch.Tensor, dim: int = 1, state: SequenceParallelState 
 
     ``total_length`` (default: the state's recorded length) gives every shard's size; if
     neither is known the shard lengths are exchanged first (one extra small collective).
+
+    Under autograd its backward is a reduce-scatter: each rank gets the gradient of its rows
+    summed over the ranks, so when every rank computes a loss from the full tensor, the
+    gradients are those of the sum of the ranks' losses (see ``collectives_grad``).
     """
     state = require_state(state)
     if state.world_size == 1:
@@ -59,6 +64,11 @@ def gather_sequence(x: torch.Tensor, dim: int = 1, state: SequenceParallelState 
                 f"gather_sequence: this rank's shard has length {x.shape[dim]} along dim {dim}, but a global "
                 f"length of {total} gives shard sizes {list(sizes)}; pass total_length= for this tensor"
             )
+    if grad_required(x):  # backward: the reduce-scatter (sum of every rank's gradient of our rows)
+        return gather_sequence_with_grad(
+            x, lambda t: gather_sequence(t, dim, state, total_length=sum(sizes)),
+            dim=dim, sizes=sizes, rank=state.sp_rank, group=state.sp_group,
+        )
     longest = max(sizes)
     pad = longest - x.shape[dim]
     if pad:

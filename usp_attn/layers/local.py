@@ -10,6 +10,7 @@ from torch import nn
 
 from usp_attn import measured_choice
 from usp_attn.backends import AttentionBackendEnum, expand_kv_heads
+from usp_attn.layers.attention_grad import attend_with_grad, grad_required
 from usp_attn.layers.validation import check_head_config, check_qkv, check_supported_backends
 from usp_attn.masks import normalize_mask
 from usp_attn.measured_choice import ShapeClass, exact_candidates, length_bucket
@@ -78,14 +79,15 @@ class LocalAttention(nn.Module):
         rank of ``group``, which every rank then must call this with at the same time.
         """
         s_q, s_k = lengths if lengths is not None else (q.shape[1], k.shape[1])
+        need_grad = grad_required(q, k, v)
         key = (q.dtype, need_mask, need_lse, bool(causal), q.shape[2], k.shape[2],
-               length_bucket(s_q), length_bucket(s_k), settings_version())
+               length_bucket(s_q), length_bucket(s_k), need_grad, settings_version())
         entry = self._selections.get(key)
         if entry is None:
             if len(self._selections) > 64:  # settings changed many times: drop stale entries
                 self._selections.clear()
             sel = self._select(q.dtype, need_mask, need_lse, s_k)
-            sel = self._measure(sel, q, k, v, causal, need_mask, need_lse, s_q, s_k, group)
+            sel = self._measure(sel, q, k, v, causal, need_mask, need_lse, s_q, s_k, group, need_grad)
             entry = self._selections[key] = (sel, sel.impl)
         return entry
 
@@ -106,7 +108,7 @@ class LocalAttention(nn.Module):
         )
         return masked
 
-    def _measure(self, sel, q, k, v, causal, need_mask, need_lse, s_q, s_k, group) -> BackendSelection:
+    def _measure(self, sel, q, k, v, causal, need_mask, need_lse, s_q, s_k, group, need_grad) -> BackendSelection:
         """Refine an automatic selection by timing the exact kernels (see measured_choice)."""
         if sel.requested is not None or need_mask or not measured_choice.measuring_possible(q):
             return sel
@@ -121,10 +123,12 @@ class LocalAttention(nn.Module):
 
         platforms = (agreement.platforms if agreement is not None and agreement.platforms else ()) or (
             sel.local_platform or sel.platform,)
-        candidates = exact_candidates(platforms, self.head_size, q.dtype, need_lse=need_lse, allowed=allowed)
+        candidates = exact_candidates(platforms, self.head_size, q.dtype, need_lse=need_lse, allowed=allowed,
+                                      need_backward=need_grad)
         if len(candidates) < 2:
             return sel
-        shape = ShapeClass.of(q.dtype, self.head_size, q.shape[2], k.shape[2], s_q, s_k, causal, need_lse)
+        shape = ShapeClass.of(q.dtype, self.head_size, q.shape[2], k.shape[2], s_q, s_k, causal, need_lse,
+                              need_grad)
         found = measured_choice.choose(shape, candidates, sel.local_platform or sel.platform, q, k, v,
                                        causal=causal, softmax_scale=self.softmax_scale, group=group)
         if found is None:
@@ -166,6 +170,9 @@ class LocalAttention(nn.Module):
         if not impl.supports_gqa and k.shape[2] != q.shape[2]:
             k = expand_kv_heads(k, q.shape[2])
             v = expand_kv_heads(v, q.shape[2])
+        if grad_required(q, k, v):  # training: the backend's own backward kernel
+            return attend_with_grad(impl, q, k, v, mask=mask, causal=causal, scale=self.softmax_scale,
+                                    return_lse=return_lse)
         return impl.forward(
             q, k, v, causal=causal, softmax_scale=self.softmax_scale, attn_mask=mask, return_lse=return_lse
         )

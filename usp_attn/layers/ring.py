@@ -33,7 +33,8 @@ def ring_attention(
     causal: bool = False,
     key_mask: torch.Tensor | None = None,
     local_blocks: tuple = (),
-) -> torch.Tensor:
+    return_lse: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Attention of ``q`` over the keys of every ring rank's block plus ``local_blocks``.
 
     Args:
@@ -48,9 +49,11 @@ def ring_attention(
             it travels with the block.
         local_blocks: extra ``(k, v, key_mask or None)`` blocks attended once, not passed on
             (replicated text tokens).
+        return_lse: also return the log-sum-exp over all blocks (what the backward needs).
 
     Returns:
-        ``[B, S_q, H, D]`` in q's dtype; rows with no attendable key are 0.
+        ``[B, S_q, H, D]`` in q's dtype; rows with no attendable key are 0. With
+        ``return_lse``: ``(out, lse)``, lse ``[B, H, S_q]`` float32, ``-inf`` on those rows.
     """
     ring_size = len(block_lengths)
     batch, _, kv_heads, head_dim = k.shape
@@ -60,7 +63,7 @@ def ring_attention(
     extras = [blk for blk in local_blocks if blk[0].shape[1] > 0]
     remaining = (len(attended) + len(extras)) if q.shape[1] > 0 else 0
     if remaining == 0 and exchange is None:
-        return torch.zeros_like(q)
+        return _nothing_attended(q, return_lse)
     acc = PartialAttention()
     result = None
 
@@ -69,7 +72,7 @@ def ring_attention(
         remaining -= 1
         mask4d = None if mask_blk is None else mask_blk.bool()[:, None, None, :]
         out, lse = attend(q, k_blk, v_blk, mask=mask4d, causal=block_causal, return_lse=True)
-        result = acc.add(out, lse, last_dtype=q.dtype if remaining == 0 else None)
+        result = acc.add(out, lse, last_dtype=q.dtype if remaining == 0 and not return_lse else None)
 
     # K and V travel as two contiguous tensors (no stacking copy), the mask as uint8.
     block = [k.contiguous(), v.contiguous()] + ([] if key_mask is None else [key_mask.to(torch.uint8)])
@@ -88,4 +91,13 @@ def ring_attention(
             attend_block(block[0], block[1], mask, causal and source == ring_rank)
         if step + 1 < ring_size:
             block = exchange.wait()
+    if return_lse:
+        return _nothing_attended(q, True) if acc.empty else (acc.result(q.dtype), acc.lse())
     return result if result is not None else torch.zeros_like(q)
+
+
+def _nothing_attended(q, return_lse):
+    out = torch.zeros_like(q)
+    if not return_lse:
+        return out
+    return out, torch.full((q.shape[0], q.shape[2], q.shape[1]), float("-inf"), device=q.device)

@@ -25,15 +25,24 @@ import torch.distributed as dist
 from torch import nn
 
 from usp_attn.backends import BACKEND_CLASSES, AttentionBackendEnum
+from usp_attn.distributed.collectives_grad import (
+    gather_replicated_with_grad,
+    grad_required,
+    heads_to_sequence_with_grad,
+    sequence_to_heads_with_grad,
+    share_replicated_grads,
+)
 from usp_attn.distributed.consistency import call_signature, check_call, check_reason, shared_summary
 from usp_attn.distributed.failures import name_failed_ranks
 from usp_attn.distributed.ring_comm import RingExchange
 from usp_attn.distributed.sharding import exchange_lengths
 from usp_attn.distributed.state import SequenceParallelState, get_sequence_parallel_state
 from usp_attn.distributed.ulysses_comm import gather_group_sequence, heads_to_sequence, sequence_to_heads
+from usp_attn.layers.attention_grad import BlockKernels, check_backward
 from usp_attn.layers.heads import HeadPlan
 from usp_attn.layers.local import LocalAttention
 from usp_attn.layers.ring import ring_attention
+from usp_attn.layers.ring_grad import RingPlan, ring_attention_with_grad
 from usp_attn.layers.validation import check_group_device, check_qkv
 from usp_attn.selector import AttentionBackendUnavailableError
 
@@ -203,11 +212,17 @@ class USPAttention(nn.Module):
         seg = sum(group_sizes)
         plan = HeadPlan.make(self.num_heads, self.num_kv_heads, u_deg)
         key_mask = None if attn_mask is None else attn_mask.bool()
+        grad = grad_required(q, k, v)
+        if grad:  # training: every step below is recorded with its adjoint (collectives_grad)
+            check_backward(self.local.selection(q.dtype, need_mask=attn_mask is not None, need_lse=r_deg > 1).impl)
+            if n_pre or n_suf:
+                q, k, v = share_replicated_grads((q, k, v), n_pre, n_suf, world=state.world_size, group=state.sp_group)
 
         # 1. Ulysses: sequence shard -> head shard of the whole segment (text rows reserved around it).
         if u_deg > 1:
             qp, kp, vp = plan.prepare_q(q), plan.prepare_kv(k), plan.prepare_kv(v)
-            buf, ranges = sequence_to_heads(
+            to_heads = functools.partial(sequence_to_heads_with_grad, group_rank=u_rank) if grad else sequence_to_heads
+            buf, ranges = to_heads(
                 [qp[:, img], kp[:, img], vp[:, img]], group_sizes, state.ulysses_group,
                 pad_front=n_pre, pad_back=n_suf,
             )
@@ -234,7 +249,8 @@ class USPAttention(nn.Module):
         # 3. Back to sequence shards; replicated outputs gathered over heads.
         out_seg = out_all[:, n_pre : n_pre + seg]
         if u_deg > 1:
-            out_img = heads_to_sequence(out_seg, group_sizes, u_rank, state.ulysses_group)[:, :, : self.num_heads]
+            to_sequence = heads_to_sequence_with_grad if grad else heads_to_sequence
+            out_img = to_sequence(out_seg, group_sizes, u_rank, state.ulysses_group)[:, :, : self.num_heads]
         else:
             out_img = out_seg
         if not (n_pre or n_suf):
@@ -272,6 +288,16 @@ class USPAttention(nn.Module):
             if key_mask is not None:
                 text_mask = torch.cat([key_mask[:, :n_pre], key_mask[:, n_pre + seg :]], dim=1)
             local_blocks = ((text_k, text_v, text_mask),)
+        if grad_required(q_all, k_all, v_all):
+            check_backward(kernel[1])  # the kernel agreed for the group: the same on every rank
+            text_k, text_v, text_mask = local_blocks[0] if local_blocks else (None, None, None)
+            new_exchange = functools.partial(RingExchange, state.ring_ranks, state.ring_rank, state.ring_group,
+                                             state.timeout)
+            ring = RingPlan(BlockKernels(self.local, kernel), new_exchange, state.ring_rank, block_lengths, self.causal)
+            return ring_attention_with_grad(
+                ring, q_all, k_all[:, own], v_all[:, own], key_mask=None if key_mask is None else key_mask[:, own],
+                text_k=text_k, text_v=text_v, text_mask=text_mask,
+            )
         exchange = RingExchange(state.ring_ranks, state.ring_rank, state.ring_group, state.timeout)
         return ring_attention(
             functools.partial(self.local.attend, kernel=kernel), q_all, k_all[:, own], v_all[:, own],
@@ -286,6 +312,11 @@ class USPAttention(nn.Module):
         Each ring rank merged the blocks in a different order, so their (equal up to
         rounding) copies differ in the last bits; everyone takes ring rank 0's.
         """
+        if grad_required(text_out):
+            return gather_replicated_with_grad(
+                text_out, functools.partial(self._gather_replicated, state),
+                ulysses_degree=state.ulysses_degree, ulysses_group=state.ulysses_group,
+            )
         if state.ring_degree == 1:
             group, count = state.ulysses_group, state.ulysses_degree
         else:
