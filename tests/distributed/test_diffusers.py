@@ -196,6 +196,15 @@ def single_rank_groups_are_exact() -> None:
     usp_attn.destroy_sequence_parallel()
 
 
+def benchmark_dry_run() -> list[dict]:
+    """benchmarks/diffusers_families.py at tiny shapes (its CPU dry run), Flux only."""
+    import usp_attn
+    from benchmarks.diffusers_families import rows
+
+    usp_attn.destroy_sequence_parallel()
+    return rows(dry_run=True, models=("flux",), warmup=0, iters=1)
+
+
 def _cases(world: int) -> list:
     cases = [functools.partial(run_scenario, u, r, name) for u, r in LAYOUTS[world] for name in SCENARIOS]
     cases.append(functools.partial(bad_inputs_fail_on_every_rank, *LAYOUTS[world][-1]))
@@ -203,6 +212,7 @@ def _cases(world: int) -> list:
         cases.append(functools.partial(local_only_attention_is_caught, *LAYOUTS[world][0]))
         cases.append(functools.partial(unroutable_processor_is_refused, *LAYOUTS[world][0]))
         cases.append(single_rank_groups_are_exact)
+        cases.append(benchmark_dry_run)
     return cases
 
 
@@ -271,6 +281,18 @@ def test_processor_without_dispatch_is_refused():
 @requires_diffusers
 def test_single_rank_groups_are_exact_and_double_enable_refused():
     _run(2).check(single_rank_groups_are_exact)
+
+
+@requires_diffusers
+def test_benchmark_dry_run_rows():
+    rows = _run(2).check(benchmark_dry_run)[0]
+    assert [(r["impl"], r["layout"]) for r in rows] == [
+        ("1 GPU", "1x1"), ("usp_attn", "2x1"), ("diffusers CP", "2x1"), ("usp_attn", "1x2"), ("diffusers CP", "1x2")]
+    for row in rows:
+        if row["impl"] == "usp_attn":
+            assert row["rel_err"] < 1e-5 and row["ms"] > 0 and row["speedup"] > 0, row
+        if row["impl"] == "diffusers CP":  # diffusers' context parallelism does not run on CPU: the row says why
+            assert row["ms"] is None and row["note"], row
 
 
 @requires_diffusers
