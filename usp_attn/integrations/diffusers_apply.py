@@ -180,15 +180,16 @@ class SequenceParallelRun:
         return torch.tensor_split(x, state.world_size, dim=spec.dim)[state.sp_rank]
 
     def _shard_value(self, value, spec, what):
-        if isinstance(spec, tuple):
-            if not isinstance(value, (tuple, list)) or len(value) != len(spec):
-                return value if value is None else self._shard_tuple_error(what, value, spec)
-            parts = [v if s is None else self.shard(v, s, f"{what}[{i}]") for i, (v, s) in enumerate(zip(value, spec))]
-            return type(value)(parts)
-        return self.shard(value, spec, what)
-
-    def _shard_tuple_error(self, what, value, spec):
-        raise ValueError(f"{self.model_name}: {what} should be a tuple of {len(spec)} tensors, got {type(value).__name__}")
+        """``value`` cut per ``spec``: a :class:`Shard`, or a tuple of them for a tuple of tensors."""
+        if not isinstance(spec, tuple):
+            return self.shard(value, spec, what)
+        if value is None:
+            return None
+        if not isinstance(value, (tuple, list)) or len(value) != len(spec):
+            raise ValueError(f"{self.model_name}: the plan expects {what} to be a tuple of {len(spec)} tensors, got "
+                             f"{type(value).__name__}")
+        parts = [v if s is None else self.shard(v, s, f"{what}[{i}]") for i, (v, s) in enumerate(zip(value, spec))]
+        return type(value)(parts)
 
     def _input_hook(self, name, inputs, positions):
         def hook(module, args, kwargs):

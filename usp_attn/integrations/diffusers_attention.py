@@ -128,6 +128,9 @@ def route(active: ActiveAttention, arguments: dict) -> torch.Tensor:
     if arguments.get("dropout_p", 0.0):
         raise ValueError(f"{where}: attention dropout ({arguments['dropout_p']}) is not supported under usp_attn "
                          "sequence parallelism (inference only); call model.eval()")
+    if arguments.get("parallel_config") is not None:
+        raise ValueError(f"{where}: diffusers' own context parallelism was enabled on a model that runs under usp_attn "
+                         "sequence parallelism; use one or the other")
     requested = arguments.get("backend")
     if requested is not None:
         log_once(logging.INFO, f"usp_attn: {where} asks for diffusers attention backend '{requested}'; under sequence "
