@@ -14,6 +14,10 @@ norms, MLPs and modulation, on outputs of O(1-6) (measured <= 2e-6 absolute, <= 
 The bound is the issue's 1e-4 of the output scale; test_tolerance_catches_attention_that_skips_other_ranks
 shows that attention which misses the other ranks' keys is off by > 100x the bound, and the masked scenarios
 check that ignoring the text mask would change the output by > 20x the bound (measured 67x and more).
+
+bf16 (flux_bf16: weights and activations in bf16): each attention output is rounded to bf16 (2^-8 relative) at
+points that differ between the runs, so outputs may differ by a few bf16 ulps of O(1) values: bound 2^-6 of the
+output scale.
 """
 
 from __future__ import annotations
@@ -52,7 +56,9 @@ SCENARIOS: dict[str, tuple[str, dict]] = {
     "hunyuan_video": ("hunyuan_video", {}),
     "hunyuan_video_text_mask": ("hunyuan_video", {"text_mask": True}),
     "cogvideox": ("cogvideox", {}),
+    "flux_bf16": ("flux", {"dtype": torch.bfloat16}),
 }
+BF16_RTOL_OF_MAX = 2.0**-6
 
 
 # ---- run inside the spawned ranks ----------------------------------------------------------------------
@@ -77,9 +83,12 @@ def run_scenario(ulysses: int, ring: int, name: str) -> dict:
     )
 
     family, options = SCENARIOS[name]
+    options = dict(options)
+    dtype = options.pop("dtype", torch.float32)
     state = _layout(ulysses, ring)
-    model = models.build(family, HEADS[state.world_size])
-    inputs = models.inputs(family, GRID, batch=2, **options)
+    model = models.build(family, HEADS[state.world_size]).to(dtype)
+    inputs = {k: v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v
+              for k, v in models.inputs(family, GRID, batch=2, **options).items()}
     original = dict(model.attn_processors)
     hooks_before = _hook_count(model)
     with torch.no_grad():
@@ -97,14 +106,14 @@ def run_scenario(ulysses: int, ring: int, name: str) -> dict:
     with torch.no_grad():
         out = model(**inputs)[0]
         # Another instance of the same family, not enabled, is untouched while this one is enabled.
-        bystander = models.build(family, HEADS[state.world_size])(**inputs)[0]
+        bystander = models.build(family, HEADS[state.world_size]).to(dtype)(**inputs)[0]
     probe.remove()
     disable_sequence_parallel(model)
     with torch.no_grad():
         restored = model(**inputs)[0]
     tokens = models.token_count(family, GRID)
     return dict(
-        out=out, error=(out - reference).abs().max().item(), scale=reference.abs().max().item(),
+        out=out, error=(out.float() - reference.float()).abs().max().item(), scale=reference.float().abs().max().item(),
         mask_effect=mask_effect, local_tokens=seen, tokens=tokens,
         expected_local=shard_sizes(tokens, state.world_size)[state.sp_rank],
         bystander_equal=torch.equal(bystander, reference), restored_equal=torch.equal(restored, reference),
@@ -242,8 +251,9 @@ def _params():
 @pytest.mark.parametrize("world,u,r,name", list(_params()))
 def test_family_matches_unparallelised_model(world, u, r, name):
     results = _run(world).check(functools.partial(run_scenario, u, r, name))
+    bf16 = SCENARIOS[name][1].get("dtype") == torch.bfloat16
     for rank, res in enumerate(results):
-        tol = RTOL_OF_MAX * res["scale"]
+        tol = (BF16_RTOL_OF_MAX if bf16 else RTOL_OF_MAX) * res["scale"]
         assert res["error"] <= tol, (rank, res["error"], tol)
         if res["mask_effect"] is not None:  # the text mask matters, so honouring it is tested
             assert res["mask_effect"] > 20 * tol, res["mask_effect"]
