@@ -2,6 +2,7 @@
 #
 #   docker build -t usp-attn .
 #   docker run --rm --gpus all usp-attn                       # prints `usp-attn info`
+#   docker run --rm --gpus all usp-attn usp-attn info --shape 1,40,75600,128   # times the kernels
 #   docker run --rm --gpus all --ipc=host usp-attn torchrun --nproc-per-node 8 -m usp_attn info
 #
 # With FlashAttention 2 (compiles against the image's torch; needs nvcc, i.e. a -devel image):
@@ -10,8 +11,9 @@
 ARG BASE_IMAGE=pytorch/pytorch:2.9.1-cuda12.8-cudnn9-runtime
 FROM ${BASE_IMAGE}
 
-# Extras from pyproject.toml to install with the package (comma-separated).
-ARG EXTRAS=sage,diffusers,video
+# Extras from pyproject.toml to install with the package (comma-separated). fa4 = FlashAttention 4
+# (pure-Python wheels, JIT-compiled on first use; use fa4-cu13 on a CUDA 13 base image).
+ARG EXTRAS=fa4,sage,diffusers,video
 # 1 = also build/install flash-attn (fa backend, FA2). Needs a -devel BASE_IMAGE.
 ARG INSTALL_FLASH_ATTN=0
 # Parallel compile jobs for flash-attn (each can take several GB of RAM).

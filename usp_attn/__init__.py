@@ -16,6 +16,7 @@ from usp_attn.distributed.state import (
 )
 from usp_attn.layers.local import LocalAttention
 from usp_attn.layers.usp import RingAttention, UlyssesAttention, USPAttention
+from usp_attn.measured_choice import set_kernel_choice
 from usp_attn.platforms import Platform, PlatformKind, current_platform, detect_platform, override_platform
 from usp_attn.selector import (
     AttentionBackendUnavailableError,
@@ -57,4 +58,5 @@ __all__ = [
     "override_platform",
     "parse_attention_backend",
     "set_cli_attention_backend",
+    "set_kernel_choice",
 ]

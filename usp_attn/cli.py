@@ -3,7 +3,8 @@
 Subcommands:
     info   what this machine can run: platform, versions, every backend with the reason it
            cannot run (for a given dtype and head size), the automatic pick, and what an
-           explicit ``--attention-backend`` would resolve to.
+           explicit ``--attention-backend`` would resolve to; with ``--shape`` it also times
+           the exact kernels at that shape, as the automatic choice does.
 
 This is a CLI module, so it prints; library code logs through the "usp_attn" logger.
 """
@@ -25,7 +26,7 @@ import usp_attn
 from usp_attn import selector
 from usp_attn.backends import BACKEND_CLASSES, AttentionBackendEnum
 from usp_attn.backends.enum import valid_backend_names
-from usp_attn.backends.flash import flash_generation
+from usp_attn.backends.flash import GENERATION_PACKAGES, flash_generation, flash_generations, generation_head_sizes
 from usp_attn.backends.sage import sage_major_version
 from usp_attn.backends.sdpa import cuda_subkernel
 from usp_attn.config import _backend_arg, positive_int
@@ -63,9 +64,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     info.add_argument("--need-lse", action="store_true", help="the layer needs the log-sum-exp (ring attention)")
     info.add_argument("--need-mask", action="store_true", help="the layer passes an attention mask")
+    info.add_argument("--shape", type=_shape_arg, default=None, metavar="B,H,S,D",
+                      help="also time every exact kernel at this shape (CUDA), as the automatic choice does; "
+                      "D overrides --head-size")
+    info.add_argument("--kv-heads", type=positive_int, default=None, metavar="N", help="with --shape: kv heads (GQA)")
+    info.add_argument("--causal", action="store_true", help="with --shape: causal attention")
     info.add_argument("--json", action="store_true", help="print the same information as JSON")
+    info.add_argument("-v", "--verbose", action="store_true", help="show usp_attn INFO log messages on stderr")
     info.set_defaults(handler=_run_info)
     return parser
+
+
+def _shape_arg(text: str) -> tuple[int, int, int, int]:
+    parts = text.replace("x", ",").split(",")
+    try:
+        shape = tuple(int(p) for p in parts)
+    except ValueError:
+        shape = ()
+    if len(shape) != 4 or min(shape) < 1:
+        raise argparse.ArgumentTypeError(f"expected B,H,S,D (four positive integers), got {text!r}")
+    return shape  # type: ignore[return-value]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -116,8 +134,13 @@ def _resolve(requested, platform, head_size, dtype, need_lse, need_mask) -> dict
 def _kernel_detail(backend: AttentionBackendEnum, platform: Platform, dtype, head_size, need_mask) -> str:
     """Which concrete kernel an available backend runs here (informational)."""
     if backend == AttentionBackendEnum.FA:
-        gen = flash_generation(platform)
-        return gen.upper() if gen else ""
+        runs = flash_generation(platform, head_size)
+        parts = []
+        for gen in flash_generations(platform):
+            version = platform.package_version(GENERATION_PACKAGES[gen]) or "?"
+            mark = "*" if gen == runs else ""
+            parts.append(f"{mark}{gen.upper()} {version} ({generation_head_sizes(gen, platform)})")
+        return "; ".join(parts)
     if backend == AttentionBackendEnum.SAGE_ATTN:
         major = sage_major_version(platform)
         return f"SageAttention {major}" if major else ""
@@ -186,7 +209,7 @@ def collect_info(
         },
         "kernel_packages": {
             name: {"distribution": dist, "installed": platform.has_package(name),
-                   "version": platform.package_version(name) or None}
+                   "version": platform.package_version(name) or None, "unusable": platform.unusable_reason(name)}
             for name, dist in OPTIONAL_PACKAGES.items()
         },
         "other_packages": {name: _dist_version(name) for name in OTHER_PACKAGES},
@@ -201,14 +224,53 @@ def collect_info(
     }
 
 
+def measure_shape(shape, dtype, *, kv_heads=None, causal=False, need_lse=False, platform=None) -> dict:
+    """Time every exact kernel at ``shape`` = (B, H, S, D) as the automatic choice would.
+
+    Returns ``{"shape", "static", "candidates", "timings": [{"kernel", "ms", "tflops"}], "winner"}``,
+    or with ``"error"`` where nothing can be measured (no CUDA, fewer than two kernels).
+    """
+    from usp_attn import measured_choice
+
+    b, h, s, d = shape
+    platform = platform or current_platform()
+    result = {"shape": list(shape), "kv_heads": kv_heads or h, "causal": causal, "need_lse": need_lse}
+    with _only_request(None):
+        static = selector.get_attn_backend(d, dtype, platform=platform, need_lse=need_lse, num_keys=s).to_dict()
+    result["static"] = static["backend"] + (f" ({static['kernel']})" if static["kernel"] else "")
+    cands = measured_choice.exact_candidates([platform], d, dtype, need_lse=need_lse)
+    result["candidates"] = [c.kernel for c in cands]
+    if platform.kind != PlatformKind.CUDA or not torch.cuda.is_available():
+        return {**result, "error": "measuring needs a CUDA GPU"}
+    if len(cands) < 2:
+        return {**result, "error": f"only {len(cands)} exact kernel(s) can run this shape: nothing to choose"}
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.randn(b, s, h, d, device="cuda", generator=gen).to(dtype)
+    k, v = (torch.randn(b, s, kv_heads or h, d, device="cuda", generator=gen).to(dtype) for _ in range(2))
+    found = measured_choice.measure(cands, platform, q, k, v, causal=causal, softmax_scale=None, need_lse=need_lse)
+    flops = 4.0 * b * h * s * s * d / (2 if causal else 1)
+    result["timings"] = [{"kernel": n, "ms": ms, "tflops": None if ms is None else flops / ms / 1e9}
+                         for n, ms in found.timings]
+    result["winner"] = found.winner.kernel
+    return result
+
+
 def _run_info(args: argparse.Namespace) -> int:
+    if args.verbose:
+        logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+        logging.getLogger("usp_attn").setLevel(logging.INFO)
+    dtype = DTYPES[args.dtype]
+    head_size = args.shape[3] if args.shape else args.head_size
     info = collect_info(
-        dtype=DTYPES[args.dtype],
-        head_size=args.head_size,
+        dtype=dtype,
+        head_size=head_size,
         requested=args.attention_backend,
         need_lse=args.need_lse,
         need_mask=args.need_mask,
     )
+    if args.shape:
+        info["measurement"] = measure_shape(args.shape, dtype, kv_heads=args.kv_heads, causal=args.causal,
+                                            need_lse=args.need_lse)
     if args.json:
         print(json.dumps(info, indent=2))
     else:
@@ -251,9 +313,11 @@ def format_info(info: dict) -> str:
         f"usp_attn {info['usp_attn']}  python {info['python']}  torch {t['version']} ({build})",
         f"platform: {p['kind']}  device: {p['device_name']}  capability: {cap}",
         "kernel packages: " + ", ".join(
-            f"{name}={v['version'] or '?'}" if v["installed"] else f"{name}=-"
+            f"{name}={v['version'] or '?'}" if v["installed"] else f"{name}={'unusable' if v['unusable'] else '-'}"
             for name, v in info["kernel_packages"].items()
         ),
+        *(f"  {name} is present but unusable: {v['unusable']}"
+          for name, v in info["kernel_packages"].items() if v["unusable"]),
         "other packages:  " + ", ".join(f"{name}={v or '-'}" for name, v in info["other_packages"].items()),
         "",
         f"backends for dtype={q['dtype']} head_size={q['head_size']}"
@@ -271,7 +335,20 @@ def format_info(info: dict) -> str:
     lines += _selection_lines("automatic pick", info["auto"])
     if info["requested"] is not None:
         lines += _selection_lines(f"--attention-backend {info['requested'].get('requested')}", info["requested"])
+    if "measurement" in info:
+        lines += [""] + _measurement_lines(info["measurement"])
     return "\n".join(lines)
+
+
+def _measurement_lines(m: dict) -> list[str]:
+    b, h, s, d = m["shape"]
+    title = (f"measured at B={b} H={h} S={s} D={d} H_kv={m['kv_heads']}" + (" causal" if m["causal"] else "")
+             + (" need_lse" if m["need_lse"] else "") + f" (static rule: {m['static']})")
+    if "error" in m:
+        return [f"{title}: not measured ({m['error']}); candidates: {', '.join(m['candidates']) or 'none'}"]
+    rows = [(t["kernel"], "failed" if t["ms"] is None else f"{t['ms']:.3f}",
+             "-" if t["tflops"] is None else f"{t['tflops']:.0f}") for t in m["timings"]]
+    return [title + ":"] + _table(("kernel", "median ms", "TFLOP/s"), rows) + [f"automatic choice: {m['winner']}"]
 
 
 if __name__ == "__main__":  # pragma: no cover - `python -m usp_attn.cli`

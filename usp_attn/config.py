@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 
 from usp_attn.backends.enum import AttentionBackendEnum, parse_attention_backend
+from usp_attn.measured_choice import set_kernel_choice
 from usp_attn.selector import set_cli_attention_backend, set_strict_backend
 
 __all__ = ["AttentionConfig", "add_attention_args", "positive_int"]
@@ -30,7 +31,8 @@ def _backend_arg(text: str) -> AttentionBackendEnum | None:
 
 
 def add_attention_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Add ``--attention-backend``, ``--attention-strict``, ``--ulysses-degree`` and ``--ring-degree``.
+    """Add ``--attention-backend``, ``--attention-strict``, ``--kernel-choice``, ``--kernel-cache``,
+    ``--ulysses-degree`` and ``--ring-degree``.
 
     The backend name is validated while parsing, so a typo fails before any model code runs.
     """
@@ -47,6 +49,19 @@ def add_attention_args(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
         "--attention-strict",
         action="store_true",
         help="fail instead of falling back when the requested backend cannot run",
+    )
+    group.add_argument(
+        "--kernel-choice",
+        choices=("measure", "static"),
+        default=None,
+        help="automatic selection on CUDA: time the exact kernels once per shape class and keep the fastest "
+        "(measure, the default; env USP_ATTN_KERNEL_CHOICE), or use the static rule",
+    )
+    group.add_argument(
+        "--kernel-cache",
+        default=None,
+        metavar="FILE",
+        help="JSON file that keeps kernel measurements across runs (env USP_ATTN_KERNEL_CACHE)",
     )
     group.add_argument("--ulysses-degree", type=positive_int, default=1, help="Ulysses (all-to-all) degree")
     group.add_argument("--ring-degree", type=positive_int, default=1, help="ring (K/V passing) degree")
@@ -66,9 +81,14 @@ class AttentionConfig:
     ulysses_degree: int = 1
     ring_degree: int = 1
     strict: bool = False
+    #: "measure" / "static" (None: the environment's USP_ATTN_KERNEL_CHOICE, default measure)
+    kernel_choice: str | None = None
+    kernel_cache: str | None = None
 
     def __post_init__(self) -> None:
         self.attention_backend = parse_attention_backend(self.attention_backend)
+        if self.kernel_choice not in (None, "measure", "static"):
+            raise ValueError(f"kernel_choice must be 'measure', 'static' or None, got {self.kernel_choice!r}")
         for name in ("ulysses_degree", "ring_degree"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -85,10 +105,13 @@ class AttentionConfig:
             ulysses_degree=getattr(args, "ulysses_degree", 1),
             ring_degree=getattr(args, "ring_degree", 1),
             strict=getattr(args, "attention_strict", False),
+            kernel_choice=getattr(args, "kernel_choice", None),
+            kernel_cache=getattr(args, "kernel_cache", None),
         )
 
     def apply(self) -> "AttentionConfig":
-        """Make this the process's CLI-level backend request and strictness."""
+        """Make this the process's CLI-level backend request, strictness and kernel-choice mode."""
         set_cli_attention_backend(self.attention_backend)
         set_strict_backend(self.strict)
+        set_kernel_choice(self.kernel_choice, self.kernel_cache)
         return self

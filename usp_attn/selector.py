@@ -1,11 +1,18 @@
 """Which local kernel runs: forced backend > ``--attention-backend`` > automatic choice.
 
-Automatic choice (per platform, then per layer's dtype and head size):
+Automatic choice, static rule (per platform, then per layer's dtype, head size and
+number of keys per call):
 
     CUDA  fa   if SM80+, fp16/bf16, and a FlashAttention generation that beats cuDNN
-               here is installed: FA3 on Hopper, FA4 on Blackwell, FA2 on SM8x.
+               here is installed: FA4/FA3 on Hopper for calls of at least
+               fa_min_keys_hopper(D) keys (6144 for D <= 64, else 12288; cuDNN wins
+               below), FA4 on Blackwell, FA2 on SM8x.
                (FA2 on Hopper loses to cuDNN SDPA by ~1.6x, REFERENCE §5.)
           torch_sdpa otherwise (it runs cuDNN attention on Hopper).
+
+On CUDA the layers refine the automatic choice by measurement
+(:mod:`usp_attn.measured_choice`); this static rule is what runs when measuring is off
+or impossible (inside torch.compile tracing, CUDA graph capture, masked calls).
     ROCm  fa if the ROCm flash_attn build is installed, else torch_sdpa. aiter only on request.
     MPS   torch_sdpa.
     CPU   torch_sdpa.
@@ -41,6 +48,7 @@ __all__ = [
     "GroupAgreement",
     "FALLBACK_CHAIN",
     "auto_preference",
+    "fa_min_keys_hopper",
     "get_attn_backend",
     "global_force_attn_backend",
     "global_force_attn_backend_context_manager",
@@ -52,12 +60,24 @@ __all__ = [
     "set_strict_backend",
     "log_once",
     "settings_version",
+    "settings_changed",
     "clear_selection_cache",
 ]
 
 logger = logging.getLogger("usp_attn")
 
 B = AttentionBackendEnum
+
+#: Static rule on Hopper: FA4/FA3 beat cuDNN attention from this many keys per call, by head
+#: size: ``(largest head size, keys)``. Measured on H200, bf16 (BENCHMARKS.md, "Local kernels"):
+#: D=64 cuDNN 417 vs FA4 401 TFLOP/s at 4096 keys, 465 vs 474 at 6144; D=128 650 vs 632 at
+#: 8192, 654 vs 661 at 12288.
+FA_MIN_KEYS_HOPPER: tuple[tuple[int, int], ...] = ((64, 6144), (256, 12288))
+
+
+def fa_min_keys_hopper(head_size: int) -> int:
+    """Keys per call from which the static rule prefers FA4/FA3 over cuDNN on Hopper."""
+    return next((keys for largest, keys in FA_MIN_KEYS_HOPPER if head_size <= largest), FA_MIN_KEYS_HOPPER[-1][1])
 
 #: Where an explicit request goes when it cannot run, in order. torch_sdpa runs everywhere.
 FALLBACK_CHAIN: dict[AttentionBackendEnum, tuple[AttentionBackendEnum, ...]] = {
@@ -118,6 +138,10 @@ class BackendSelection:
         head_size, dtype: the layer properties the choice was made for.
         rejected: ``(backend, reason)`` for every candidate passed over, in order.
         fell_back: True when an explicit request could not be honoured.
+        kernel: the concrete kernel (``"fa4"``, ``"cudnn"``, ...) when one was chosen for
+            this selection; ``None``: the backend's default for the head size.
+        timings: ``(kernel, median ms or None if it failed)`` of the measurement that
+            chose ``kernel`` (source ``"measured"``), fastest first.
         local_platform: under a group agreement, this rank's own platform, which
             :attr:`impl` binds to (e.g. FA2 here while rank 0 has FA3). Not part of
             equality, so selections compare equal across ranks.
@@ -131,12 +155,18 @@ class BackendSelection:
     dtype: torch.dtype | None
     rejected: tuple[tuple[AttentionBackendEnum, str], ...] = ()
     fell_back: bool = False
+    kernel: str | None = None
+    timings: tuple[tuple[str, float | None], ...] = ()
     local_platform: Platform | None = dataclasses.field(default=None, compare=False, repr=False)
 
     @property
     def impl(self) -> AttentionBackend:
         """The kernel object to call (bound to this rank's platform)."""
-        return make_backend(self.backend, self.local_platform or self.platform)
+        platform = self.local_platform or self.platform
+        kernel = self.kernel
+        if kernel is None and self.head_size is not None:
+            kernel = BACKEND_CLASSES[self.backend].default_kernel(platform, self.head_size)
+        return make_backend(self.backend, platform, kernel)
 
     def to_dict(self) -> dict:
         return {
@@ -148,6 +178,8 @@ class BackendSelection:
             "dtype": str(self.dtype).replace("torch.", "") if self.dtype else None,
             "rejected": [{"backend": str(b), "reason": r} for b, r in self.rejected],
             "fell_back": self.fell_back,
+            "kernel": self.kernel or self.impl.kernel,
+            "timings_ms": [{"kernel": k, "ms": ms} for k, ms in self.timings],
         }
 
 
@@ -165,6 +197,11 @@ _version: int = 0  # bumped on every settings change; layers key their caches on
 def _bump() -> None:
     global _version
     _version += 1
+
+
+def settings_changed() -> None:
+    """Tell the layers that something that can change a selection changed (they re-select)."""
+    _bump()
 
 
 def settings_version() -> tuple[int, int]:
@@ -250,14 +287,24 @@ def local_request() -> tuple[AttentionBackendEnum | None, str]:
 
 
 # ---- the rules ---------------------------------------------------------------------------
-def auto_preference(platform: Platform, dtype: torch.dtype | None = None) -> tuple[AttentionBackendEnum, ...]:
-    """Backends automatic selection tries on ``platform``, best first (``dtype=None``: any)."""
+def auto_preference(
+    platform: Platform, dtype: torch.dtype | None = None, num_keys: int | None = None, head_size: int = 128
+) -> tuple[AttentionBackendEnum, ...]:
+    """Backends the static automatic rule tries on ``platform``, best first.
+
+    ``dtype=None``: any; ``num_keys``: keys per kernel call (``None``: long).
+    """
     half = dtype is None or dtype in (torch.float16, torch.bfloat16)
     if platform.kind == PlatformKind.CUDA and half:
         gen = flash_generation(platform)
         cap = platform.capability or (0, 0)
-        fa_wins = gen in ("fa3", "fa4") or (gen == "fa2" and cap[0] == 8)
-        return (B.FA, B.TORCH_SDPA) if fa_wins else (B.TORCH_SDPA,)
+        if gen in ("fa3", "fa4") and cap[0] == 9:
+            fa_wins = num_keys is None or num_keys >= fa_min_keys_hopper(head_size)
+        else:
+            fa_wins = gen in ("fa3", "fa4") or (gen == "fa2" and cap[0] == 8)
+        if fa_wins:
+            return (B.FA, B.TORCH_SDPA)
+        return (B.TORCH_SDPA, B.FA) if gen in ("fa3", "fa4") else (B.TORCH_SDPA,)
     if platform.kind == PlatformKind.ROCM and half:
         return (B.FA, B.TORCH_SDPA)
     return (B.TORCH_SDPA,)
@@ -272,8 +319,9 @@ def get_attn_backend(
     need_lse: bool = False,
     need_mask: bool = False,
     strict: bool | None = None,
+    num_keys: int | None = None,
 ) -> BackendSelection:
-    """Choose the backend for a layer with this head size and (real tensor) dtype.
+    """Choose the backend for a layer with this head size and (real tensor) dtype (static rules).
 
     Args:
         head_size: D of q/k/v.
@@ -285,6 +333,7 @@ def get_attn_backend(
         need_mask: the caller passes an attention mask.
         strict: raise instead of falling back from an explicit request
             (default: :func:`set_strict_backend`'s value).
+        num_keys: keys per kernel call, for the automatic rule on Hopper (``None``: long).
 
     Returns:
         A :class:`BackendSelection`; ``.backend`` is the enum, ``.impl`` the kernel.
@@ -310,9 +359,10 @@ def get_attn_backend(
     explicit_platform = platform is not None
     if platform is None:
         platform = agreement.platform if agreement is not None else current_platform()
+    long_call = None if num_keys is None else num_keys >= fa_min_keys_hopper(int(head_size))  # all the rule needs
     selection = _select(
         int(head_size), dtype, supported, platform, need_lse, need_mask,
-        _strict if strict is None else bool(strict), requested, source, agreement,
+        _strict if strict is None else bool(strict), requested, source, agreement, long_call,
     )
     if agreement is not None and not explicit_platform:
         local = _agreement_local_platform or current_platform()
@@ -322,11 +372,13 @@ def get_attn_backend(
 
 
 @functools.lru_cache(maxsize=1024)
-def _select(head_size, dtype, supported, platform, need_lse, need_mask, strict, requested, source, agreement):
+def _select(head_size, dtype, supported, platform, need_lse, need_mask, strict, requested, source, agreement,
+            long_call=None):
     if requested is not None:
         candidates = (requested,) + FALLBACK_CHAIN[requested]
     else:
-        candidates = auto_preference(platform, dtype)
+        num_keys = None if long_call in (None, True) else 0
+        candidates = auto_preference(platform, dtype, num_keys, head_size)
         if B.TORCH_SDPA not in candidates:
             candidates += (B.TORCH_SDPA,)
     if supported is not None:

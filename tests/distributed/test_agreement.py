@@ -52,7 +52,7 @@ LAYERS = [
     dict(head_size=80, dtype=BF16),
     dict(head_size=128, dtype=FP32),
     dict(head_size=128, dtype=BF16, need_mask=True),
-    dict(head_size=256, dtype=BF16),
+    dict(head_size=192, dtype=BF16),
     dict(head_size=512, dtype=BF16),
 ]
 
@@ -175,7 +175,7 @@ def case_strict_with_a_request_everyone_can_run():
     agreement = agree_on_backend(platform=HOPPER_FA3 if rank() % 2 else HOPPER_ALL)
     assert agreement.backend is B.FA
     assert get_attn_backend(128, BF16).backend is B.FA
-    with pytest.raises(AttentionBackendUnavailableError, match="head sizes up to 256"):
+    with pytest.raises(AttentionBackendUnavailableError, match="head sizes 8..256"):
         get_attn_backend(512, BF16)  # per-layer strictness still applies, identically on every rank
 
 
@@ -200,7 +200,7 @@ def case_auto_follows_rank_0_platform():
 
 def case_mixed_flash_generations_bind_each_rank_to_its_own_kernel():
     """All ranks can run fa, but with different generations: per-layer rules must hold on every
-    rank (FA4 takes only head sizes 64/96/128) and each rank must call its own installed kernel."""
+    rank (FA4 on Blackwell takes 8..128 or 256, not 192) and each rank must call its own installed kernel."""
     platform = [HOPPER_FA3, AMPERE_FA2, BLACKWELL_FA4, HOPPER_FA3][rank()]
     with override_platform(platform):  # this process "is" that machine
         agreement = agree_on_backend()
@@ -209,9 +209,9 @@ def case_mixed_flash_generations_bind_each_rank_to_its_own_kernel():
         assert_same_on_all_ranks(selections, "per-layer selections")
         by_head = {l["head_size"]: s for l, s in zip(LAYERS, selections) if l["dtype"] is BF16 and len(l) == 2}
         assert by_head[128].backend is B.FA
-        # 256 is fine for FA3/FA2 but not for rank 2's FA4: the whole group must use torch_sdpa.
-        assert by_head[256].backend is B.TORCH_SDPA
-        assert any("rank 2" in why and "FA4" in why for _, why in by_head[256].rejected)
+        # 192 is fine for FA3/FA2 but not for rank 2's FA4: the whole group must use torch_sdpa.
+        assert by_head[192].backend is B.TORCH_SDPA
+        assert any("rank 2" in why and "FA4" in why for _, why in by_head[192].rejected)
         expected_generation = {0: "fa3", 1: "fa2", 2: "fa4", 3: "fa3"}[rank()]
         assert by_head[128].impl.generation == expected_generation
         layer = LocalAttention(num_heads=8, head_size=128)

@@ -131,3 +131,45 @@ def test_sage_leaves_callers_k_untouched(dtype):
     assert layer.backend == AttentionBackendEnum.SAGE_ATTN
     assert torch.equal(k, before)
     assert rel_err(out, reference_attention(q, k, v)) < SAGE_TOL
+
+
+# ---- the measured automatic choice and the FlashAttention generations ----------------------------------
+@pytest.mark.parametrize("s", [1024, 16384])
+def test_measured_choice_runs_the_fastest_exact_kernel(s):
+    from usp_attn import measured_choice
+
+    measured_choice.clear_measurements()
+    q, k, v = make_qkv(1, s, 8, 128, BF16, seed=31)
+    layer = LocalAttention(8, 128)
+    out = layer(q, k, v)
+    sel = layer._last
+    times = [ms for _, ms in sel.timings if ms is not None]
+    assert sel.source == "measured" and len(times) >= 2, sel
+    assert sel.kernel == sel.timings[0][0] and times == sorted(times)
+    assert rel_err(out, reference_attention(q, k, v)) < REL_TOL[BF16]
+
+
+@pytest.mark.parametrize("head_size", [8, 64, 80, 96, 128, 192, 256, 264])
+def test_fa_generations_take_the_head_sizes_we_declare(head_size):
+    """Our per-generation head-size rules against the installed kernels themselves."""
+    from usp_attn.backends import make_backend
+    from usp_attn.backends.flash import flash_generations, generation_head_size_reason
+
+    platform = current_platform()
+    gens = flash_generations(platform)
+    if not gens:
+        pytest.skip("no FlashAttention generation is installed here")
+    q, k, v = make_qkv(1, 256, 2, head_size, BF16, seed=32)
+    for gen in gens:
+        impl = make_backend(AttentionBackendEnum.FA, platform, gen)
+        declared = generation_head_size_reason(gen, platform, head_size) is None
+        try:
+            out, lse = impl.forward(q, k, v, return_lse=True)
+            ran = True
+        except Exception:  # the kernel refused the head size
+            ran = False
+        assert ran == declared, f"{gen} D={head_size}: declared {declared}, ran {ran}"
+        if ran:
+            ref, ref_lse = reference_attention(q, k, v, return_lse=True)
+            assert rel_err(out, ref) < REL_TOL[BF16] and lse.shape == (1, 2, 256)
+            assert float((lse.double() - ref_lse).abs().max()) < LSE_ATOL

@@ -103,3 +103,19 @@ def test_compile_fullgraph_with_torch_sdpa(world_one, layer_cls):
     assert rel_err(out, reference_attention(q, k, v)) < REL_TOL[BF16]
     assert rel_err(out2, reference_attention(q2, k2, v2)) < REL_TOL[BF16]
     torch.testing.assert_close(out, eager, atol=1e-2, rtol=1e-2)
+
+
+def test_compile_fullgraph_after_a_measured_first_call(world_one):
+    """Automatic selection: the first eager call measures (FA4 may win: its kernels are called
+    through the usp_attn::flash_attn_forward custom op under compilation), then compile."""
+    torch._dynamo.reset()
+    q, k, v = make_qkv(1, 16384, 8, D, BF16, seed=26)
+    layer = LocalAttention(8, D)
+    eager = layer(q, k, v)
+    try:
+        compiled = torch.compile(layer, fullgraph=True)
+        out = compiled(q, k, v)
+    finally:
+        torch._dynamo.reset()
+    assert layer._last.source == "measured"
+    torch.testing.assert_close(out, eager, atol=1e-2, rtol=1e-2)

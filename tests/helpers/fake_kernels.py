@@ -24,6 +24,7 @@ __all__ = [
     "install",
     "fake_flash_attn2",
     "fake_flash_attn3",
+    "fake_flash_attn3_beta",
     "fake_flash_attn4",
     "fake_sageattention",
     "fake_sageattn3",
@@ -50,11 +51,13 @@ def _attend(q, k, v, scale, causal):
 
 
 def fake_flash_attn2() -> types.ModuleType:
-    """``flash_attn.flash_attn_func``: (out) or (out, lse, S_dmask) with ``return_attn_probs``."""
+    """``flash_attn.flash_attn_func`` (flash-attn 2.8): ``out``, or ``(out, lse, S_dmask)`` with
+    ``return_attn_probs=True``."""
     mod = _module("flash_attn")
 
-    def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, return_attn_probs=False, **kw):
-        mod.calls.append(dict(softmax_scale=softmax_scale, causal=causal, return_attn_probs=return_attn_probs, **kw))
+    def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
+                        softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False):
+        mod.calls.append(dict(softmax_scale=softmax_scale, causal=causal, return_attn_probs=return_attn_probs))
         out, lse = _attend(q, k, v, softmax_scale, causal)
         return (out, lse, None) if return_attn_probs else out
 
@@ -62,26 +65,49 @@ def fake_flash_attn2() -> types.ModuleType:
     return mod
 
 
-def fake_flash_attn3(returns_tuple: bool = True) -> types.ModuleType:
-    """``flash_attn_interface.flash_attn_func``: (out, lse) in most releases, only out in some."""
+def fake_flash_attn3() -> types.ModuleType:
+    """``flash_attn_interface.flash_attn_func`` of today's FA3 (flash-attention ``hopper/``;
+    the third-party ``fa3_fwd_interface`` has the same signature): ``out``, or ``(out, lse)``
+    with ``return_attn_probs=True``."""
     mod = _module("flash_attn_interface")
 
-    def flash_attn_func(q, k, v, softmax_scale=None, causal=False, return_attn_probs=False, **kw):
-        mod.calls.append(dict(softmax_scale=softmax_scale, causal=causal, return_attn_probs=return_attn_probs, **kw))
+    def flash_attn_func(q, k, v, softmax_scale=None, causal=False, qv=None, q_descale=None, k_descale=None,
+                        v_descale=None, window_size=(-1, -1), attention_chunk=0, softcap=0.0, num_splits=1,
+                        pack_gqa=None, deterministic=False, sm_margin=0, return_attn_probs=False):
+        mod.calls.append(dict(softmax_scale=softmax_scale, causal=causal, return_attn_probs=return_attn_probs))
         out, lse = _attend(q, k, v, softmax_scale, causal)
-        return (out, lse) if returns_tuple or return_attn_probs else out
+        return (out, lse) if return_attn_probs else out
+
+    mod.flash_attn_func = flash_attn_func
+    return mod
+
+
+def fake_flash_attn3_beta() -> types.ModuleType:
+    """The FA3 beta releases' ``flash_attn_interface.flash_attn_func``: no ``return_attn_probs``
+    argument; always returns ``(out, lse)``."""
+    mod = _module("flash_attn_interface")
+
+    def flash_attn_func(q, k, v, softmax_scale=None, causal=False, window_size=(-1, -1), deterministic=False):
+        mod.calls.append(dict(softmax_scale=softmax_scale, causal=causal))
+        return _attend(q, k, v, softmax_scale, causal)
 
     mod.flash_attn_func = flash_attn_func
     return mod
 
 
 def fake_flash_attn4() -> types.ModuleType:
-    """``flash_attn.cute.flash_attn_func`` (FA4): returns (out, lse)."""
+    """``flash_attn.cute.flash_attn_func`` of flash-attn-4 (4.0.0b36, interface.py): returns
+    ``(out, lse)`` with ``lse`` fp32 ``[B, H, S_q]`` when ``return_lse=True``, else ``(out, None)``."""
     mod = _module("flash_attn.cute")
 
-    def flash_attn_func(q, k, v, softmax_scale=None, causal=False, **kw):
-        mod.calls.append(dict(softmax_scale=softmax_scale, causal=causal, **kw))
-        return _attend(q, k, v, softmax_scale, causal)
+    def flash_attn_func(q, k, v, qv=None, gather_kv_indices=None, softmax_scale=None, causal=False,
+                        window_size=(None, None), learnable_sink=None, softcap=0.0, num_splits=1, pack_gqa=None,
+                        deterministic=False, score_mod=None, score_mod_bwd=None, mask_mod=None, aux_tensors=None,
+                        aux_scalars=None, block_sparse_tensors=None, block_sparse_tensors_bwd=None,
+                        return_lse=False, gather_bwd_recompute_p=False, gather_bwd_token_chunk=None):
+        mod.calls.append(dict(softmax_scale=softmax_scale, causal=causal, return_lse=return_lse))
+        out, lse = _attend(q, k, v, softmax_scale, causal)
+        return out, (lse if return_lse else None)
 
     mod.flash_attn_func = flash_attn_func
     return mod

@@ -10,7 +10,7 @@ from usp_attn import AttentionBackendEnum as B
 from usp_attn import Platform
 from usp_attn.backends import BACKEND_CLASSES, backend_class, make_backend
 from usp_attn.backends.aiter import AiterBackend
-from usp_attn.backends.flash import FlashAttentionBackend, flash_generation
+from usp_attn.backends.flash import FlashAttentionBackend, flash_generation, flash_generations
 from usp_attn.backends.sage import SageAttention3Backend, SageAttentionBackend, sage_major_version
 from usp_attn.backends.sdpa import TorchSDPABackend, cuda_subkernel
 
@@ -34,12 +34,17 @@ def test_every_member_has_a_class_named_after_it():
     "platform,generation",
     [
         (cuda((8, 0), ["flash_attn"]), "fa2"),
-        (cuda((8, 0), ["flash_attn_interface", "flash_attn.cute"]), None),  # FA3/FA4 are not for SM8x
+        (cuda((8, 0), ["flash_attn_interface"]), None),  # FA3 is Hopper-only
+        (cuda((8, 6), ["flash_attn_interface", "flash_attn.cute"]), "fa4"),  # FA4 runs forward on SM80+
+        (cuda((8, 0), ["flash_attn", "flash_attn.cute"]), "fa2"),  # FA2 preferred on Ampere
         (cuda((9, 0), ["flash_attn"]), "fa2"),
         (cuda((9, 0), ["flash_attn", "flash_attn_interface"]), "fa3"),
+        (cuda((9, 0), ["flash_attn.cute"]), "fa4"),
+        (cuda((9, 0), ["flash_attn", "flash_attn_interface", "flash_attn.cute"]), "fa4"),
         (cuda((10, 0), ["flash_attn", "flash_attn.cute"]), "fa4"),
+        (cuda((12, 0), ["flash_attn.cute"]), "fa4"),
         (cuda((10, 0), ["flash_attn_interface"]), None),  # FA3 is Hopper-only
-        (cuda((7, 5), ["flash_attn"]), None),
+        (cuda((7, 5), ["flash_attn", "flash_attn.cute"]), None),
         (Platform.make("rocm", packages=["flash_attn"]), "fa2"),
         (Platform.make("rocm"), None),
         (Platform.make("cpu", packages=["flash_attn"]), None),
@@ -56,9 +61,11 @@ def test_flash_generation(platform, generation):
         (CPU, ["fa needs CUDA/ROCM", "CPU"]),
         (MPS, ["MPS"]),
         (cuda((7, 5), ["flash_attn"]), ["compute capability >= 8.0", "7.5"]),
-        (cuda((8, 6)), ["flash_attn package"]),
-        (cuda((9, 0)), ["flash_attn_interface (FA3) or flash_attn"]),
-        (cuda((10, 0)), ["flash_attn.cute (FA4) or flash_attn"]),
+        (cuda((8, 6)), ["flash_attn (FA2) or flash_attn.cute (FA4)"]),
+        (cuda((9, 0)), ["flash_attn.cute (FA4, pip install flash-attn-4), flash_attn_interface (FA3) or flash_attn"]),
+        (cuda((10, 0)), ["flash_attn.cute (FA4, pip install flash-attn-4) or flash_attn"]),
+        (Platform.make("cuda", capability=(9, 0), unusable={"flash_attn": "flash_attn is a namespace package"}),
+         ["not installed", "flash_attn: flash_attn is a namespace package"]),
         (Platform.make("rocm"), ["flash_attn (ROCm build)"]),
     ],
 )
@@ -80,7 +87,37 @@ def test_flash_layer_properties():
     assert "100" in fa.unsupported_reason(p, 100, FP16)  # not a multiple of 8
     fa4 = cuda((10, 0), ["flash_attn.cute"])
     assert fa.unsupported_reason(fa4, 96, BF16) is None
-    assert "FA4" in fa.unsupported_reason(fa4, 256, BF16)
+
+
+# FA4's own limits (flash_attn/cute/interface.py, _validate_head_dims): SM90 8..256, SM100/110
+# 8..128 or 256 (multiples of 8 for 16-bit dtypes); FA2/FA3 up to 256.
+@pytest.mark.parametrize("cap,packages,head_size,kernels", [
+    ((9, 0), ["flash_attn.cute"], 192, ("fa4",)),
+    ((9, 0), ["flash_attn.cute"], 256, ("fa4",)),
+    ((9, 0), ["flash_attn.cute"], 264, ()),
+    ((10, 0), ["flash_attn.cute"], 128, ("fa4",)),
+    ((10, 0), ["flash_attn.cute"], 256, ("fa4",)),
+    ((10, 0), ["flash_attn.cute"], 192, ()),
+    ((10, 0), ["flash_attn.cute", "flash_attn"], 192, ("fa2",)),  # FA2 takes what FA4 cannot
+    ((9, 0), ["flash_attn.cute", "flash_attn_interface", "flash_attn"], 64, ("fa4", "fa3", "fa2")),
+    ((9, 0), ["flash_attn.cute"], 12, ()),
+])
+def test_flash_kernels_per_head_size(cap, packages, head_size, kernels):
+    p = cuda(cap, packages)
+    assert FlashAttentionBackend.kernels(p, head_size, BF16) == kernels
+    reason = FlashAttentionBackend.unsupported_reason(p, head_size, BF16)
+    assert (reason is None) == bool(kernels)
+    if not kernels:
+        assert str(head_size) in reason
+    else:  # the kernel object binds to the first generation that takes the head size
+        assert make_backend(B.FA, p, FlashAttentionBackend.default_kernel(p, head_size)).generation == kernels[0]
+    assert FlashAttentionBackend.kernels(p, head_size, BF16, need_mask=True) == ()
+
+
+def test_flash_generations_order():
+    assert flash_generations(cuda((9, 0), ["flash_attn", "flash_attn_interface", "flash_attn.cute"])) == (
+        "fa4", "fa3", "fa2")
+    assert flash_generations(cuda((8, 0), ["flash_attn", "flash_attn.cute"])) == ("fa2", "fa4")
 
 
 # ---- torch_sdpa ------------------------------------------------------------------------------------
@@ -114,6 +151,17 @@ def test_torch_sdpa_runs_everywhere_with_lse_and_masks(platform):
 )
 def test_torch_sdpa_cuda_subkernel(capability, dtype, head_size, has_mask, kernel):
     assert cuda_subkernel(capability, dtype, head_size, has_mask) == kernel
+
+
+def test_torch_sdpa_kernels_to_measure():
+    """Every fused aten kernel that fits, in static order; math is never worth timing."""
+    assert TorchSDPABackend.kernels(cuda((9, 0)), 128, BF16) == ("cudnn", "flash", "efficient")
+    assert TorchSDPABackend.kernels(cuda((9, 0)), 256, BF16) == ("flash", "efficient")
+    assert TorchSDPABackend.kernels(cuda((9, 0)), 128, BF16, need_mask=True) == ("efficient",)
+    assert TorchSDPABackend.kernels(cuda((8, 0)), 128, FP32) == ("efficient",)
+    assert TorchSDPABackend.kernels(CPU, 128, BF16) == ()
+    bound = make_backend(B.TORCH_SDPA, cuda((9, 0)), "flash")
+    assert bound.kernel == "flash" and make_backend(B.TORCH_SDPA, cuda((9, 0))).kernel is None
 
 
 # ---- sage_attn / sage_attn_3 -----------------------------------------------------------------------

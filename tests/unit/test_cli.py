@@ -70,7 +70,7 @@ def test_json_hopper_with_fa3_picks_fa(capsys):
     assert info["kernel_packages"]["flash_attn_interface"]["installed"] is True
     assert info["kernel_packages"]["flash_attn"]["installed"] is False
     r = rows(info)
-    assert r["fa"]["available"] and r["fa"]["kernel"] == "FA3"
+    assert r["fa"]["available"] and r["fa"]["kernel"] == "*FA3 3.0.0 (D 8..256, multiples of 8)"
     assert r["torch_sdpa"]["kernel"] == "aten cudnn"
     assert "'sageattention' package" in r["sage_attn"]["reason"]
     assert info["auto_order"] == ["fa", "torch_sdpa"]
@@ -80,7 +80,7 @@ def test_json_hopper_with_fa3_picks_fa(capsys):
 
 def test_hopper_with_only_fa2_auto_prefers_cudnn_sdpa_but_honours_a_request(capsys):
     info = run_json(capsys, HOPPER_FA2, "--attention-backend", "fa")
-    assert rows(info)["fa"]["available"] and rows(info)["fa"]["kernel"] == "FA2"
+    assert rows(info)["fa"]["available"] and rows(info)["fa"]["kernel"] == "*FA2 2.7.4 (D 8..256, multiples of 8)"
     assert info["auto_order"] == ["torch_sdpa"]
     assert info["auto"]["backend"] == "torch_sdpa"
     req = info["requested"]
@@ -198,3 +198,38 @@ def test_readme_documents_the_ci_test_command():
     assert match, ".ci/run must define TEST_CMD"
     readme_lines = [line.strip() for line in (REPO / "README.md").read_text().splitlines()]
     assert match.group(1) in readme_lines, f"README.md must show the CI test command: {match.group(1)}"
+
+
+H200_FA4 = Platform.make("cuda", capability=(9, 0), packages={"flash_attn.cute": "4.0.0b36"}, device_name="H200",
+                         unusable={"flash_attn": "flash_attn is a namespace package without flash_attn_func"})
+
+
+def test_info_names_the_fa_generation_version_head_sizes_and_unusable_packages(capsys):
+    info = run_json(capsys, H200_FA4, "--head-size", "64")
+    assert rows(info)["fa"]["kernel"] == "*FA4 4.0.0b36 (D 8..256, multiples of 8)"
+    assert info["kernel_packages"]["flash_attn"]["unusable"].startswith("flash_attn is a namespace package")
+    with override_platform(H200_FA4):
+        assert main(["info"]) == 0
+    text = capsys.readouterr().out
+    assert "flash_attn=unusable" in text and "flash_attn is present but unusable" in text
+    blackwell = Platform.make("cuda", capability=(10, 0), packages={"flash_attn.cute": "4.0.0b36", "flash_attn": "2.8.3"})
+    info = run_json(capsys, blackwell, "--head-size", "192")  # FA4 on SM100 cannot take 192; FA2 runs it
+    assert rows(info)["fa"]["kernel"] == ("FA4 4.0.0b36 (D 8..128 or 256, multiples of 8); "
+                                          "*FA2 2.8.3 (D 8..256, multiples of 8)")
+
+
+def test_info_shape_without_cuda_says_why_nothing_was_measured(capsys):
+    info = run_json(capsys, H200_FA4, "--shape", "1,24,4608,128")
+    m = info["measurement"]
+    assert m["error"] == "measuring needs a CUDA GPU"
+    assert m["candidates"] == ["fa4", "cudnn", "flash", "efficient"]
+    assert m["static"] == "torch_sdpa"  # 4608 keys: below the Hopper threshold, cuDNN
+    info = run_json(capsys, H200_FA4, "--shape", "1,24,32760,128")
+    assert info["measurement"]["static"] == "fa (fa4)"
+
+
+@pytest.mark.parametrize("bad", ["1,2,3", "1,2,3,0", "a,b,c,d"])
+def test_info_shape_is_checked(capsys, bad):
+    with pytest.raises(SystemExit) as exc:
+        main(["info", "--shape", bad])
+    assert exc.value.code == 2 and "expected B,H,S,D" in capsys.readouterr().err

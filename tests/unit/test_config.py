@@ -98,3 +98,30 @@ def test_apply_sets_cli_request_and_strictness():
     AttentionConfig().apply()
     assert selector.get_cli_attention_backend() is None
     assert selector._strict is False
+
+
+def test_kernel_choice_flags_reach_the_measured_choice(tmp_path):
+    from usp_attn import measured_choice
+
+    parser = add_attention_args(argparse.ArgumentParser())
+    args = parser.parse_args(["--kernel-choice", "static", "--kernel-cache", str(tmp_path / "k.json")])
+    config = AttentionConfig.from_args(args)
+    assert (config.kernel_choice, config.kernel_cache) == ("static", str(tmp_path / "k.json"))
+    try:
+        config.apply()
+        assert measured_choice.kernel_choice_settings() == ("static", str(tmp_path / "k.json"))
+    finally:
+        measured_choice.set_kernel_choice()
+    assert measured_choice.kernel_choice_settings()[0] == "measure"  # the default
+    with pytest.raises(ValueError, match="kernel_choice"):
+        AttentionConfig(kernel_choice="fastest")
+
+
+def test_kernel_choice_from_the_environment(monkeypatch):
+    from usp_attn import measured_choice
+
+    monkeypatch.setenv("USP_ATTN_KERNEL_CHOICE", "static")
+    monkeypatch.setenv("USP_ATTN_KERNEL_CACHE", "/tmp/x.json")
+    assert measured_choice.kernel_choice_settings() == ("static", "/tmp/x.json")
+    monkeypatch.setenv("USP_ATTN_KERNEL_CHOICE", "bogus")
+    assert measured_choice.kernel_choice_settings()[0] == "static"  # unknown: the safe, static rule

@@ -43,7 +43,7 @@ REASONS = {
                          ["Blackwell"]),
     "device kind": (B.AITER, HOPPER_FA3, 128, BF16, False, False, None, B.FA, ["aiter needs ROCM", "CUDA"]),
     "dtype": (B.FA, HOPPER_FA3, 128, FP32, False, False, None, B.TORCH_SDPA, ["dtype float32", "bfloat16, float16"]),
-    "head size": (B.FA, HOPPER_FA3, 512, BF16, False, False, None, B.TORCH_SDPA, ["head sizes up to 256", "512"]),
+    "head size": (B.FA, HOPPER_FA3, 512, BF16, False, False, None, B.TORCH_SDPA, ["head sizes 8..256", "512"]),
     "head size sage": (B.SAGE_ATTN, HOPPER_ALL, 80, BF16, False, False, None, B.FA, ["64, 96, 128", "not 80"]),
     "lse needed": (B.SAGE_ATTN, HOPPER_SAGE1, 128, BF16, True, False, None, B.FA, ["log-sum-exp"]),
     "mask needed": (B.FA, HOPPER_FA3, 128, BF16, False, True, None, B.TORCH_SDPA, ["does not support attention masks"]),

@@ -40,9 +40,11 @@ def check(out, lse, q, k, v, *, scale=None, causal=False):
 FA_CASES = {
     "fa2": (Platform.make("cuda", capability=(8, 0), packages=["flash_attn"]), fake_kernels.fake_flash_attn2),
     "fa3": (Platform.make("cuda", capability=(9, 0), packages=["flash_attn_interface"]), fake_kernels.fake_flash_attn3),
-    "fa3-out-only": (Platform.make("cuda", capability=(9, 0), packages=["flash_attn_interface"]),
-                     lambda: fake_kernels.fake_flash_attn3(returns_tuple=False)),
+    "fa3-beta": (Platform.make("cuda", capability=(9, 0), packages=["flash_attn_interface"]),
+                 fake_kernels.fake_flash_attn3_beta),
     "fa4": (Platform.make("cuda", capability=(10, 0), packages=["flash_attn.cute"]), fake_kernels.fake_flash_attn4),
+    "fa4-hopper": (Platform.make("cuda", capability=(9, 0), packages=["flash_attn.cute", "flash_attn_interface"]),
+                   fake_kernels.fake_flash_attn4),
 }
 
 
@@ -61,6 +63,9 @@ def test_flash_wrapper(monkeypatch, name, causal, scale):
     out, lse = fa.forward(q, k, v, causal=causal, softmax_scale=scale, return_lse=True)
     check(out, lse, q, k, v, scale=scale, causal=causal)
     assert all(c["softmax_scale"] == scale and c["causal"] == causal for c in fake.calls)
+    # each generation was asked for the LSE its own way, and only when it was needed
+    flags = [c.get("return_lse", c.get("return_attn_probs")) for c in fake.calls]
+    assert flags == ([None, None] if name == "fa3-beta" else [False, True])
 
 
 def test_flash_rejects_masks(monkeypatch):

@@ -20,6 +20,7 @@ from usp_attn import (
     set_cli_attention_backend,
 )
 from usp_attn.backends.flash import flash_generation
+from usp_attn.selector import fa_min_keys_hopper
 
 BF16, FP16, FP32, FP64 = torch.bfloat16, torch.float16, torch.float32, torch.float64
 
@@ -71,6 +72,26 @@ def test_cuda_sm90_with_fa3_uses_fa(packages):
     assert auto(p, FP32).backend is B.TORCH_SDPA
 
 
+@pytest.mark.parametrize("packages,generation", [(("flash_attn.cute",), "fa4"),
+                                                 (("flash_attn_interface", "flash_attn.cute"), "fa4"),
+                                                 (("flash_attn_interface",), "fa3")])
+def test_cuda_sm90_static_rule_by_number_of_keys(packages, generation):
+    """Static rule on Hopper (measured on H200): cuDNN below fa_min_keys_hopper(D) keys, FA4/FA3 from there."""
+    p = cuda((9, 0), *packages)
+    assert (fa_min_keys_hopper(64), fa_min_keys_hopper(128), fa_min_keys_hopper(256)) == (6144, 12288, 12288)
+    for d in (64, 128):
+        long = auto(p, num_keys=fa_min_keys_hopper(d), head_size=d)
+        assert long.backend is B.FA and long.impl.generation == generation
+        short = auto(p, num_keys=fa_min_keys_hopper(d) - 1, head_size=d)
+        assert short.backend is B.TORCH_SDPA and short.impl.kernel is None  # aten cuDNN, decided per call
+    assert auto(p, num_keys=8192, head_size=64).backend is B.FA
+    assert auto(p, num_keys=8192, head_size=128).backend is B.TORCH_SDPA
+    assert auto(p).backend is B.FA  # length unknown: the long-sequence choice
+    # Blackwell and Ampere do not depend on the length
+    assert auto(cuda((10, 0), "flash_attn.cute"), num_keys=64).backend is B.FA
+    assert auto(cuda((8, 0), "flash_attn"), num_keys=64).backend is B.FA
+
+
 def test_cuda_sm100_with_fa4_uses_fa():
     p = cuda((10, 0), "flash_attn.cute")
     sel = auto(p)
@@ -98,8 +119,10 @@ def test_cuda_head_size_fa_cannot_take_falls_to_torch_sdpa(caplog):
     assert any("512" in r.getMessage() for r in caplog.records)  # explained (at INFO)
 
 
-@pytest.mark.parametrize("head_size,expected", [(64, B.FA), (96, B.FA), (128, B.FA), (256, B.TORCH_SDPA), (80, B.TORCH_SDPA)])
+@pytest.mark.parametrize("head_size,expected", [(64, B.FA), (80, B.FA), (128, B.FA), (256, B.FA), (192, B.TORCH_SDPA),
+                                               (12, B.TORCH_SDPA)])
 def test_cuda_fa4_head_sizes(head_size, expected):
+    """SM100: FA4 takes 8..128 in multiples of 8, or 256 (its _validate_head_dims)."""
     assert auto(cuda((10, 0), "flash_attn.cute"), head_size=head_size).backend is expected
 
 

@@ -35,6 +35,7 @@ def backend_class(backend: AttentionBackendEnum) -> type[AttentionBackend]:
 
 
 @functools.lru_cache(maxsize=None)
-def make_backend(backend: AttentionBackendEnum, platform) -> AttentionBackend:
-    """The (stateless, shared) kernel object for ``backend`` on ``platform``."""
-    return BACKEND_CLASSES[backend](platform)
+def make_backend(backend: AttentionBackendEnum, platform, kernel: str | None = None) -> AttentionBackend:
+    """The (stateless, shared) kernel object for ``backend`` on ``platform``, bound to
+    ``kernel`` (one of ``backend_class(backend).kernels(...)``; ``None``: its default)."""
+    return BACKEND_CLASSES[backend](platform, kernel)

@@ -35,7 +35,8 @@ class AttentionBackend:
 
     Subclasses set the class attributes and implement :meth:`machine_reason` and
     :meth:`forward`. Instances are bound to one :class:`~usp_attn.platforms.Platform`
-    (e.g. which FlashAttention generation to call) and are stateless otherwise.
+    and optionally one concrete *kernel* of the backend (a FlashAttention generation,
+    an aten SDPA sub-kernel; see :meth:`kernels`), and are stateless otherwise.
     """
 
     name: ClassVar[AttentionBackendEnum]
@@ -48,8 +49,9 @@ class AttentionBackend:
     #: optional package that must be importable, if any (checked through the platform)
     package: ClassVar[str | None] = None
 
-    def __init__(self, platform: "Platform") -> None:
+    def __init__(self, platform: "Platform", kernel: str | None = None) -> None:
         self.platform = platform
+        self.kernel = kernel
 
     # ---- declarations the selector reads -------------------------------------------------
     @classmethod
@@ -96,6 +98,19 @@ class AttentionBackend:
             return f"{cls.name} cannot return the log-sum-exp that ring attention needs"
         if need_mask and not cls.supports_mask:
             return f"{cls.name} does not support attention masks"
+        return None
+
+    @classmethod
+    def kernels(cls, platform: "Platform", head_size: int, dtype: torch.dtype, *, need_mask: bool = False
+                ) -> tuple[str, ...]:
+        """The concrete exact kernels this backend can run for these properties, preferred
+        first; what a measured automatic choice times. Empty: nothing to choose between."""
+        return ()
+
+    @classmethod
+    def default_kernel(cls, platform: "Platform", head_size: int) -> str | None:
+        """The kernel an instance for ``head_size`` binds to without a measured choice
+        (``None``: decided per call)."""
         return None
 
     # ---- the kernel ------------------------------------------------------------------------

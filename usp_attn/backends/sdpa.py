@@ -26,7 +26,7 @@ from usp_attn.backends.base import FLOAT_DTYPES, AttentionBackend, default_scale
 from usp_attn.backends.enum import AttentionBackendEnum
 from usp_attn.masks import mask_to_additive, rows_with_keys
 
-__all__ = ["TorchSDPABackend", "math_attention", "cuda_subkernel"]
+__all__ = ["TorchSDPABackend", "math_attention", "cuda_subkernel", "cuda_subkernels"]
 
 _aten = torch.ops.aten
 
@@ -53,19 +53,27 @@ def math_attention(q, k, v, *, causal, scale, attn_mask=None, return_lse=False):
     return (out, lse.float()) if return_lse else out
 
 
-def cuda_subkernel(capability, dtype, head_size, has_mask) -> str:
-    """Which aten kernel :class:`TorchSDPABackend` runs on CUDA for these properties."""
+def cuda_subkernels(capability, dtype, head_size, has_mask) -> tuple[str, ...]:
+    """The aten kernels that can run these properties on CUDA, in the static order
+    (cuDNN > flash > memory-efficient > math)."""
     half = dtype in (torch.float16, torch.bfloat16)
+    found = []
     if not has_mask and half and capability is not None:
         if capability >= (9, 0) and head_size <= 128 and head_size % 8 == 0:
-            return "cudnn"
+            found.append("cudnn")
         if capability >= (8, 0) and head_size <= 256 and head_size % 8 == 0:
-            return "flash"
+            found.append("flash")
     # The memory-efficient kernel has no fp64 and needs D aligned to 16 bytes' worth of
     # elements (8 for fp16/bf16, 4 for fp32); anything else would fail inside the aten op.
     if (half and head_size % 8 == 0) or (dtype == torch.float32 and head_size % 4 == 0):
-        return "efficient"
-    return "math"
+        found.append("efficient")
+    found.append("math")
+    return tuple(found)
+
+
+def cuda_subkernel(capability, dtype, head_size, has_mask) -> str:
+    """Which aten kernel :class:`TorchSDPABackend` runs on CUDA for these properties by default."""
+    return cuda_subkernels(capability, dtype, head_size, has_mask)[0]
 
 
 class TorchSDPABackend(AttentionBackend):
@@ -78,6 +86,13 @@ class TorchSDPABackend(AttentionBackend):
     @classmethod
     def supports_lse(cls, platform) -> bool:
         return True  # fused kernels where torch has them, the math path elsewhere
+
+    @classmethod
+    def kernels(cls, platform, head_size, dtype, *, need_mask=False):
+        if platform.kind.value != "cuda":
+            return ()
+        # math is never faster than a fused kernel: not worth timing
+        return tuple(k for k in cuda_subkernels(platform.capability, dtype, head_size, need_mask) if k != "math")
 
     def forward(self, q, k, v, *, causal=False, softmax_scale=None, attn_mask=None, return_lse=False):
         scale = default_scale(q.shape[-1], softmax_scale)
@@ -119,7 +134,9 @@ class TorchSDPABackend(AttentionBackend):
 
     def _cuda(self, q, k, v, causal, scale, attn_mask, return_lse):
         h, s_q, d = q.shape[2], q.shape[1], q.shape[3]
-        kernel = cuda_subkernel(self.platform.capability, q.dtype, d, attn_mask is not None)
+        kernel = self.kernel
+        if kernel is None or (attn_mask is not None and kernel in ("cudnn", "flash")):
+            kernel = cuda_subkernel(self.platform.capability, q.dtype, d, attn_mask is not None)
         if kernel == "math":
             return math_attention(q, k, v, causal=causal, scale=scale, attn_mask=attn_mask, return_lse=True)
         k, v = expand_kv_heads(k, h), expand_kv_heads(v, h)

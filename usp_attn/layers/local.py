@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import torch
 from torch import nn
 
+from usp_attn import measured_choice
 from usp_attn.backends import AttentionBackendEnum, expand_kv_heads
 from usp_attn.layers.validation import check_head_config, check_qkv, check_supported_backends
 from usp_attn.masks import normalize_mask
+from usp_attn.measured_choice import ShapeClass, exact_candidates, length_bucket
 from usp_attn.platforms import current_platform
-from usp_attn.selector import BackendSelection, get_attn_backend, log_once, settings_version
+from usp_attn.selector import BackendSelection, get_attn_backend, get_group_agreement, log_once, settings_version
 
 __all__ = ["LocalAttention"]
 
@@ -33,11 +36,13 @@ class LocalAttention(nn.Module):
         ``[B, S_q, S_k]`` or ``[B, 1|H, S_q, S_k]``. Rows with no key to attend give 0.
         Returns ``[B, S_q, H, D]`` in q's dtype.
 
-    The backend is chosen from the real dtype of the tensors at forward time (cached
-    until a selection setting changes, e.g. inside
-    :func:`~usp_attn.global_force_attn_backend_context_manager`). A masked call on a
-    backend without mask support runs on one that has it, logged once. ``.backend``
-    is the backend of the last call (before any call: the pick for the default dtype).
+    The backend is chosen from the real dtype and shape of the tensors at forward time
+    (cached per shape class until a selection setting changes, e.g. inside
+    :func:`~usp_attn.global_force_attn_backend_context_manager`). With automatic
+    selection on CUDA the first call of a new shape class times the exact kernels and
+    keeps the fastest (:mod:`usp_attn.measured_choice`). A masked call on a backend
+    without mask support runs on one that has it, logged once. ``.backend`` is the
+    backend of the last call (before any call: the pick for the default dtype).
     """
 
     def __init__(
@@ -61,36 +66,71 @@ class LocalAttention(nn.Module):
 
     # ---- selection -----------------------------------------------------------------------
     def selection(self, dtype: torch.dtype, *, need_mask: bool = False, need_lse: bool = False) -> BackendSelection:
-        """The (cached) :class:`BackendSelection` for inputs of ``dtype``."""
-        return self._resolve(dtype, need_mask, need_lse)[0]
+        """The static :class:`BackendSelection` for inputs of ``dtype`` (no shape, no measurement)."""
+        return self._select(dtype, need_mask, need_lse, None)
 
-    def _resolve(self, dtype, need_mask, need_lse):
-        key = (dtype, need_mask, need_lse, settings_version())
+    def kernel_for(self, q, k, v, *, causal=False, need_mask=False, need_lse=False, lengths=None, group=None):
+        """``(BackendSelection, kernel object)`` for a call on these ``[B, S, H, D]`` tensors.
+
+        Cached per shape class. ``lengths``: ``(S_q, S_k)`` to classify the call by instead
+        of the tensors' own, and ``group``: the process group whose rank 0 measures and
+        broadcasts. The sequence-parallel layers pass lengths that are identical on every
+        rank of ``group``, which every rank then must call this with at the same time.
+        """
+        s_q, s_k = lengths if lengths is not None else (q.shape[1], k.shape[1])
+        key = (q.dtype, need_mask, need_lse, bool(causal), q.shape[2], k.shape[2],
+               length_bucket(s_q), length_bucket(s_k), settings_version())
         entry = self._selections.get(key)
         if entry is None:
             if len(self._selections) > 64:  # settings changed many times: drop stale entries
                 self._selections.clear()
-            sel = self._select(dtype, need_mask, need_lse)
+            sel = self._select(q.dtype, need_mask, need_lse, s_k)
+            sel = self._measure(sel, q, k, v, causal, need_mask, need_lse, s_q, s_k, group)
             entry = self._selections[key] = (sel, sel.impl)
         return entry
 
-    def _select(self, dtype, need_mask, need_lse) -> BackendSelection:
-        if not need_mask:
-            return get_attn_backend(
-                self.head_size, dtype, self.supported_attention_backends, need_lse=need_lse
-            )
-        plain = get_attn_backend(self.head_size, dtype, self.supported_attention_backends, need_lse=need_lse)
-        if plain.impl.supports_mask:
+    def _select(self, dtype, need_mask, need_lse, num_keys) -> BackendSelection:
+        plain = get_attn_backend(
+            self.head_size, dtype, self.supported_attention_backends, need_lse=need_lse, num_keys=num_keys
+        )
+        if not need_mask or plain.impl.supports_mask:
             return plain
         # A masked call is not a reason to fail in strict mode: route it, say so once.
         masked = get_attn_backend(
-            self.head_size, dtype, self.supported_attention_backends, need_lse=need_lse, need_mask=True, strict=False
+            self.head_size, dtype, self.supported_attention_backends, need_lse=need_lse, need_mask=True,
+            strict=False, num_keys=num_keys,
         )
         log_once(
             logging.INFO,
             f"usp_attn: '{plain.backend}' has no mask support; masked attention calls run on '{masked.backend}'",
         )
         return masked
+
+    def _measure(self, sel, q, k, v, causal, need_mask, need_lse, s_q, s_k, group) -> BackendSelection:
+        """Refine an automatic selection by timing the exact kernels (see measured_choice)."""
+        if sel.requested is not None or need_mask or not measured_choice.measuring_possible(q):
+            return sel
+        agreement = get_group_agreement()
+        if group is None and agreement is not None and agreement.world_size > 1:
+            return sel  # a plain call in a group: the other ranks would not join the decision
+        supported = self.supported_attention_backends
+
+        def allowed(backend):
+            return (supported is None or backend in supported) and (
+                agreement is None or backend in agreement.available)
+
+        platforms = (agreement.platforms if agreement is not None and agreement.platforms else ()) or (
+            sel.local_platform or sel.platform,)
+        candidates = exact_candidates(platforms, self.head_size, q.dtype, need_lse=need_lse, allowed=allowed)
+        if len(candidates) < 2:
+            return sel
+        shape = ShapeClass.of(q.dtype, self.head_size, q.shape[2], k.shape[2], s_q, s_k, causal, need_lse)
+        found = measured_choice.choose(shape, candidates, sel.local_platform or sel.platform, q, k, v,
+                                       causal=causal, softmax_scale=self.softmax_scale, group=group)
+        if found is None:
+            return sel
+        return dataclasses.replace(sel, backend=found.winner.backend, kernel=found.winner.kernel,
+                                   timings=found.timings, source="measured")
 
     @property
     def backend(self) -> AttentionBackendEnum:
@@ -112,14 +152,17 @@ class LocalAttention(nn.Module):
             )
         return self.attend(q, k, v, mask=mask, causal=self.causal)
 
-    def attend(self, q, k, v, *, mask=None, causal=False, return_lse=False):
+    def attend(self, q, k, v, *, mask=None, causal=False, return_lse=False, kernel=None):
         """Run the kernel on already-validated inputs (``mask`` in normalised 4-D form).
 
-        Used by the sequence-parallel layers for each block; returns ``out`` or
-        ``(out, lse)`` with lse ``[B, H, S_q]`` float32.
+        Used by the sequence-parallel layers for each block, with ``kernel`` (an entry of
+        :meth:`kernel_for`) chosen once per layer call; returns ``out`` or ``(out, lse)``
+        with lse ``[B, H, S_q]`` float32.
         """
-        sel, impl = self._resolve(q.dtype, mask is not None, return_lse)
-        self._last = sel
+        if kernel is None:
+            kernel = self.kernel_for(q, k, v, causal=causal, need_mask=mask is not None, need_lse=return_lse)
+        sel, impl = kernel
+        self.__dict__["_last"] = sel  # nn.Module.__setattr__ costs microseconds per call
         if not impl.supports_gqa and k.shape[2] != q.shape[2]:
             k = expand_kv_heads(k, q.shape[2])
             v = expand_kv_heads(v, q.shape[2])

@@ -18,6 +18,8 @@ identical on every rank, e.g. text):
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -215,11 +217,12 @@ class USPAttention(nn.Module):
             q_all, k_all, v_all = q, k, v
 
         # 2. Attention over the whole sequence: one call (R == 1) or the ring (R > 1).
+        kernel = self._kernel(state, q_all, k_all, v_all, key_mask is not None, n_pre, n_suf, seg, sizes)
         if r_deg == 1:
             mask4d = None if key_mask is None else key_mask[:, None, None, :]
-            out_all = self.local.attend(q_all, k_all, v_all, mask=mask4d, causal=self.causal)
+            out_all = self.local.attend(q_all, k_all, v_all, mask=mask4d, causal=self.causal, kernel=kernel)
         else:
-            out_all = self._ring(state, q_all, k_all, v_all, key_mask, n_pre, n_suf, seg, sizes)
+            out_all = self._ring(state, q_all, k_all, v_all, key_mask, n_pre, n_suf, seg, sizes, kernel)
 
         # 3. Back to sequence shards; replicated outputs gathered over heads.
         out_seg = out_all[:, n_pre : n_pre + seg]
@@ -233,7 +236,24 @@ class USPAttention(nn.Module):
         text_out = self._gather_replicated(state, text_out)
         return torch.cat([text_out[:, :n_pre], out_img, text_out[:, n_pre:]], dim=1)
 
-    def _ring(self, state, q_all, k_all, v_all, key_mask, n_pre, n_suf, seg, sizes):
+    def _kernel(self, state, q_all, k_all, v_all, masked, n_pre, n_suf, seg, sizes):
+        """The kernel for every block of this call, chosen once per shape class for the group.
+
+        The class is built from the longest segment, which every SP rank knows identically,
+        so all ranks look up (and on a miss, measure on rank 0) the same class together.
+        """
+        u_deg, r_deg = state.ulysses_degree, state.ring_degree
+        longest = max(sum(sizes[r * u_deg : (r + 1) * u_deg]) for r in range(r_deg))
+        if r_deg == 1:
+            keys = slice(None)
+            lengths = (n_pre + longest + n_suf,) * 2
+        else:  # ring blocks: this segment's queries against one segment's keys at a time
+            keys = slice(n_pre, n_pre + seg)
+            lengths = (n_pre + longest + n_suf, longest)
+        return self.local.kernel_for(q_all, k_all[:, keys], v_all[:, keys], causal=self.causal, need_mask=masked,
+                                     need_lse=r_deg > 1, lengths=lengths, group=state.sp_group)
+
+    def _ring(self, state, q_all, k_all, v_all, key_mask, n_pre, n_suf, seg, sizes, kernel):
         u_deg, r_deg = state.ulysses_degree, state.ring_degree
         block_lengths = tuple(sum(sizes[r * u_deg : (r + 1) * u_deg]) for r in range(r_deg))
         own = slice(n_pre, n_pre + seg)
@@ -247,7 +267,7 @@ class USPAttention(nn.Module):
             local_blocks = ((text_k, text_v, text_mask),)
         exchange = RingExchange(state.ring_ranks, state.ring_rank, state.ring_group, state.timeout)
         return ring_attention(
-            self.local.attend, q_all, k_all[:, own], v_all[:, own],
+            functools.partial(self.local.attend, kernel=kernel), q_all, k_all[:, own], v_all[:, own],
             exchange=exchange, ring_rank=state.ring_rank, block_lengths=block_lengths,
             causal=self.causal, key_mask=None if key_mask is None else key_mask[:, own],
             local_blocks=local_blocks,

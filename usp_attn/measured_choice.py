@@ -1,0 +1,377 @@
+"""Automatic kernel choice by measurement: time every exact kernel once per shape class.
+
+Which attention kernel is fastest depends on the GPU, the library versions and the
+shape: on one H200, cuDNN attention beats FlashAttention 4 by 10 % on Flux's 4608
+tokens, and FA4 beats cuDNN by 27-34 % on Wan's 32760 (BENCHMARKS.md). A static rule
+gets such crossovers wrong somewhere, so on CUDA automatic selection measures:
+
+1. The first call that brings a new :class:`ShapeClass` (dtype, head size, heads, kv
+   heads, q/k length buckets, causal, LSE needed) lists the *exact* candidates that can
+   serve it on every rank (FA4/FA3/FA2 generations, aten cuDNN / flash / memory-efficient;
+   lossy kernels such as SageAttention never).
+2. One process times them on the call's own tensors: one warm-up call each (FA4
+   compiles here), then interleaved rounds in rotating order, median per kernel, within a
+   small budget; kernels 1.5x slower than the best after one round are not timed again.
+   Under a sequence-parallel group that process is the group's rank 0, which broadcasts
+   the winner, so every rank runs the same kernel; the shape class is then built from
+   quantities every rank has identically (global lengths), never from a rank's shard.
+3. The winner is cached per process (and, with a cache file, on disk, keyed by GPU,
+   driver, torch, CUDA, cuDNN and kernel-package versions), so steady-state calls cost a
+   dict lookup: no timing, no collective, no host sync.
+
+Measuring is skipped (the selector's static rule runs) when it is switched off
+(:func:`set_kernel_choice` / ``USP_ATTN_KERNEL_CHOICE=static``), inside torch.compile
+tracing or CUDA-graph capture, for masked calls, and for plain ``LocalAttention`` calls
+made by the ranks of a multi-rank group (they cannot know that the other ranks measure
+the same shape at the same time).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import statistics
+from typing import Callable, Sequence
+
+import torch
+import torch.distributed as dist
+
+from usp_attn.backends import BACKEND_CLASSES, AttentionBackendEnum, make_backend
+from usp_attn.platforms import Platform
+from usp_attn.selector import log_once, settings_changed
+
+__all__ = [
+    "ShapeClass",
+    "Candidate",
+    "Measurement",
+    "exact_candidates",
+    "length_bucket",
+    "measure",
+    "choose",
+    "set_kernel_choice",
+    "kernel_choice_settings",
+    "measuring_possible",
+    "clear_measurements",
+    "set_timer",
+    "CudaEventTimer",
+]
+
+logger = logging.getLogger("usp_attn")
+
+CHOICE_ENV = "USP_ATTN_KERNEL_CHOICE"  # "measure" (default) or "static"
+CACHE_ENV = "USP_ATTN_KERNEL_CACHE"  # path of a JSON file that keeps measurements across runs
+
+#: Backends whose kernels are exact (same math as the fp64 reference up to rounding).
+EXACT_BACKENDS = (AttentionBackendEnum.FA, AttentionBackendEnum.TORCH_SDPA)
+#: Timing budget per shape class after the warm-up calls: rounds stop once this much GPU
+#: time is spent (at least MIN_ROUNDS, at most MAX_ROUNDS).
+BUDGET_MS = 300.0
+MIN_ROUNDS, MAX_ROUNDS = 3, 10
+#: After the first round, kernels slower than this factor times the fastest are dropped.
+PRUNE_FACTOR = 1.5
+
+
+def length_bucket(n: int) -> int:
+    """Sequence lengths that share a measurement: the next power of two >= ``n``."""
+    return 1 << (max(int(n), 1) - 1).bit_length()
+
+
+@dataclasses.dataclass(frozen=True)
+class ShapeClass:
+    """What a measurement is valid for."""
+
+    dtype: torch.dtype
+    head_size: int
+    heads: int
+    kv_heads: int
+    q_bucket: int
+    k_bucket: int
+    causal: bool
+    need_lse: bool
+
+    @classmethod
+    def of(cls, dtype, head_size, heads, kv_heads, q_len, k_len, causal, need_lse) -> "ShapeClass":
+        return cls(dtype, int(head_size), int(heads), int(kv_heads), length_bucket(q_len), length_bucket(k_len),
+                   bool(causal), bool(need_lse))
+
+    def describe(self) -> str:
+        return (f"{str(self.dtype).replace('torch.', '')} D={self.head_size} H={self.heads} H_kv={self.kv_heads} "
+                f"S_q<={self.q_bucket} S_k<={self.k_bucket}" + (" causal" if self.causal else "")
+                + (" lse" if self.need_lse else ""))
+
+
+@dataclasses.dataclass(frozen=True)
+class Candidate:
+    backend: AttentionBackendEnum
+    kernel: str  # unique across backends: fa4, fa3, fa2, cudnn, flash, efficient
+
+
+@dataclasses.dataclass(frozen=True)
+class Measurement:
+    """The outcome: the winner and ``(kernel, median ms | None if it failed)``, fastest first."""
+
+    winner: Candidate
+    timings: tuple[tuple[str, float | None], ...]
+    source: str  # "measured" or "cache file"
+
+
+# ---- settings ------------------------------------------------------------------------------
+_mode: str | None = None  # None: read the environment
+_cache_path: str | None = None
+_decided: dict[tuple, Measurement] = {}
+_disk: dict | None = None
+
+
+def set_kernel_choice(mode: str | None = None, cache_path: str | os.PathLike | None = None) -> None:
+    """``mode``: ``"measure"`` or ``"static"`` (``None``: ``USP_ATTN_KERNEL_CHOICE``, default
+    measure); ``cache_path``: JSON file keeping measurements across runs (``None``:
+    ``USP_ATTN_KERNEL_CACHE``, default none)."""
+    global _mode, _cache_path, _disk
+    if mode is not None and mode not in ("measure", "static"):
+        raise ValueError(f"kernel choice must be 'measure' or 'static', got {mode!r}")
+    _mode, _cache_path, _disk = mode, (None if cache_path is None else os.fspath(cache_path)), None
+    settings_changed()  # layers cache their choices on the selector's settings version
+
+
+def kernel_choice_settings() -> tuple[str, str | None]:
+    """``(mode, cache path or None)`` in effect."""
+    mode = _mode or os.environ.get(CHOICE_ENV, "measure").strip().lower() or "measure"
+    if mode not in ("measure", "static"):
+        log_once(logging.WARNING, f"usp_attn: {CHOICE_ENV}={mode!r} is not 'measure' or 'static'; using 'static'")
+        mode = "static"
+    return mode, _cache_path or os.environ.get(CACHE_ENV) or None
+
+
+def clear_measurements() -> None:
+    """Forget every measurement of this process (not the cache file)."""
+    global _disk
+    _decided.clear()
+    _disk = None
+    settings_changed()
+
+
+def measuring_possible(q: torch.Tensor) -> bool:
+    """Whether timing kernels now is possible and meaningful (eager CUDA, not capturing)."""
+    if kernel_choice_settings()[0] != "measure" or not _timer.usable(q):
+        return False
+    compiler = getattr(torch, "compiler", None)
+    if compiler is not None and compiler.is_compiling():
+        return False
+    return q.device.type != "cuda" or not torch.cuda.is_current_stream_capturing()
+
+
+# ---- candidates ----------------------------------------------------------------------------
+def exact_candidates(
+    platforms: Sequence[Platform], head_size: int, dtype: torch.dtype, *, need_lse: bool,
+    allowed: Callable[[AttentionBackendEnum], bool] = lambda b: True,
+) -> tuple[Candidate, ...]:
+    """Exact kernels that can serve these properties on every platform in ``platforms``."""
+    found = []
+    for backend in EXACT_BACKENDS:
+        cls = BACKEND_CLASSES[backend]
+        if not allowed(backend):
+            continue
+        if any(cls.unsupported_reason(p, head_size, dtype, need_lse=need_lse) for p in platforms):
+            continue
+        common = [k for k in cls.kernels(platforms[0], head_size, dtype)
+                  if all(k in cls.kernels(p, head_size, dtype) for p in platforms[1:])]
+        found += [Candidate(backend, k) for k in common]
+    return tuple(found)
+
+
+# ---- timing --------------------------------------------------------------------------------
+class CudaEventTimer:
+    """Times kernel calls on the GPU with CUDA events (tests substitute a deterministic timer)."""
+
+    def usable(self, q: torch.Tensor) -> bool:
+        return q.device.type == "cuda"
+
+    def warm_up(self, candidate: Candidate, call: Callable[[], object], device: torch.device) -> None:
+        call()  # JIT compilation (FA4), cuDNN plan building, workspace allocation
+        torch.cuda.synchronize(device)
+
+    def time(self, candidate: Candidate, call: Callable[[], object], device: torch.device) -> float:
+        """Milliseconds of one call."""
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        call()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end)
+
+
+_timer = CudaEventTimer()
+
+
+def set_timer(timer) -> object:
+    """Replace the timer (tests); returns the previous one."""
+    global _timer
+    previous, _timer = _timer, timer
+    return previous
+
+
+def measure(
+    candidates: Sequence[Candidate], platform: Platform, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
+    causal: bool, softmax_scale: float | None, need_lse: bool,
+) -> Measurement:
+    """Time each candidate on these tensors (``[B, S, H, D]``, CUDA) and pick the fastest.
+
+    A candidate that raises is recorded with ``None`` and never wins; if all fail the
+    first one's error is raised.
+    """
+    calls = {}
+    errors = {}
+    with torch.no_grad():
+        for cand in candidates:
+            impl = make_backend(cand.backend, platform, cand.kernel)
+            call = _bind(impl, q, k, v, causal, softmax_scale, need_lse)
+            try:
+                _timer.warm_up(cand, call, q.device)
+            except Exception as exc:  # a kernel that cannot run this shape is simply not chosen
+                errors[cand] = exc
+                continue
+            calls[cand] = call
+        if not calls:
+            raise next(iter(errors.values()))
+        times = {cand: [] for cand in calls}
+        spent, rounds = 0.0, 0
+        while rounds < MAX_ROUNDS and (rounds < MIN_ROUNDS or spent < BUDGET_MS):
+            # Interleaved, and the order rotated every round: clock and thermal drift within a
+            # round (a kernel after a long cool one runs at a higher boost) hit all alike.
+            order = list(calls)
+            order = order[rounds % len(order):] + order[: rounds % len(order)]
+            for cand in order:
+                ms = _timer.time(cand, calls[cand], q.device)
+                times[cand].append(ms)
+                spent += ms
+            if rounds == 0:  # a kernel 1.5x slower than the best cannot win: stop timing it
+                best = min(ts[0] for ts in times.values())
+                calls = {c: f for c, f in calls.items() if times[c][0] <= PRUNE_FACTOR * best}
+            rounds += 1
+    medians = {cand: statistics.median(ts) for cand, ts in times.items()}
+    order = sorted(medians, key=medians.get)
+    timings = tuple((c.kernel, medians[c]) for c in order) + tuple((c.kernel, None) for c in errors)
+    for cand, exc in errors.items():
+        log_once(logging.INFO, f"usp_attn: kernel {cand.kernel} could not run ({type(exc).__name__}: {exc}); "
+                               "not chosen")
+    return Measurement(order[0], timings, "measured")
+
+
+def _bind(impl, q, k, v, causal, scale, need_lse):
+    def call():
+        return impl.forward(q, k, v, causal=causal, softmax_scale=scale, return_lse=need_lse)
+    return call
+
+
+# ---- deciding (once per shape class, shared by the group) ----------------------------------
+def choose(
+    shape: ShapeClass, candidates: Sequence[Candidate], platform: Platform, q, k, v, *,
+    causal: bool, softmax_scale: float | None, group: dist.ProcessGroup | None = None,
+) -> Measurement | None:
+    """The measured winner for ``shape``; with ``group``, decided on its rank 0 and shared.
+
+    Every rank of ``group`` must call this for the same ``shape`` and ``candidates`` at the
+    same point (the sequence-parallel layers guarantee it); the process cache makes later
+    calls free on every rank alike. ``None`` (on every rank) if the measurement failed:
+    the static rule then stays, logged once.
+    """
+    key = (shape, tuple(candidates))
+    if key in _decided:
+        return _decided[key]
+    world = dist.get_world_size(group) if group is not None and dist.is_initialized() else 1
+    rank = dist.get_rank(group) if world > 1 else 0
+    outcome = None
+    if rank == 0:
+        try:
+            outcome = _from_cache_file(shape, candidates, platform)
+            if outcome is None:
+                outcome = measure(candidates, platform, q, k, v, causal=causal, softmax_scale=softmax_scale,
+                                  need_lse=shape.need_lse)
+                _to_cache_file(shape, candidates, platform, outcome)
+        except Exception as exc:  # never leave the other ranks waiting in the broadcast
+            outcome = f"{type(exc).__name__}: {exc}"
+    if world > 1:
+        box = [outcome]
+        dist.broadcast_object_list(box, src=dist.get_global_rank(group, 0), group=group)
+        outcome = box[0]
+    if isinstance(outcome, str):
+        log_once(logging.WARNING, f"usp_attn: measuring attention kernels for {shape.describe()} failed "
+                                  f"({outcome}); using the static rule")
+        outcome = None
+    _decided[key] = outcome
+    if outcome is None:
+        return None
+    table = ", ".join(f"{name} {'failed' if ms is None else f'{ms:.3f} ms'}" for name, ms in outcome.timings)
+    logger.info("usp_attn: measured kernel choice for %s: %s (%s; %s)", shape.describe(), outcome.winner.kernel,
+                table, outcome.source)
+    return outcome
+
+
+# ---- the cache file ------------------------------------------------------------------------
+def machine_fingerprint(platform: Platform) -> str:
+    """What a cached measurement depends on besides the shape (short hash)."""
+    driver = None
+    with contextlib.suppress(Exception):
+        driver = torch._C._cuda_getDriverVersion()  # no public accessor in torch
+    cudnn = None
+    with contextlib.suppress(Exception):
+        cudnn = torch.backends.cudnn.version()
+    facts = {"device": platform.device_name, "capability": platform.capability, "driver": driver,
+             "torch": torch.__version__, "cuda": torch.version.cuda, "cudnn": cudnn,
+             "packages": list(platform.packages)}
+    return hashlib.sha256(json.dumps(facts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _entry_key(shape: ShapeClass, candidates) -> str:
+    return shape.describe() + " | " + ",".join(c.kernel for c in candidates)
+
+
+def _load_cache_file(path: str) -> dict:
+    global _disk
+    if _disk is None:
+        try:
+            with open(path) as f:
+                _disk = json.load(f)
+            if not isinstance(_disk, dict):
+                raise ValueError("not a JSON object")
+        except FileNotFoundError:
+            _disk = {}
+        except (OSError, ValueError) as exc:
+            log_once(logging.WARNING, f"usp_attn: ignoring unreadable kernel cache file {path} ({exc})")
+            _disk = {}
+    return _disk
+
+
+def _from_cache_file(shape, candidates, platform) -> Measurement | None:
+    path = kernel_choice_settings()[1]
+    if not path:
+        return None
+    entry = _load_cache_file(path).get(machine_fingerprint(platform), {}).get(_entry_key(shape, candidates))
+    if not entry:
+        return None
+    by_name = {c.kernel: c for c in candidates}
+    if entry.get("winner") not in by_name:
+        return None
+    timings = tuple((str(n), None if ms is None else float(ms)) for n, ms in entry.get("timings_ms", []))
+    return Measurement(by_name[entry["winner"]], timings, "cache file")
+
+
+def _to_cache_file(shape, candidates, platform, outcome: Measurement) -> None:
+    path = kernel_choice_settings()[1]
+    if not path:
+        return
+    data = _load_cache_file(path)
+    data.setdefault(machine_fingerprint(platform), {})[_entry_key(shape, candidates)] = {
+        "winner": outcome.winner.kernel, "timings_ms": [list(t) for t in outcome.timings]}
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(tmp, "w") as f:
+            json.dump(data, f, indent=1, sort_keys=True)
+        os.replace(tmp, path)  # atomic: a concurrent reader sees the old or the new file
+    except OSError as exc:
+        log_once(logging.WARNING, f"usp_attn: could not write the kernel cache file {path} ({exc})")
