@@ -68,7 +68,8 @@ class FamilyPlan:
         joint_text: where joint attention puts the text tokens in q/k/v: ``"prefix"`` (text first, e.g. Flux),
             ``"suffix"`` (HunyuanVideo), or ``None`` (the family has no joint attention; text only in
             cross-attention).
-        processors: module path -> factory ``(attention_module, family_plan) -> processor`` for attention modules
+        processors: module path -> factory ``(attention_module, run) -> processor`` (``run``: the model's
+            ``SequenceParallelRun``; e.g. a ``PlanProcessor`` subclass) for attention modules
             whose diffusers processor does not call ``dispatch_attention_fn`` (e.g. CogVideoX's calls torch's
             SDPA directly); their attention is done by our processor instead.
         local_attention: module paths of attention modules that only ever see whole (replicated) tensors,
