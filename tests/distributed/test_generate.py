@@ -242,7 +242,7 @@ def test_bf16_run_is_judged_against_fp32_rerun():
 
 
 # ---- --model-path (diffusers pipelines) ---------------------------------------------------------
-PIPELINE_ARGS = ["--num-frames", "5", "--height", "64", "--width", "96", "--num-inference-steps", "2", "--dtype", "fp32"]
+PIPELINE_ARGS = ["--num-frames", "5", "--height", "32", "--width", "48", "--num-inference-steps", "2", "--dtype", "fp32"]
 # family -> (layout of the 2-rank run, image pipeline?)
 PIPELINES = {"wan": ((2, 1), False), "flux": ((1, 2), True), "cogvideox": ((2, 1), False)}
 
@@ -285,7 +285,7 @@ def test_model_path_runs_each_pipeline_family(family, tiny_pipelines, tmp_path):
         assert proc.stdout.count("attention backend: ") == 1
     assert f"Ulysses {u} x ring {r}" in parallel.stdout
     got, want = (load_npz(tmp_path / n)["video"].astype(int) for n in ("par.npz", "one.npz"))
-    assert got.shape == want.shape and got.shape[1:] == (64, 96, 3) and want.std() > 5
+    assert got.shape == want.shape and got.shape[1:] == (32, 48, 3) and want.std() > 5
     assert (got.shape[0] == 1) if image else (got.shape[0] >= 5), got.shape  # a picture / the video's frames
     assert np.abs(got - want).max() <= 1  # uint8 frames: equal up to rounding
 
