@@ -83,6 +83,17 @@ class SequenceParallelState:
     sequence_length: int | None = None
     _created_groups: list = dataclasses.field(default_factory=list, repr=False)
     _owns_default_group: bool = False
+    _device_mesh: object = dataclasses.field(default=None, repr=False)
+
+    @property
+    def device_mesh(self):
+        """A torch ``DeviceMesh`` with dims ``("ring", "ulysses")`` over this SP group (the one passed to
+        ``init_sequence_parallel(mesh=...)``, else built on first use from the SP groups, without a collective)."""
+        if self._device_mesh is None:
+            from usp_attn.distributed.mesh import build_device_mesh
+
+            self._device_mesh = build_device_mesh(self)
+        return self._device_mesh
 
     @property
     def world_size(self) -> int:
@@ -176,6 +187,7 @@ def init_sequence_parallel(
     *,
     strict: bool | None = None,
     validate: bool | None = None,
+    mesh=None,
 ) -> SequenceParallelState:
     """Build the Ulysses and ring groups and agree on one attention backend.
 
@@ -193,12 +205,21 @@ def init_sequence_parallel(
         strict: fail instead of falling back if the request cannot run on every rank.
         validate: check cross-rank consistency of layer arguments before every
             collective (default: env ``USP_ATTN_VALIDATE=1``).
+        mesh: a torch ``DeviceMesh`` with dims ``("ring", "ulysses")`` (others allowed): use its layout
+            (degrees and groups of ranks) instead of ``ulysses_degree``/``ring_degree``/``ranks``; the
+            state's ``device_mesh`` is then that mesh (see ``usp_attn.distributed.mesh``).
 
     Returns:
         The :class:`SequenceParallelState`, also available from
         :func:`get_sequence_parallel_state`.
     """
     global _state
+    if mesh is not None:
+        from usp_attn.distributed.mesh import init_from_device_mesh
+
+        return init_from_device_mesh(mesh, ulysses_degree, ring_degree, ranks, init_sequence_parallel,
+                                     attention_backend=attention_backend, timeout=timeout, strict=strict,
+                                     validate=validate)
     _check_degree("ulysses_degree", ulysses_degree)
     _check_degree("ring_degree", ring_degree)
     request = parse_attention_backend(attention_backend)  # a bad name fails before any collective
