@@ -7,8 +7,8 @@
 Without --model-path it runs a small built-in Wan-style video DiT with seeded random
 weights (launch/tiny_dit.py): random text embeddings instead of a text encoder and no
 VAE (the "video" is a fixed linear map of the latents to RGB), so the command runs
-anywhere, on CPU + gloo when there is no GPU. With --model-path it runs a real diffusers
-Wan pipeline with sequence parallelism enabled on its transformer.
+anywhere, on CPU + gloo when there is no GPU. With --model-path it runs a diffusers
+pipeline (video or image) with sequence parallelism enabled on its transformer.
 
 Exit status: 0 success, 1 failure (including a failed --verify), 2 bad arguments.
 """
@@ -32,7 +32,7 @@ from builtin_job import WEIGHT_SEED, builtin_config, run_builtin
 from flow_match import VAE_STRIDE, latent_grid, latents_to_video
 from run_report import check_output, print_summary, write_output
 from tiny_dit import TinyDiTConfig
-from wan_job import check_model_path, run_model_path
+from diffusers_job import check_model_path, run_model_path
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 PATCH = TinyDiTConfig.patch_size  # Wan's (1, 2, 2), for the built-in model and Wan 2.1 alike
@@ -74,9 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=_HelpFormatter,
     )
     p.add_argument("--model-path", default=None, metavar="PATH",
-                   help="local diffusers Wan 2.x directory (or hub id, with network) run through WanPipeline; needs "
-                   "diffusers and usp_attn.integrations.diffusers (untested in CI: no weights there). Default: the "
-                   "built-in random-weight DiT")
+                   help="local diffusers pipeline directory (or hub id, with network): the pipeline named by its "
+                   "model_index.json (Wan, Flux, Qwen-Image, LTX-Video, HunyuanVideo, CogVideoX, ...), sequence "
+                   "parallel on its transformer; video -> .mp4/.gif/.npz, image -> .png. Needs 'usp-attn[diffusers]'. "
+                   "Default: the built-in random-weight DiT")
     add_attention_args(p)
     p.add_argument("--sp-timeout", type=seconds, default=DEFAULT_TIMEOUT.total_seconds(), metavar="SECONDS",
                    help="bound on every sequence-parallel collective: when a rank dies or hangs, the others stop "

@@ -15,7 +15,7 @@ __all__ = [
     "print_summary", "relative_error", "write_output",
 ]
 
-OUTPUT_KINDS = {".npz": None, ".gif": ("imageio",), ".mp4": ("imageio", "imageio_ffmpeg")}
+OUTPUT_KINDS = {".npz": None, ".gif": ("imageio",), ".mp4": ("imageio", "imageio_ffmpeg"), ".png": ("imageio",)}
 
 # How --verify judges the sequence-parallel result P against one-process reruns of the same
 # steps (same weights, inputs and kernel; no sequence parallelism):
@@ -146,6 +146,10 @@ def write_output(path: str, video: torch.Tensor, latents, args, backend: str) ->
         import imageio.v3 as iio
 
         iio.imwrite(path, frames, extension=".gif", duration=1000 / args.fps, loop=0)
+    elif ext == ".png":  # an image pipeline's picture; of a video, the first frame
+        import imageio.v3 as iio
+
+        iio.imwrite(path, frames[0], extension=".png")
     else:
         import imageio.v2 as imageio
 

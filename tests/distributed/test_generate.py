@@ -241,31 +241,64 @@ def test_bf16_run_is_judged_against_fp32_rerun():
     assert "x bfloat16 rerun's" in proc.stdout
 
 
-# ---- --model-path (diffusers WanPipeline) ------------------------------------------------------
-WAN_ARGS = ["--num-frames", "9", "--height", "64", "--width", "96", "--num-inference-steps", "3", "--dtype", "fp32"]
+# ---- --model-path (diffusers pipelines) ---------------------------------------------------------
+PIPELINE_ARGS = ["--num-frames", "5", "--height", "32", "--width", "48", "--num-inference-steps", "2", "--dtype", "fp32"]
+# family -> (layout of the 2-rank run, image pipeline?)
+PIPELINES = {"wan": ((2, 1), False), "flux": ((1, 2), True), "cogvideox": ((2, 1), False)}
 
 
-def test_model_path_runs_diffusers_wan_or_says_what_is_missing(tmp_path, capsys):
-    missing = [m for m in ("diffusers", "transformers", "accelerate") if importlib.util.find_spec(m) is None]
-    if missing:
-        # CI installs no diffusers extra: the path must refuse before any work, naming the fix.
-        assert generate.main(["--model-path", str(tmp_path), *WAN_ARGS]) == 2
-        err = capsys.readouterr().err
-        assert "--model-path needs" in err and "pip install 'usp-attn[diffusers]'" in err, err
-        return
-    # With the extra: a tiny random pipeline (no download), 4 ranks U=2 x R=2 vs 1 process.
-    model = tmp_path / "tiny-wan"
-    built = _run([sys.executable, str(LAUNCH / "make_tiny_wan.py"), str(model)])
+@pytest.fixture(scope="module")
+def tiny_pipelines(tmp_path_factory):
+    """Tiny random pipelines of every family in PIPELINES, written once (one process builds all)."""
+    root = tmp_path_factory.mktemp("pipelines")
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import make_tiny_pipelines as m\n"
+            "for f in sys.argv[3:]: m.build(f).save_pretrained(f'{sys.argv[2]}/{f}')")
+    built = _run([sys.executable, "-c", code, str(LAUNCH), str(root), *PIPELINES], timeout=240)
     assert built.returncode == 0, built.stderr
-    parallel = torchrun(4, "--model-path", str(model), "--ulysses-degree", "2", "--ring-degree", "2", *WAN_ARGS,
-                        "--output", str(tmp_path / "par.npz"))
-    single = python("--model-path", str(model), *WAN_ARGS, "--output", str(tmp_path / "one.npz"))
+    return root
+
+
+def _missing_for_model_path() -> list[str]:
+    return [m for m in ("diffusers", "transformers", "accelerate") if importlib.util.find_spec(m) is None]
+
+
+def test_model_path_without_the_extra_says_what_is_missing(tmp_path, capsys, monkeypatch):
+    if not _missing_for_model_path():  # pretend transformers is missing: the path must refuse before any work
+        real = importlib.util.find_spec
+        monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "transformers" else real(name, *a))
+    assert generate.main(["--model-path", str(tmp_path), *PIPELINE_ARGS]) == 2
+    err = capsys.readouterr().err
+    assert "--model-path needs" in err and "pip install 'usp-attn[diffusers]'" in err, err
+
+
+@pytest.mark.skipif(bool(_missing_for_model_path()), reason="needs the diffusers, transformers and accelerate packages")
+@pytest.mark.parametrize("family", sorted(PIPELINES))
+def test_model_path_runs_each_pipeline_family(family, tiny_pipelines, tmp_path):
+    # A tiny random pipeline (no download), 2 ranks vs 1 process: the same picture / video.
+    (u, r), image = PIPELINES[family]
+    model = tiny_pipelines / family
+    parallel = torchrun(2, "--model-path", str(model), "--ulysses-degree", str(u), "--ring-degree", str(r),
+                        *PIPELINE_ARGS, "--output", str(tmp_path / "par.npz"))
+    single = python("--model-path", str(model), *PIPELINE_ARGS, "--output", str(tmp_path / "one.npz"))
     for proc in (parallel, single):
         assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
         assert proc.stdout.count("attention backend: ") == 1
+    assert f"Ulysses {u} x ring {r}" in parallel.stdout
     got, want = (load_npz(tmp_path / n)["video"].astype(int) for n in ("par.npz", "one.npz"))
-    assert got.shape == (9, 64, 96, 3) and want.std() > 5
+    assert got.shape == want.shape and got.shape[1:] == (32, 48, 3) and want.std() > 5
+    assert (got.shape[0] == 1) if image else (got.shape[0] >= 5), got.shape  # a picture / the video's frames
     assert np.abs(got - want).max() <= 1  # uint8 frames: equal up to rounding
+
+
+def test_model_path_refuses_a_directory_without_a_supported_transformer(tmp_path, capsys):
+    if _missing_for_model_path():
+        pytest.skip("needs the diffusers, transformers and accelerate packages")
+    (tmp_path / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"]}')
+    assert generate.main(["--model-path", str(tmp_path), *PIPELINE_ARGS]) == 2
+    err = capsys.readouterr().err
+    assert "has no transformer to run in parallel" in err, err
+    assert generate.main(["--model-path", str(tmp_path / "nothing"), *PIPELINE_ARGS]) == 2
+    assert "neither a directory nor a hub id" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("ext", [".gif", ".mp4"])

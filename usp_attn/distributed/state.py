@@ -99,6 +99,17 @@ class SequenceParallelState:
     _owns_default_group: bool = False
     _channel: object = dataclasses.field(default=None, repr=False)  # RankChannel, made on first use
     _checks: int = 0  # argument checks run so far (the same count on every rank)
+    _device_mesh: object = dataclasses.field(default=None, repr=False)
+
+    @property
+    def device_mesh(self):
+        """A torch ``DeviceMesh`` with dims ``("ring", "ulysses")`` over this SP group (the one passed to
+        ``init_sequence_parallel(mesh=...)``, else built on first use from the SP groups, without a collective)."""
+        if self._device_mesh is None:
+            from usp_attn.distributed.mesh import build_device_mesh
+
+            self._device_mesh = build_device_mesh(self)
+        return self._device_mesh
 
     @property
     def world_size(self) -> int:
@@ -210,6 +221,7 @@ def init_sequence_parallel(
     *,
     strict: bool | None = None,
     validate: bool | None = None,
+    mesh=None,
 ) -> SequenceParallelState:
     """Build the Ulysses and ring groups and agree on one attention backend.
 
@@ -230,6 +242,9 @@ def init_sequence_parallel(
             ``None`` = the first call of each layer and every call whose arguments changed
             (default, unless env ``USP_ATTN_VALIDATE`` is 1 = every call or 0 = never),
             ``True`` = every call, ``False`` = never.
+        mesh: a torch ``DeviceMesh`` with dims ``("ring", "ulysses")`` (others allowed): use its layout
+            (degrees and groups of ranks) instead of ``ulysses_degree``/``ring_degree``/``ranks``; the
+            state's ``device_mesh`` is then that mesh (see ``usp_attn.distributed.mesh``).
 
     Raises:
         ValueError: a bad argument (named, before any collective); every rank raises it.
@@ -243,6 +258,12 @@ def init_sequence_parallel(
         :func:`get_sequence_parallel_state`.
     """
     global _state, _generation
+    if mesh is not None:
+        from usp_attn.distributed.mesh import init_from_device_mesh
+
+        return init_from_device_mesh(mesh, ulysses_degree, ring_degree, ranks, init_sequence_parallel,
+                                     attention_backend=attention_backend, timeout=timeout, strict=strict,
+                                     validate=validate)
     # Every argument is checked before any collective, so a bad one fails alike on every rank.
     _check_degree("ulysses_degree", ulysses_degree)
     _check_degree("ring_degree", ring_degree)

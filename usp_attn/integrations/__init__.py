@@ -2,6 +2,6 @@
 
 Nothing here is imported by ``import usp_attn``; import the integration you want:
 
-    usp_attn.integrations.diffusers    sequence parallelism for diffusers video transformers
+    usp_attn.integrations.diffusers    sequence parallelism for diffusers transformers (Wan, Flux, Qwen-Image, ...)
                                        (needs ``pip install 'usp-attn[diffusers]'``)
 """

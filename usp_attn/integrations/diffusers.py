@@ -6,23 +6,23 @@ Usage (every rank runs the same code, e.g. under ``torchrun``)::
     from usp_attn.integrations.diffusers import enable_sequence_parallel
 
     usp_attn.init_sequence_parallel(ulysses_degree=2, ring_degree=2)
-    pipe = WanPipeline.from_pretrained(...)
-    enable_sequence_parallel(pipe.transformer)      # and pipe.transformer_2 for Wan 2.2 A14B
-    video = pipe(prompt, ...)                       # same full inputs/outputs on every rank
+    pipe = FluxPipeline.from_pretrained(...)
+    enable_sequence_parallel(pipe.transformer)      # and pipe.transformer_2 where a pipeline has two
+    image = pipe(prompt, ...)                       # same full inputs/outputs on every rank
 
-After :func:`enable_sequence_parallel`, calling the transformer with the **full** inputs on
-every rank returns the **full** output on every rank; inside, the token sequence is split
-across the sequence-parallel ranks after patch embedding (rotary table split the same
-way), self-attention runs through :class:`~usp_attn.USPAttention`, cross-attention runs
-locally against the full text tokens, and the tokens are gathered before the output
-projection. Inference only. :func:`disable_sequence_parallel` restores the model.
+After :func:`enable_sequence_parallel`, calling the transformer with the **full** inputs on every rank returns
+the **full** output on every rank. Inside, the family's plan (:mod:`.diffusers_plan`, data: which tensors are
+cut to this rank's token shard where, which outputs are gathered) is applied with torch hooks, and every
+attention call of the model's own processors runs through :class:`~usp_attn.USPAttention`
+(:mod:`.diffusers_attention`). Text tokens stay whole on every rank. Inference only.
+:func:`disable_sequence_parallel` restores the model.
 
-Supported models: see :func:`supported_models`. A new family is one adapter class
-(a :class:`~usp_attn.integrations.diffusers_adapter.SequenceParallelAdapter` subclass)
-passed to :func:`register_adapter`.
+Supported models: :func:`supported_models`, plus any model class carrying a diffusers ``_cp_plan``. A new
+family is a plan passed to :func:`register_plan`.
 
-Importing this module needs ``diffusers >= 0.35`` (``pip install 'usp-attn[diffusers]'``);
-``import usp_attn`` never imports diffusers.
+Importing this module needs ``diffusers >= 0.35`` (``pip install 'usp-attn[diffusers]'``); enabling a model
+needs a diffusers release in :data:`TESTED_DIFFUSERS` (the integration relies on one private name, see
+:mod:`.diffusers_attention`). ``import usp_attn`` never imports diffusers.
 """
 
 from __future__ import annotations
@@ -39,26 +39,38 @@ except ImportError as _exc:
         f"importable ({_exc}). Install it with: pip install 'usp-attn[diffusers]'  (or: pip install 'diffusers>=0.35')"
     ) from _exc
 
+import os
+
 from torch import nn
 
 from usp_attn.distributed.sharding import require_state
 from usp_attn.distributed.state import SequenceParallelState
-from usp_attn.integrations.diffusers_adapter import SequenceParallelAdapter
-from usp_attn.integrations.diffusers_wan import WanAdapter
+from usp_attn.integrations.diffusers_apply import PlanProcessor, SequenceParallelRun
+from usp_attn.integrations.diffusers_families import BUILTIN_PLANS, plan_for_model
+from usp_attn.integrations.diffusers_plan import FamilyPlan, Gather, Shard, from_diffusers_cp_plan
 
 __all__ = [
-    "SequenceParallelAdapter",
+    "FamilyPlan",
+    "Gather",
+    "PlanProcessor",
+    "Shard",
+    "TESTED_DIFFUSERS",
     "disable_sequence_parallel",
     "enable_sequence_parallel",
+    "from_diffusers_cp_plan",
     "is_sequence_parallel_enabled",
-    "register_adapter",
+    "register_plan",
     "supported_models",
 ]
 
 logger = logging.getLogger("usp_attn")
 
 MIN_DIFFUSERS = (0, 35)
-_ATTR = "_usp_attn_sequence_parallel"  # where an enabled model keeps its adapter
+#: diffusers releases (major, minor), inclusive, that the integration is tested with.
+TESTED_DIFFUSERS = ((0, 42), (0, 42))
+#: Set to 1 to enable models under a diffusers release outside TESTED_DIFFUSERS (a warning is logged).
+UNTESTED_ENV = "USP_ATTN_DIFFUSERS_UNTESTED"
+_ATTR = "_usp_attn_sequence_parallel"  # where an enabled model keeps its SequenceParallelRun
 
 
 def _diffusers_version() -> str:
@@ -78,67 +90,93 @@ if _release(_diffusers_version()) < MIN_DIFFUSERS:
         f"{_diffusers_version()}. Upgrade with: pip install -U 'diffusers>=0.35'"
     )
 
+
+def check_diffusers_version(version: str | None = None) -> None:
+    """Raise unless ``version`` (default: the installed one) is in :data:`TESTED_DIFFUSERS`.
+
+    The integration replaces one private diffusers name (``dispatch_attention_fn`` in the processors'
+    modules); a release it was not tested with could rename it, or compute attention elsewhere, and the
+    model would silently attend only this rank's tokens. ``USP_ATTN_DIFFUSERS_UNTESTED=1`` proceeds with a
+    warning (the per-module check that attention really went through usp_attn still applies).
+    """
+    version = version or _diffusers_version()
+    low, high = TESTED_DIFFUSERS
+    if low <= _release(version) <= high:
+        return
+    tested = ".".join(map(str, low)) + ".x" if low == high else f"{low[0]}.{low[1]} to {high[0]}.{high[1]}"
+    message = (f"usp_attn's diffusers integration is tested with diffusers {tested}, found {version}. "
+               f"Install a tested release (pip install 'diffusers=={low[0]}.{low[1]}.*'), or set {UNTESTED_ENV}=1 "
+               "to try this one")
+    if os.environ.get(UNTESTED_ENV, "0") not in ("", "0"):
+        logger.warning("usp_attn: %s (%s=1: proceeding)", message.split(". Install")[0], UNTESTED_ENV)
+        return
+    raise RuntimeError(message)
+
+
 # ---- registry ------------------------------------------------------------------------------
-_ADAPTERS: dict[str, type[SequenceParallelAdapter]] = {}
+_PLANS: dict = dict(BUILTIN_PLANS)
 
 
-def register_adapter(adapter: type[SequenceParallelAdapter]) -> type[SequenceParallelAdapter]:
-    """Make ``adapter`` handle the model classes named in its ``model_classes`` (usable as a decorator)."""
-    if not (isinstance(adapter, type) and issubclass(adapter, SequenceParallelAdapter)):
-        raise TypeError(f"register_adapter expects a SequenceParallelAdapter subclass, got {adapter!r}")
-    if not adapter.model_classes:
-        raise ValueError(f"{adapter.__name__}.model_classes is empty: name the model classes it handles")
-    for name in adapter.model_classes:
-        _ADAPTERS[name] = adapter
-    return adapter
+def register_plan(model_class: str, plan) -> None:
+    """Run models of class ``model_class`` (a class name; subclasses too) with ``plan``.
 
-
-register_adapter(WanAdapter)
+    ``plan``: a :class:`FamilyPlan`, or a function ``model -> FamilyPlan``. Replaces a plan registered for the
+    same class (and takes precedence over the model's own diffusers ``_cp_plan``).
+    """
+    if not isinstance(model_class, str) or not model_class:
+        raise TypeError(f"register_plan expects a model class name, got {model_class!r}")
+    if not (isinstance(plan, FamilyPlan) or callable(plan)):
+        raise TypeError(f"register_plan expects a FamilyPlan or a function model -> FamilyPlan, got {plan!r}")
+    _PLANS[model_class] = plan
 
 
 def supported_models() -> tuple[str, ...]:
-    """Class names :func:`enable_sequence_parallel` accepts (subclasses of them too)."""
-    return tuple(sorted(_ADAPTERS))
+    """Class names with a registered plan (subclasses too; models carrying a diffusers ``_cp_plan`` also run)."""
+    return tuple(sorted(_PLANS))
 
 
-def _adapter_class(model) -> type[SequenceParallelAdapter]:
-    for cls in type(model).__mro__:  # the class itself first, then its bases
-        if cls.__name__ in _ADAPTERS:
-            return _ADAPTERS[cls.__name__]
+def _family_plan(model) -> FamilyPlan:
+    plan = plan_for_model(model, _PLANS)
+    if plan is not None:
+        return plan
     hint = ""
     if hasattr(model, "transformer") and not isinstance(model, nn.Module):
         hint = " This looks like a pipeline: pass its transformer (pipe.transformer, and pipe.transformer_2 if set)."
     raise TypeError(
-        f"enable_sequence_parallel does not support {type(model).__module__}.{type(model).__qualname__}; "
-        f"supported model classes: {', '.join(supported_models())}.{hint} To add a model family, subclass "
-        "usp_attn.integrations.diffusers.SequenceParallelAdapter and pass it to register_adapter()."
+        f"enable_sequence_parallel does not support {type(model).__module__}.{type(model).__qualname__}: it has "
+        f"no diffusers _cp_plan and no usp_attn plan; supported model classes: {', '.join(supported_models())}."
+        f"{hint} To add a model family, write a FamilyPlan and pass it to register_plan()."
     )
 
 
 # ---- API -----------------------------------------------------------------------------------
-def enable_sequence_parallel(transformer: nn.Module, state: SequenceParallelState | None = None) -> nn.Module:
+def enable_sequence_parallel(transformer: nn.Module, state: SequenceParallelState | None = None,
+                             plan: FamilyPlan | None = None) -> nn.Module:
     """Run ``transformer`` with its token sequence split across the sequence-parallel ranks.
 
-    Call it on every rank after :func:`usp_attn.init_sequence_parallel`, with the same model
-    (same weights) everywhere. Afterwards the model takes and returns the same full tensors
-    as before (for Wan: ``hidden_states [B, C, F, H, W]`` -> ``[B, C_out, F, H, W]``, any
-    float dtype); every rank must call it with identical inputs.
+    Call it on every rank after :func:`usp_attn.init_sequence_parallel`, with the same model (same weights)
+    everywhere. Afterwards the model takes and returns the same full tensors as before (any float dtype);
+    every rank must call it with identical inputs.
 
     Args:
-        transformer: a supported diffusers model instance (see :func:`supported_models`).
-        state: the sequence-parallel state to use; ``None`` = the global one at each call
-            (so a later re-initialisation is picked up).
+        transformer: a diffusers model instance with a plan (see :func:`supported_models`).
+        state: the sequence-parallel state to use; ``None`` = the global one at each call.
+        plan: use this plan instead of the registered one / the model's own ``_cp_plan``.
 
     Returns:
-        ``transformer`` itself, modified in place (hooks and attention processors).
+        ``transformer`` itself, modified in place (hooks; processors only where the plan provides them).
 
     Raises:
-        TypeError: unsupported model class. RuntimeError: sequence parallelism not
-        initialised, or already enabled on this model. ValueError: the model's own
-        (diffusers) context parallelism is on, or its layout contradicts its config.
+        TypeError: no plan for the model class, or an attention processor usp_attn cannot route.
+        RuntimeError: sequence parallelism not initialised, already enabled on this model, or an untested
+        diffusers release. ValueError: diffusers' own context parallelism is on, or the plan's check
+        refuses the model's configuration.
     """
-    adapter_cls = _adapter_class(transformer)
+    family = plan if plan is not None else _family_plan(transformer)
+    if not isinstance(family, FamilyPlan):
+        raise TypeError(f"plan must be a FamilyPlan, got {family!r}")
     current = require_state(state)
+    check_diffusers_version()
     if is_sequence_parallel_enabled(transformer):
         raise RuntimeError(
             f"sequence parallelism is already enabled on this {type(transformer).__name__}; "
@@ -149,20 +187,21 @@ def enable_sequence_parallel(transformer: nn.Module, state: SequenceParallelStat
             f"{type(transformer).__name__} already runs diffusers' own context parallelism (enable_parallelism); "
             "use one or the other"
         )
-    adapter_cls.check(transformer)
+    if family.check is not None:
+        family.check(transformer)
     if getattr(transformer, "is_cache_enabled", False):
         logger.warning(
             "usp_attn: %s has a diffusers cache enabled; a cache that decides from the local shard "
             "(e.g. first-block cache) can make ranks take different paths and stall their collectives",
             type(transformer).__name__,
         )
-    adapter = adapter_cls(transformer, state)
-    adapter.enable()
-    setattr(transformer, _ATTR, adapter)
+    run = SequenceParallelRun(transformer, family, state)
+    run.enable()
+    setattr(transformer, _ATTR, run)
     if current.sp_rank == 0:
         logger.info(
-            "usp_attn: sequence parallel enabled on %s (%s adapter, U=%d x R=%d)",
-            type(transformer).__name__, adapter.family, current.ulysses_degree, current.ring_degree,
+            "usp_attn: sequence parallel enabled on %s (%s plan from %s, U=%d x R=%d)",
+            type(transformer).__name__, family.family, family.source, current.ulysses_degree, current.ring_degree,
         )
     return transformer
 
@@ -172,9 +211,9 @@ def disable_sequence_parallel(transformer: nn.Module) -> nn.Module:
 
     A model on which it is not enabled is returned unchanged.
     """
-    adapter = getattr(transformer, _ATTR, None)
-    if adapter is not None:
-        adapter.disable()
+    run = getattr(transformer, _ATTR, None)
+    if run is not None:
+        run.disable()
         delattr(transformer, _ATTR)
     return transformer
 
