@@ -162,20 +162,23 @@ class _ShareReplicated(torch.autograd.Function):
     def backward(ctx, *grads):
         n_pre, n_suf, world, group = ctx.args
         grads = [g.clone() for g in grads]
-        rows = [torch.cat([g[:, :n_pre], g[:, g.shape[1] - n_suf :]], dim=1) for g in grads]
+        rows = [torch.cat([g[:, :pre], g[:, g.shape[1] - suf :]], dim=1) for g, pre, suf in zip(grads, n_pre, n_suf)]
         flat = torch.cat([r.reshape(-1) for r in rows])
         dist.all_reduce(flat, group=group)
         flat /= world
         offset = 0
-        for g, r in zip(grads, rows):
+        for g, r, pre, suf in zip(grads, rows, n_pre, n_suf):
             mean = flat[offset : offset + r.numel()].view(r.shape)
             offset += r.numel()
-            g[:, :n_pre] = mean[:, :n_pre]
-            g[:, g.shape[1] - n_suf :] = mean[:, n_pre:]
+            g[:, :pre] = mean[:, :pre]
+            g[:, g.shape[1] - suf :] = mean[:, pre:]
         return (None,) * 4 + tuple(grads)
 
 
 def share_replicated_grads(tensors, n_pre, n_suf, *, world, group):
     """The tensors unchanged; in backward the gradients of their first ``n_pre`` and last
-    ``n_suf`` rows (replicated tokens) become their mean over the group, on every rank."""
-    return _ShareReplicated.apply(n_pre, n_suf, world, group, *tensors)
+    ``n_suf`` rows (replicated tokens) become their mean over the group, on every rank.
+    ``n_pre``/``n_suf``: one count for every tensor, or a sequence of one per tensor (k/v
+    can carry replicated rows that q has not)."""
+    counts = [tuple(n) if isinstance(n, (tuple, list)) else (n,) * len(tensors) for n in (n_pre, n_suf)]
+    return _ShareReplicated.apply(counts[0], counts[1], world, group, *tensors)

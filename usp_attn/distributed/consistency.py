@@ -53,21 +53,24 @@ def _plain_sig(x):
     return x if x is None or type(x) is int else ("not an int", type(x).__name__)
 
 
-def call_signature(q, k, v, attn_mask, n_pre, n_suf, total) -> tuple:
+def call_signature(q, k, v, attn_mask, n_pre, n_suf, total, **options) -> tuple:
     """Host-only description of one call: everything that decides which collectives run
     and their sizes (with gradients recorded, the forward adds its own). Cheap: shapes and
-    flags, no device access."""
+    flags, no device access. ``options``: further named arguments that change the
+    collectives (e.g. ``return_lse``, the replicated key/value counts, the layout)."""
     mask = None if attn_mask is None else _tensor_sig(attn_mask)
     grad = torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in (q, k, v))
+    extra = tuple((name, value if type(value) is bool else _plain_sig(value)) for name, value in
+                  sorted(options.items()))
     return (_tensor_sig(q), _tensor_sig(k), _tensor_sig(v), mask, _plain_sig(n_pre), _plain_sig(n_suf),
-            _plain_sig(total), grad)
+            _plain_sig(total), grad, extra)
 
 
 def shared_summary(layer, signature: tuple) -> dict:
     """The values every rank must agree on, readable in an error message."""
-    q, k, _, mask, n_pre, n_suf, total, grad = signature
+    q, k, _, mask, n_pre, n_suf, total, grad = signature[:8]
     tensors_ok = len(q) == 3 and len(q[0]) == 4 and len(k) == 3 and len(k[0]) == 4
-    return {
+    summary = {
         "num_heads, num_kv_heads, head_size": (layer.num_heads, layer.num_kv_heads, layer.head_size),
         "causal": layer.causal,
         "softmax_scale": layer.local.softmax_scale,
@@ -81,6 +84,10 @@ def shared_summary(layer, signature: tuple) -> dict:
         "seq_len": total,
         "gradients recorded": grad,
     }
+    if mask is not None and len(mask) == 3:  # bool and additive masks travel differently
+        summary["attn_mask dims, dtype"] = (len(mask[0]), str(mask[1]))
+    summary.update(dict(signature[8]) if len(signature) > 8 else {})
+    return summary
 
 
 def _token(state) -> tuple:
@@ -157,7 +164,8 @@ def _missing_ranks(layer, state, channel, reason, missing, summary, error, where
     own = f"; this rank's arguments are also invalid: {error}" if error else ""
     if reason == "changed":
         before = shared_summary(layer, layer.__dict__["_usp_agreed_call"][1])
-        changed = "; ".join(f"{k}: {before[k]!r} -> {summary[k]!r}" for k in summary if summary[k] != before[k])
+        changed = "; ".join(f"{k}: {before[k]!r} -> {summary[k]!r}" for k in summary
+                            if k in before and summary[k] != before[k])
         exc: Exception = ValueError(
             f"{where}: rank {state.sp_rank}'s arguments changed since the last check ({changed or 'shard shapes'}) "
             f"but rank(s) {ranks} did not enter the argument check within {seconds:g} s: their arguments "

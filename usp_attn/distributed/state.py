@@ -34,6 +34,7 @@ from usp_attn.distributed.arguments import (  # noqa: F401 - VALIDATE_ENV, DEFAU
     check_timeout,
     validate_from_env,
 )
+from usp_attn.distributed.zigzag import zigzag_sizes
 from usp_attn.selector import GroupAgreement, get_global_forced_attn_backend, set_group_agreement
 
 __all__ = [
@@ -79,6 +80,9 @@ class SequenceParallelState:
         sequence_length: global length of the sharded sequence, recorded by
             :func:`~usp_attn.distributed.sharding.shard_sequence` (or set by hand), so
             layers know every shard's size without communicating.
+        load_balance: the layout of the sharded sequence, recorded by ``shard_sequence(...,
+            load_balance=...)``: ``False`` = contiguous shards, ``True`` = the zigzag layout of
+            :mod:`~usp_attn.distributed.zigzag` (balanced causal work).
     """
 
     ulysses_degree: int
@@ -94,6 +98,7 @@ class SequenceParallelState:
     timeout: datetime.timedelta
     validate: bool | None = None
     sequence_length: int | None = None
+    load_balance: bool = False
     generation: int = 0
     _created_groups: list = dataclasses.field(default_factory=list, repr=False)
     _owns_default_group: bool = False
@@ -131,8 +136,17 @@ class SequenceParallelState:
         """Record the global length of the sharded sequence (all ranks must record the same)."""
         self.sequence_length = None if total is None else int(total)
 
-    def sizes(self, total: int) -> tuple[int, ...]:
-        """Every SP rank's shard length for a global length ``total``."""
+    def set_load_balance(self, load_balance: bool) -> None:
+        """Record the layout of the sharded sequence (all ranks must record the same)."""
+        if not isinstance(load_balance, bool):
+            raise ValueError(f"load_balance must be True or False, got {load_balance!r}")
+        self.load_balance = load_balance
+
+    def sizes(self, total: int, load_balance: bool | None = None) -> tuple[int, ...]:
+        """Every SP rank's shard length for a global length ``total`` in the given layout
+        (``None``: the recorded one)."""
+        if self.load_balance if load_balance is None else load_balance:
+            return zigzag_sizes(total, self.world_size)
         return shard_sizes(total, self.world_size)
 
 

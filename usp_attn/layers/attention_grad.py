@@ -4,6 +4,7 @@ When autograd records (grad mode on and an input requires grad), one kernel call
 :class:`_KernelAttention`: the forward asks the kernel for ``(out, lse)`` and keeps
 ``q, k, v, out, lse``; the backward hands them to the backend's ``backward`` (flash-style:
 the probabilities are recomputed from ``lse``, nothing of size ``S_q x S_k`` is kept).
+The LSE is differentiable too (:func:`block_backward`).
 Without gradients nothing here runs: the layers call the kernels exactly as before.
 
 A backend without a backward kernel (SageAttention 1/2/3) is an error as soon as gradients
@@ -18,7 +19,7 @@ from usp_attn.backends import BACKEND_CLASSES, AttentionBackend
 from usp_attn.distributed.collectives_grad import grad_required
 from usp_attn.selector import AttentionBackendUnavailableError
 
-__all__ = ["grad_required", "check_backward", "attend_with_grad", "BlockKernels"]
+__all__ = ["grad_required", "check_backward", "attend_with_grad", "block_backward", "BlockKernels"]
 
 
 def check_backward(impl: AttentionBackend) -> None:
@@ -41,22 +42,49 @@ class _KernelAttention(torch.autograd.Function):
         out, lse = impl.forward(q, k, v, causal=causal, softmax_scale=scale, attn_mask=mask, return_lse=True)
         ctx.save_for_backward(q, k, v, out, lse, mask)
         ctx.kernel = (impl, causal, scale)
-        ctx.mark_non_differentiable(lse)
+        ctx.set_materialize_grads(False)  # an unused LSE has no gradient: no extra backward work
         return out, lse
 
     @staticmethod
-    def backward(ctx, dout, _dlse):
+    def backward(ctx, dout, dlse):
         q, k, v, out, lse, mask = ctx.saved_tensors
         impl, causal, scale = ctx.kernel
-        dq, dk, dv = impl.backward(q, k, v, out, dout, lse, causal=causal, softmax_scale=scale, attn_mask=mask)
+        dout = torch.zeros_like(out) if dout is None else dout
+        dq, dk, dv = block_backward(impl.backward, q, k, v, out, dout, lse, dlse, causal=causal, softmax_scale=scale,
+                                    attn_mask=mask)
         return dq, dk, dv, None, None, None, None
 
 
+def block_backward(backward, q, k, v, out, dout, lse, dlse=None, **kwargs):
+    """One block's ``dq, dk, dv`` for the loss through its output AND the row's log-sum-exp.
+
+    ``backward`` is an :meth:`AttentionBackend.backward` (flash-style: ``dS = P * (dO V^T - delta)``
+    with ``delta = rowsum(dO * O)``). The LSE adds ``d lse_i / d s_ij = P_ij``, so the exact
+    ``dS`` is ``P * (dO V^T - (delta - dlse))``. No backward kernel takes ``dlse``, but every
+    one reads ``O`` only through ``delta``, so a second call with ``V = 0``, ``dO = e_0`` (the
+    first head-dim unit vector) and ``O = -dlse * e_0`` gives ``dS = P * (0 + dlse)``: exactly
+    the LSE's share of ``dq`` and ``dk`` (its ``dv`` is 0). It costs one more block backward,
+    only when the LSE's gradient is not None. ``dlse`` is rounded to q's dtype on the way in.
+
+    Shapes: q ``[B, S_q, H, D]``, k/v ``[B, S_k, H_kv, D]``, out/dout like q, lse/dlse
+    ``[B, H, S_q]``.
+    """
+    dq, dk, dv = backward(q, k, v, out, dout, lse, **kwargs)
+    if dlse is None:
+        return dq, dk, dv
+    unit = torch.zeros_like(q)
+    unit[..., 0] = 1
+    fake_out = torch.zeros_like(q)
+    fake_out[..., 0] = -dlse.transpose(1, 2)
+    lse_dq, lse_dk, _ = backward(q, k, torch.zeros_like(v), fake_out, unit, lse, **kwargs)
+    return dq + lse_dq, dk + lse_dk, dv
+
+
 def attend_with_grad(impl, q, k, v, *, mask, causal, scale, return_lse=False):
-    """``impl.forward`` recorded by autograd; same arguments and results (``lse`` gets no gradient).
+    """``impl.forward`` recorded by autograd; same arguments and results (``lse`` differentiable).
 
     Shapes: q ``[B, S_q, H, D]``, k/v ``[B, S_k, H_kv, D]``, mask in the normalised 4-D form or
-    None; returns out ``[B, S_q, H, D]`` (and lse ``[B, H, S_q]`` float32).
+    None; returns out ``[B, S_q, H, D]`` (and lse ``[B, H, S_q]`` float32, float64 for float64).
     """
     check_backward(impl)
     if mask is not None and mask.requires_grad:
@@ -80,7 +108,8 @@ class BlockKernels:
     def attend(self, q, k, v, *, mask=None, causal=False, return_lse=False):
         return self.local.attend(q, k, v, mask=mask, causal=causal, return_lse=return_lse, kernel=self.kernel)
 
-    def backward(self, q, k, v, out, dout, lse, *, mask=None, causal=False):
-        """One block's ``dq, dk, dv`` (see :meth:`AttentionBackend.backward`)."""
-        return self.impl.backward(q, k, v, out, dout, lse, causal=causal, softmax_scale=self.local.softmax_scale,
-                                  attn_mask=mask)
+    def backward(self, q, k, v, out, dout, lse, *, mask=None, causal=False, dlse=None):
+        """One block's ``dq, dk, dv`` (see :meth:`AttentionBackend.backward`; ``dlse``: the
+        gradient of the row's LSE, see :func:`block_backward`)."""
+        return block_backward(self.impl.backward, q, k, v, out, dout, lse, dlse, causal=causal,
+                              softmax_scale=self.local.softmax_scale, attn_mask=mask)

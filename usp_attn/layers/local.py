@@ -11,7 +11,7 @@ from torch import nn
 from usp_attn import measured_choice
 from usp_attn.backends import AttentionBackendEnum, expand_kv_heads
 from usp_attn.layers.attention_grad import attend_with_grad, grad_required
-from usp_attn.layers.validation import check_head_config, check_qkv, check_supported_backends
+from usp_attn.layers.validation import check_head_config, check_qkv, check_return_lse, check_supported_backends
 from usp_attn.masks import normalize_mask
 from usp_attn.measured_choice import ShapeClass, exact_candidates, length_bucket
 from usp_attn.platforms import current_platform
@@ -35,7 +35,8 @@ class LocalAttention(nn.Module):
         q ``[B, S_q, H, D]``; k, v ``[B, S_k, H_kv, D]``; one floating dtype and device.
         attn_mask: optional, bool (True = attend) or additive float, shaped ``[B, S_k]``,
         ``[B, S_q, S_k]`` or ``[B, 1|H, S_q, S_k]``. Rows with no key to attend give 0.
-        Returns ``[B, S_q, H, D]`` in q's dtype.
+        Returns ``[B, S_q, H, D]`` in q's dtype; with ``return_lse=True`` also the
+        log-sum-exp ``[B, H, S_q]`` (float32; float64 for float64 inputs).
 
     The backend is chosen from the real dtype and shape of the tensors at forward time
     (cached per shape class until a selection setting changes, e.g. inside
@@ -143,7 +144,16 @@ class LocalAttention(nn.Module):
         return self.selection(torch.get_default_dtype()).backend
 
     # ---- compute -------------------------------------------------------------------------
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None = None):
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None = None,
+                *, return_lse: bool = False):
+        """Attention of ``q`` over ``k``/``v``; with ``return_lse`` also the log-sum-exp.
+
+        Returns ``out [B, S_q, H, D]`` in q's dtype, or ``(out, lse)``: lse ``[B, H, S_q]``, the
+        natural log of each query row's softmax denominator ``sum_j exp(scale * q.k_j + mask_j)``,
+        float32 (float64 for float64 inputs), ``-inf`` on rows with no key to attend. Under
+        autograd the LSE is differentiable (exact gradients through the kernel's backward).
+        """
+        check_return_lse(return_lse)
         check_qkv(
             q, k, v, num_heads=self.num_heads, num_kv_heads=self.num_kv_heads,
             head_size=self.head_size, causal=self.causal,
@@ -154,7 +164,7 @@ class LocalAttention(nn.Module):
                 attn_mask, batch=q.shape[0], num_heads=self.num_heads, s_q=q.shape[1], s_k=k.shape[1],
                 dtype=q.dtype, device=q.device,
             )
-        return self.attend(q, k, v, mask=mask, causal=self.causal)
+        return self.attend(q, k, v, mask=mask, causal=self.causal, return_lse=return_lse)
 
     def attend(self, q, k, v, *, mask=None, causal=False, return_lse=False, kernel=None):
         """Run the kernel on already-validated inputs (``mask`` in normalised 4-D form).

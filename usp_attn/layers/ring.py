@@ -6,9 +6,11 @@ queries to the block in hand (returning the LSE), and folds the partial result i
 an fp32 accumulator (:class:`~usp_attn.layers.merge.PartialAttention`). After step t
 it holds the block that originated at rank r-t-1.
 
-Causal: block j is a contiguous earlier part of the sequence when j < r (attend in
-full), the diagonal when j == r (causal inside the block) and a later part when
-j > r (skipped; it is still passed on).
+Which query rows attend which keys of a block is the ring's causal structure
+(:mod:`~usp_attn.layers.ring_blocks`): contiguous layout, earlier blocks in full, the
+diagonal block causal, later blocks skipped (still passed on); zigzag layout, the
+diagonal causal, earlier blocks' front halves for every query, later blocks for the
+back half of the queries. Each query-row group keeps its own merge.
 """
 
 from __future__ import annotations
@@ -17,8 +19,9 @@ import torch
 
 from usp_attn.distributed.ring_comm import RingExchange
 from usp_attn.layers.merge import PartialAttention
+from usp_attn.layers.ring_blocks import RingLayout
 
-__all__ = ["ring_attention"]
+__all__ = ["ring_attention", "key_mask_for_transfer", "key_mask_4d"]
 
 
 def ring_attention(
@@ -34,6 +37,7 @@ def ring_attention(
     key_mask: torch.Tensor | None = None,
     local_blocks: tuple = (),
     return_lse: bool = False,
+    front_lengths: tuple[int, ...] | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Attention of ``q`` over the keys of every ring rank's block plus ``local_blocks``.
 
@@ -45,59 +49,116 @@ def ring_attention(
         exchange: the ring's :class:`RingExchange` (``None`` when R == 1).
         block_lengths: every ring rank's block length, in ring order.
         causal: causal over the ring's global order (needs S_q == S_r).
-        key_mask: bool ``[B, S_r]`` key-padding mask of this rank's block (True = attend);
-            it travels with the block.
+        key_mask: ``[B, S_r]`` key mask of this rank's block, bool (True = attend) or
+            additive float (0 / -inf, in q's dtype); it travels with the block.
         local_blocks: extra ``(k, v, key_mask or None)`` blocks attended once, not passed on
             (replicated text tokens).
         return_lse: also return the log-sum-exp over all blocks (what the backward needs).
+        front_lengths: zigzag layout (:mod:`usp_attn.distributed.zigzag`): the length of
+            every block's early half; ``None``: contiguous blocks.
 
     Returns:
         ``[B, S_q, H, D]`` in q's dtype; rows with no attendable key are 0. With
-        ``return_lse``: ``(out, lse)``, lse ``[B, H, S_q]`` float32, ``-inf`` on those rows.
+        ``return_lse``: ``(out, lse)``, lse ``[B, H, S_q]`` float32 (float64 for float64
+        inputs), ``-inf`` on those rows.
     """
     ring_size = len(block_lengths)
+    layout = RingLayout(tuple(block_lengths), causal, None if front_lengths is None else tuple(front_lengths))
     batch, _, kv_heads, head_dim = k.shape
-    # Which blocks this rank attends, known up front so the last merge can write q's dtype.
+    num_rows = q.shape[1]
     sources = [(ring_rank - step) % ring_size for step in range(ring_size)]
-    attended = {src for src in sources if not (causal and src > ring_rank) and block_lengths[src] > 0}
-    extras = [blk for blk in local_blocks if blk[0].shape[1] > 0]
-    remaining = (len(attended) + len(extras)) if q.shape[1] > 0 else 0
-    if remaining == 0 and exchange is None:
+    plans = {src: layout.calls(ring_rank, src, num_rows) for src in sources}
+    extras = [blk for blk in local_blocks if blk[0].shape[1] > 0] if num_rows > 0 else []
+    groups = [_RowGroup(rows) for rows in layout.row_groups(ring_rank, num_rows)]
+    for call in [c for calls in plans.values() for c in calls] + [None] * len(extras):
+        for group in groups:
+            group.remaining += group.covered_by(call)
+    if all(group.remaining == 0 for group in groups) and exchange is None:
         return _nothing_attended(q, return_lse)
-    acc = PartialAttention()
-    result = None
 
-    def attend_block(k_blk, v_blk, mask_blk, block_causal):
-        nonlocal remaining, result
-        remaining -= 1
-        mask4d = None if mask_blk is None else mask_blk.bool()[:, None, None, :]
-        out, lse = attend(q, k_blk, v_blk, mask=mask4d, causal=block_causal, return_lse=True)
-        result = acc.add(out, lse, last_dtype=q.dtype if remaining == 0 and not return_lse else None)
+    def attend_block(k_blk, v_blk, mask_blk, call):
+        rows = slice(0, num_rows) if call is None else call.rows
+        keys = slice(0, k_blk.shape[1]) if call is None else call.keys
+        out, lse = attend(q[:, rows], k_blk[:, keys], v_blk[:, keys], mask=key_mask_4d(mask_blk, keys),
+                          causal=call is not None and call.causal, return_lse=True)
+        for group in groups:
+            if group.covered_by(call):
+                group.add(out, lse, rows.start, None if return_lse else q.dtype)
 
-    # K and V travel as two contiguous tensors (no stacking copy), the mask as uint8.
-    block = [k.contiguous(), v.contiguous()] + ([] if key_mask is None else [key_mask.to(torch.uint8)])
+    # K and V travel as two contiguous tensors (no stacking copy), the mask beside them.
+    block = [k.contiguous(), v.contiguous()] + key_mask_for_transfer(key_mask)
     for step, source in enumerate(sources):
         if step + 1 < ring_size:
             incoming_len = block_lengths[sources[step + 1]]
             shapes = [((batch, incoming_len, kv_heads, head_dim), k.dtype)] * 2
             if key_mask is not None:
-                shapes.append(((batch, incoming_len), torch.uint8))
+                shapes.append(((batch, incoming_len), block[2].dtype))
             exchange.start(block, shapes)
-        if step == 0 and q.shape[1] > 0:
+        if step == 0:
             for k_extra, v_extra, mask_extra in extras:  # overlaps the first transfer
-                attend_block(k_extra, v_extra, mask_extra, False)
-        if source in attended and q.shape[1] > 0:
-            mask = block[2] if key_mask is not None else None
-            attend_block(block[0], block[1], mask, causal and source == ring_rank)
+                attend_block(k_extra, v_extra, mask_extra, None)
+        for call in plans[source]:
+            attend_block(block[0], block[1], block[2] if key_mask is not None else None, call)
         if step + 1 < ring_size:
             block = exchange.wait()
+    results = [group.result(q, return_lse) for group in groups]
+    if len(results) == 1:
+        return results[0]
     if return_lse:
-        return _nothing_attended(q, True) if acc.empty else (acc.result(q.dtype), acc.lse())
-    return result if result is not None else torch.zeros_like(q)
+        return torch.cat([r[0] for r in results], dim=1), torch.cat([r[1] for r in results], dim=2)
+    return torch.cat(results, dim=1)
+
+
+class _RowGroup:
+    """The running merge of one range of query rows."""
+
+    def __init__(self, rows: slice) -> None:
+        self.rows, self.remaining, self.acc, self.final = rows, 0, PartialAttention(), None
+
+    def covered_by(self, call) -> bool:
+        """Whether ``call`` (None: a local block, all rows) computes these rows."""
+        if self.rows.stop <= self.rows.start:
+            return False
+        return call is None or (call.rows.start <= self.rows.start and self.rows.stop <= call.rows.stop)
+
+    def add(self, out, lse, first_row, last_dtype):
+        """Fold in the part of a call's ``out``/``lse`` (rows from ``first_row``) that is ours."""
+        a, b = self.rows.start - first_row, self.rows.stop - first_row
+        self.remaining -= 1
+        merged = self.acc.add(out[:, a:b], lse[:, :, a:b], last_dtype=last_dtype if self.remaining == 0 else None)
+        if merged is not None:
+            self.final = merged
+
+    def result(self, q, return_lse):
+        if self.acc.empty and self.final is None:
+            return _nothing_attended(q[:, self.rows], return_lse)
+        if return_lse:
+            return self.acc.result(q.dtype), self.acc.lse()
+        return self.final if self.final is not None else self.acc.result(q.dtype)
+
+
+def key_mask_for_transfer(key_mask: torch.Tensor | None) -> list[torch.Tensor]:
+    """The key mask as it travels with its block: bool as uint8 (gloo and NCCL move no bool),
+    an additive float mask as it is."""
+    if key_mask is None:
+        return []
+    return [key_mask.to(torch.uint8) if key_mask.dtype == torch.bool else key_mask.contiguous()]
+
+
+def key_mask_4d(mask: torch.Tensor | None, keys: slice = slice(None)) -> torch.Tensor | None:
+    """A received ``[B, S_k]`` key mask (uint8, bool or additive float) -> ``[B, 1, 1, S_k]``
+    for the kernel: bool, or the additive float as it is."""
+    if mask is None:
+        return None
+    mask = mask[:, keys]
+    if not mask.is_floating_point():
+        mask = mask.bool()
+    return mask[:, None, None, :]
 
 
 def _nothing_attended(q, return_lse):
     out = torch.zeros_like(q)
     if not return_lse:
         return out
-    return out, torch.full((q.shape[0], q.shape[2], q.shape[1]), float("-inf"), device=q.device)
+    dtype = torch.promote_types(q.dtype, torch.float32)
+    return out, torch.full((q.shape[0], q.shape[2], q.shape[1]), float("-inf"), dtype=dtype, device=q.device)

@@ -41,9 +41,11 @@ from usp_attn.distributed.ulysses_comm import gather_group_sequence, heads_to_se
 from usp_attn.layers.attention_grad import BlockKernels, check_backward
 from usp_attn.layers.heads import HeadPlan
 from usp_attn.layers.local import LocalAttention
-from usp_attn.layers.ring import ring_attention
+from usp_attn.distributed.zigzag import rank_chunks, ring_front_lengths, to_global_order, to_rank_order
+from usp_attn.layers.ring import key_mask_4d, ring_attention
 from usp_attn.layers.ring_grad import RingPlan, ring_attention_with_grad
-from usp_attn.layers.validation import check_group_device, check_qkv
+from usp_attn.layers.sp_arguments import ReplicatedRows, check_key_mask, check_load_balance
+from usp_attn.layers.validation import check_group_device, check_qkv, check_return_lse
 from usp_attn.selector import AttentionBackendUnavailableError
 
 __all__ = ["USPAttention", "UlyssesAttention", "RingAttention"]
@@ -149,41 +151,51 @@ class USPAttention(nn.Module):
         num_replicated_suffix: int = 0,
         *,
         seq_len: int | None = None,
-    ) -> torch.Tensor:
+        return_lse: bool = False,
+        num_replicated_kv_prefix: int = 0,
+        num_replicated_kv_suffix: int = 0,
+        load_balance: bool | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         state = self.state
+        rows = ReplicatedRows(num_replicated_prefix, num_replicated_suffix, num_replicated_kv_prefix,
+                              num_replicated_kv_suffix)
         if self.skip_sequence_parallel or state is None or state.world_size == 1:
-            if num_replicated_prefix or num_replicated_suffix:
-                length = q.shape[1] if isinstance(q, torch.Tensor) and q.dim() >= 2 else None
-                _check_replicated(num_replicated_prefix, num_replicated_suffix, length, self.causal)
-            return self.local(q, k, v, attn_mask)
+            check_return_lse(return_lse)
+            check_load_balance(load_balance)
+            if rows.any and isinstance(q, torch.Tensor) and q.dim() >= 2 and isinstance(k, torch.Tensor) and k.dim() >= 2:
+                # Cross-attention's k/v are complete: any row count of theirs is right.
+                rows.check_rows(q.shape[1], None if self.skip_sequence_parallel else k.shape[1], self.causal)
+            elif rows.any:
+                rows.check_counts(self.causal)
+            return self.local(q, k, v, attn_mask, return_lse=return_lse)
         self._check_state(state)
-        n_pre, n_suf = num_replicated_prefix, num_replicated_suffix
+        check_load_balance(load_balance)
+        balanced = state.load_balance if load_balance is None else load_balance
         total = seq_len if seq_len is not None else state.sequence_length
         # Host-only; in steady state (signature as last agreed) no check and no communication.
-        signature = call_signature(q, k, v, attn_mask, n_pre, n_suf, total)
+        signature = call_signature(q, k, v, attn_mask, rows.prefix, rows.suffix, total, return_lse=return_lse,
+                                   num_replicated_kv_prefix=rows.kv_prefix, num_replicated_kv_suffix=rows.kv_suffix,
+                                   load_balance=balanced)
         reason = check_reason(self, state, signature)
-        error, local_len, sizes = None, None, None
+        error, local_len, sizes, key_mask = None, None, None, None
+        layout = "zigzag (load_balance=True)" if balanced else "contiguous"
         try:
             check_qkv(q, k, v, num_heads=self.num_heads, num_kv_heads=self.num_kv_heads,
                       head_size=self.head_size, causal=False)
             check_group_device(q, state.sp_group)
-            if k.shape[1] != q.shape[1]:
-                raise ValueError(
-                    f"q and k/v shards must have the same length under sequence parallelism, got {q.shape[1]} and "
-                    f"{k.shape[1]}; for cross-attention with full k/v use skip_sequence_parallel=True"
-                )
-            _check_replicated(n_pre, n_suf, q.shape[1], self.causal)
-            local_len = q.shape[1] - n_pre - n_suf
-            _check_key_mask(attn_mask, q)
+            check_return_lse(return_lse)
+            local_len = rows.check_rows(q.shape[1], k.shape[1], self.causal)
+            key_mask = check_key_mask(attn_mask, q, k, grad_required(q, k, v))
             if seq_len is not None and (isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 0):
                 raise ValueError(f"seq_len must be a non-negative int or None, got {seq_len!r}")
             if total is not None:
-                sizes = state.sizes(total)
+                sizes = state.sizes(total, balanced)
                 if sizes[state.sp_rank] != local_len:
                     raise ValueError(
                         f"the local sequence shard has {local_len} tokens (q length {q.shape[1]} minus "
-                        f"{n_pre}+{n_suf} replicated), but seq_len={total} over {state.world_size} ranks gives "
-                        f"shards {list(sizes)}; pass the global seq_len= or shard with usp_attn.shard_sequence"
+                        f"{rows.prefix}+{rows.suffix} replicated), but seq_len={total} over {state.world_size} ranks "
+                        f"in the {layout} layout gives shards {list(sizes)}; pass the global seq_len= (and "
+                        "load_balance=) or shard with usp_attn.shard_sequence"
                     )
         except (ValueError, TypeError) as exc:
             if reason is None:
@@ -195,71 +207,110 @@ class USPAttention(nn.Module):
                 sizes = tuple(lengths)
         if sizes is None:
             sizes = exchange_lengths(local_len, state)
+        if balanced and tuple(sizes) != state.sizes(sum(sizes), True):  # the same tuple everywhere: same verdict
+            raise ValueError(
+                f"load_balance=True, but the ranks' shard lengths {list(sizes)} are not the zigzag layout of "
+                f"{sum(sizes)} tokens ({list(state.sizes(sum(sizes), True))}); shard with "
+                "usp_attn.shard_sequence(x, load_balance=True)"
+            )
         try:
-            return self._forward_parallel(state, q, k, v, attn_mask, n_pre, n_suf, sizes)
+            return self._forward_parallel(state, q, k, v, key_mask, rows, tuple(sizes), balanced, return_lse)
         except RuntimeError as exc:  # a failed collective names the rank behind it
             named = name_failed_ranks(state, exc, "USPAttention.forward", lambda: shared_summary(self, signature))
             if named is None:
                 raise
             raise named from exc
 
-    def _forward_parallel(self, state, q, k, v, attn_mask, n_pre, n_suf, sizes):
+    def _forward_parallel(self, state, q, k, v, key_mask, rows, sizes, balanced, return_lse):
         u_deg, r_deg = state.ulysses_degree, state.ring_degree
         u_rank, r_rank = state.ulysses_rank, state.ring_rank
         s_r = sizes[state.sp_rank]
-        img = slice(n_pre, n_pre + s_r)
+        n_pre, n_suf = rows.prefix, rows.suffix  # q's replicated rows
+        k_pre, k_suf = rows.key_prefix, rows.key_suffix  # k's replicated rows (kv-only outermost)
+        q_img, k_img = slice(n_pre, n_pre + s_r), slice(k_pre, k_pre + s_r)
         group_sizes = sizes[r_rank * u_deg : (r_rank + 1) * u_deg]
         seg = sum(group_sizes)
+        # Causal on the zigzag layout: the segment in global order [F_g | B_g] (see distributed/zigzag).
+        total, world = sum(sizes), state.world_size
+        zigzag = balanced and self.causal
+        pieces = [rank_chunks(total, world, r_rank * u_deg + u) for u in range(u_deg)] if zigzag else None
         plan = HeadPlan.make(self.num_heads, self.num_kv_heads, u_deg)
-        key_mask = None if attn_mask is None else attn_mask.bool()
         grad = grad_required(q, k, v)
         if grad:  # training: every step below is recorded with its adjoint (collectives_grad)
-            check_backward(self.local.selection(q.dtype, need_mask=attn_mask is not None, need_lse=r_deg > 1).impl)
-            if n_pre or n_suf:
-                q, k, v = share_replicated_grads((q, k, v), n_pre, n_suf, world=state.world_size, group=state.sp_group)
+            need_lse = r_deg > 1 or return_lse
+            check_backward(self.local.selection(q.dtype, need_mask=key_mask is not None, need_lse=need_lse).impl)
+            if rows.any:
+                q, k, v = share_replicated_grads((q, k, v), (n_pre, k_pre, k_pre), (n_suf, k_suf, k_suf),
+                                                 world=world, group=state.sp_group)
 
-        # 1. Ulysses: sequence shard -> head shard of the whole segment (text rows reserved around it).
+        # 1. Ulysses: sequence shard -> head shard of the whole segment (replicated rows reserved around it).
         if u_deg > 1:
             qp, kp, vp = plan.prepare_q(q), plan.prepare_kv(k), plan.prepare_kv(v)
             to_heads = functools.partial(sequence_to_heads_with_grad, group_rank=u_rank) if grad else sequence_to_heads
             buf, ranges = to_heads(
-                [qp[:, img], kp[:, img], vp[:, img]], group_sizes, state.ulysses_group,
-                pad_front=n_pre, pad_back=n_suf,
+                [qp[:, q_img], kp[:, k_img], vp[:, k_img]], group_sizes, state.ulysses_group,
+                pad_front=k_pre, pad_back=k_suf,
             )
+            # buf rows: [k_pre | segment | k_suf]; q's replicated rows are the inner ones of those.
             for part, (a, b), is_kv in zip((qp, kp, vp), ranges, (False, True, True)):
-                if n_pre:
-                    buf[:n_pre, :, a:b].copy_(plan.local_block(part[:, :n_pre], u_rank, is_kv).transpose(0, 1))
-                if n_suf:
-                    buf[n_pre + seg :, :, a:b].copy_(plan.local_block(part[:, n_pre + s_r :], u_rank, is_kv).transpose(0, 1))
-            q_all, k_all, v_all = (buf[:, :, a:b].transpose(0, 1) for a, b in ranges)
+                before, after = (k_pre, k_suf) if is_kv else (n_pre, n_suf)
+                if before:
+                    buf[k_pre - before : k_pre, :, a:b].copy_(
+                        plan.local_block(part[:, :before], u_rank, is_kv).transpose(0, 1))
+                if after:
+                    buf[k_pre + seg : k_pre + seg + after, :, a:b].copy_(
+                        plan.local_block(part[:, part.shape[1] - after :], u_rank, is_kv).transpose(0, 1))
+            if zigzag:  # no replicated rows with causal: buf is the segment
+                buf = to_global_order(buf, pieces, dim=0)
+            (qa, qb), (ka, kb), (va, vb) = ranges
+            q_all = buf[k_pre - n_pre : k_pre + seg + n_suf, :, qa:qb].transpose(0, 1)
+            k_all, v_all = buf[:, :, ka:kb].transpose(0, 1), buf[:, :, va:vb].transpose(0, 1)
             if key_mask is not None:
-                seg_mask = gather_group_sequence(key_mask[:, img].to(torch.uint8), group_sizes, state.ulysses_group)
-                key_mask = torch.cat([key_mask[:, :n_pre], seg_mask.bool(), key_mask[:, n_pre + s_r :]], dim=1)
+                bool_mask = key_mask.dtype == torch.bool
+                shard_mask = key_mask[:, k_img].to(torch.uint8) if bool_mask else key_mask[:, k_img]
+                seg_mask = gather_group_sequence(shard_mask, group_sizes, state.ulysses_group)
+                seg_mask = seg_mask.bool() if bool_mask else seg_mask
+                if zigzag:
+                    seg_mask = to_global_order(seg_mask, pieces, dim=1)
+                key_mask = torch.cat([key_mask[:, :k_pre], seg_mask, key_mask[:, k_pre + s_r :]], dim=1)
         else:
-            q_all, k_all, v_all = q, k, v
+            q_all, k_all, v_all = q, k, v  # U == 1: the rank's rows [c_r | c_2W-1-r] are in global order
 
         # 2. Attention over the whole sequence: one call (R == 1) or the ring (R > 1).
-        kernel = self._kernel(state, q_all, k_all, v_all, key_mask is not None, n_pre, n_suf, seg, sizes)
+        kernel = self._kernel(state, q_all, k_all, v_all, key_mask is not None, rows, sizes, return_lse)
         if r_deg == 1:
-            mask4d = None if key_mask is None else key_mask[:, None, None, :]
-            out_all = self.local.attend(q_all, k_all, v_all, mask=mask4d, causal=self.causal, kernel=kernel)
+            result = self.local.attend(q_all, k_all, v_all, mask=key_mask_4d(key_mask), causal=self.causal,
+                                       kernel=kernel, return_lse=return_lse)
         else:
-            out_all = self._ring(state, q_all, k_all, v_all, key_mask, n_pre, n_suf, seg, sizes, kernel)
+            fronts = ring_front_lengths(total, u_deg, r_deg) if zigzag else None
+            result = self._ring(state, q_all, k_all, v_all, key_mask, rows, seg, sizes, kernel, fronts, return_lse)
+        out_all, lse_all = result if return_lse else (result, None)
 
-        # 3. Back to sequence shards; replicated outputs gathered over heads.
+        # 3. Back to sequence shards; replicated outputs gathered over heads. The LSE goes the same way.
         out_seg = out_all[:, n_pre : n_pre + seg]
+        lse_seg = None if lse_all is None else lse_all[:, :, n_pre : n_pre + seg].transpose(1, 2).unsqueeze(-1)
         if u_deg > 1:
             to_sequence = heads_to_sequence_with_grad if grad else heads_to_sequence
+            if zigzag:
+                out_seg = to_rank_order(out_seg, pieces, dim=1)
+                lse_seg = None if lse_seg is None else to_rank_order(lse_seg, pieces, dim=1)
             out_img = to_sequence(out_seg, group_sizes, u_rank, state.ulysses_group)[:, :, : self.num_heads]
+            if lse_seg is not None:  # [B, S_seg, h, 1] -> [B, s_r, H, 1]: a second, D times smaller all-to-all
+                lse_seg = to_sequence(lse_seg.contiguous(), group_sizes, u_rank, state.ulysses_group)[:, :, : self.num_heads]
         else:
             out_img = out_seg
-        if not (n_pre or n_suf):
-            return out_img
-        text_out = torch.cat([out_all[:, :n_pre], out_all[:, n_pre + seg :]], dim=1)
-        text_out = self._gather_replicated(state, text_out)
-        return torch.cat([text_out[:, :n_pre], out_img, text_out[:, n_pre:]], dim=1)
+        lse_img = None if lse_seg is None else lse_seg[..., 0].transpose(1, 2)
+        if n_pre or n_suf:
+            text_out = torch.cat([out_all[:, :n_pre], out_all[:, n_pre + seg :]], dim=1)
+            text_out = self._gather_replicated(state, text_out)
+            out_img = torch.cat([text_out[:, :n_pre], out_img, text_out[:, n_pre:]], dim=1)
+            if lse_img is not None:
+                text_lse = torch.cat([lse_all[:, :, :n_pre], lse_all[:, :, n_pre + seg :]], dim=2)
+                text_lse = self._gather_replicated(state, text_lse.transpose(1, 2).unsqueeze(-1))[..., 0].transpose(1, 2)
+                lse_img = torch.cat([text_lse[:, :, :n_pre], lse_img, text_lse[:, :, n_pre:]], dim=2)
+        return (out_img, lse_img) if return_lse else out_img
 
-    def _kernel(self, state, q_all, k_all, v_all, masked, n_pre, n_suf, seg, sizes):
+    def _kernel(self, state, q_all, k_all, v_all, masked, rows, sizes, return_lse):
         """The kernel for every block of this call, chosen once per shape class for the group.
 
         The class is built from the longest segment, which every SP rank knows identically,
@@ -267,43 +318,42 @@ class USPAttention(nn.Module):
         """
         u_deg, r_deg = state.ulysses_degree, state.ring_degree
         longest = max(sum(sizes[r * u_deg : (r + 1) * u_deg]) for r in range(r_deg))
+        seg = q_all.shape[1] - rows.prefix - rows.suffix
         if r_deg == 1:
             keys = slice(None)
-            lengths = (n_pre + longest + n_suf,) * 2
+            lengths = (rows.prefix + longest + rows.suffix, rows.key_prefix + longest + rows.key_suffix)
         else:  # ring blocks: this segment's queries against one segment's keys at a time
-            keys = slice(n_pre, n_pre + seg)
-            lengths = (n_pre + longest + n_suf, longest)
+            keys = slice(rows.key_prefix, rows.key_prefix + seg)
+            lengths = (rows.prefix + longest + rows.suffix, longest)
         return self.local.kernel_for(q_all, k_all[:, keys], v_all[:, keys], causal=self.causal, need_mask=masked,
-                                     need_lse=r_deg > 1, lengths=lengths, group=state.sp_group)
+                                     need_lse=r_deg > 1 or return_lse, lengths=lengths, group=state.sp_group)
 
-    def _ring(self, state, q_all, k_all, v_all, key_mask, n_pre, n_suf, seg, sizes, kernel):
+    def _ring(self, state, q_all, k_all, v_all, key_mask, rows, seg, sizes, kernel, fronts, return_lse):
         u_deg, r_deg = state.ulysses_degree, state.ring_degree
         block_lengths = tuple(sum(sizes[r * u_deg : (r + 1) * u_deg]) for r in range(r_deg))
-        own = slice(n_pre, n_pre + seg)
-        local_blocks = ()
-        if n_pre or n_suf:  # replicated K/V: attended once, here, never passed around the ring
-            text_k = torch.cat([k_all[:, :n_pre], k_all[:, n_pre + seg :]], dim=1)
-            text_v = torch.cat([v_all[:, :n_pre], v_all[:, n_pre + seg :]], dim=1)
-            text_mask = None
+        k_pre = rows.key_prefix
+        own = slice(k_pre, k_pre + seg)
+        text_k = text_v = text_mask = None
+        if rows.key_prefix or rows.key_suffix:  # replicated K/V: attended once, here, never passed around the ring
+            text_k = torch.cat([k_all[:, :k_pre], k_all[:, k_pre + seg :]], dim=1)
+            text_v = torch.cat([v_all[:, :k_pre], v_all[:, k_pre + seg :]], dim=1)
             if key_mask is not None:
-                text_mask = torch.cat([key_mask[:, :n_pre], key_mask[:, n_pre + seg :]], dim=1)
-            local_blocks = ((text_k, text_v, text_mask),)
+                text_mask = torch.cat([key_mask[:, :k_pre], key_mask[:, k_pre + seg :]], dim=1)
+        own_mask = None if key_mask is None else key_mask[:, own]
         if grad_required(q_all, k_all, v_all):
             check_backward(kernel[1])  # the kernel agreed for the group: the same on every rank
-            text_k, text_v, text_mask = local_blocks[0] if local_blocks else (None, None, None)
             new_exchange = functools.partial(RingExchange, state.ring_ranks, state.ring_rank, state.ring_group,
                                              state.timeout)
-            ring = RingPlan(BlockKernels(self.local, kernel), new_exchange, state.ring_rank, block_lengths, self.causal)
-            return ring_attention_with_grad(
-                ring, q_all, k_all[:, own], v_all[:, own], key_mask=None if key_mask is None else key_mask[:, own],
-                text_k=text_k, text_v=text_v, text_mask=text_mask,
-            )
+            ring = RingPlan(BlockKernels(self.local, kernel), new_exchange, state.ring_rank, block_lengths, self.causal,
+                            fronts)
+            return ring_attention_with_grad(ring, q_all, k_all[:, own], v_all[:, own], key_mask=own_mask,
+                                            text_k=text_k, text_v=text_v, text_mask=text_mask, return_lse=return_lse)
         exchange = RingExchange(state.ring_ranks, state.ring_rank, state.ring_group, state.timeout)
         return ring_attention(
             functools.partial(self.local.attend, kernel=kernel), q_all, k_all[:, own], v_all[:, own],
             exchange=exchange, ring_rank=state.ring_rank, block_lengths=block_lengths,
-            causal=self.causal, key_mask=None if key_mask is None else key_mask[:, own],
-            local_blocks=local_blocks,
+            causal=self.causal, key_mask=own_mask, local_blocks=() if text_k is None else ((text_k, text_v, text_mask),),
+            return_lse=return_lse, front_lengths=fronts,
         )
 
     def _gather_replicated(self, state, text_out):
@@ -339,30 +389,3 @@ class RingAttention(USPAttention):
     """:class:`USPAttention` restricted to the ring (K/V passed around the ring group; ulysses_degree must be 1)."""
 
     _required_layout = "ring"
-
-
-def _check_replicated(n_pre, n_suf, length, causal) -> None:
-    for name, n in (("num_replicated_prefix", n_pre), ("num_replicated_suffix", n_suf)):
-        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-            raise ValueError(f"{name} must be a non-negative int, got {n!r}")
-    if length is not None and n_pre + n_suf > length:
-        raise ValueError(
-            f"num_replicated_prefix + num_replicated_suffix = {n_pre + n_suf} exceeds the local sequence "
-            f"length {length}"
-        )
-    if causal and (n_pre or n_suf):
-        raise ValueError("causal=True cannot be combined with replicated (prefix/suffix) tokens")
-
-
-def _check_key_mask(attn_mask, q) -> None:
-    if attn_mask is None:
-        return
-    if not isinstance(attn_mask, torch.Tensor):
-        raise TypeError(f"attn_mask must be a torch.Tensor or None, got {type(attn_mask).__name__}")
-    if attn_mask.dtype != torch.bool or tuple(attn_mask.shape) != (q.shape[0], q.shape[1]):
-        raise ValueError(
-            f"under sequence parallelism attn_mask must be a bool key-padding mask [B, S_local] = "
-            f"[{q.shape[0]}, {q.shape[1]}] (True = attend), got {attn_mask.dtype} {list(attn_mask.shape)}"
-        )
-    if attn_mask.device != q.device:
-        raise ValueError(f"attn_mask is on {attn_mask.device} but q is on {q.device}")

@@ -11,7 +11,8 @@ import torch.distributed as dist
 
 from usp_attn.backends.enum import AttentionBackendEnum, parse_attention_backend
 
-__all__ = ["check_positive_int", "check_head_config", "check_qkv", "check_supported_backends", "check_group_device"]
+__all__ = ["check_positive_int", "check_head_config", "check_qkv", "check_supported_backends", "check_group_device",
+           "check_return_lse"]
 
 #: Device types the attention kernels run on (ROCm tensors are "cuda" in torch).
 SUPPORTED_DEVICE_TYPES = ("cpu", "cuda", "mps")
@@ -102,6 +103,11 @@ def check_qkv(q, k, v, *, num_heads: int, num_kv_heads: int, head_size: int, cau
             f"causal=True needs S_q == S_k, got S_q={q.shape[1]}, S_k={k.shape[1]} "
             "(the diagonal alignment of a rectangular causal mask is ambiguous)"
         )
+
+
+def check_return_lse(value) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"return_lse must be True or False, got {value!r}")
 
 
 def check_group_device(q: torch.Tensor, group) -> None:
