@@ -4,6 +4,7 @@ Accepted forms (``True`` = this query may attend this key):
     * bool ``[B, S_k]``               key padding (the usual DiT/text case)
     * bool ``[B, S_q, S_k]``          per-query mask
     * bool ``[B, 1 | H, S_q, S_k]``   per-head mask
+    * bool ``[B, 1 | H, 1, S_k]``      broadcast over the queries (SDPA's key-padding form)
     * float with any of those shapes: additive bias (``-inf`` = masked)
 
 Normalised form: a 4-D tensor broadcastable to ``[B, H, S_q, S_k]`` (dims of size 1
@@ -20,7 +21,7 @@ __all__ = ["normalize_mask", "rows_with_keys", "mask_to_additive", "describe_mas
 
 
 def describe_mask_forms() -> str:
-    return "bool or float with shape [B, S_k], [B, S_q, S_k] or [B, 1|H, S_q, S_k]"
+    return "bool or float with shape [B, S_k], [B, S_q, S_k] or [B, 1|H, 1|S_q, S_k]"
 
 
 def normalize_mask(
@@ -46,7 +47,8 @@ def normalize_mask(
         out = mask[:, None, None, :]
     elif mask.dim() == 3 and shape == (batch, s_q, s_k):
         out = mask[:, None, :, :]
-    elif mask.dim() == 4 and shape[0] == batch and shape[1] in (1, num_heads) and shape[2:] == (s_q, s_k):
+    elif mask.dim() == 4 and shape[0] == batch and shape[1] in (1, num_heads) and shape[2] in (1, s_q) \
+            and shape[3] == s_k:
         out = mask
     else:
         raise ValueError(

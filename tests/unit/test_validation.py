@@ -97,7 +97,7 @@ def test_causal_needs_equal_lengths():
         (t(3, 6, dtype=torch.bool), ValueError, ["attn_mask has shape [3, 6]"]),
         (t(2, 6, 4, dtype=torch.bool), ValueError, ["attn_mask has shape [2, 6, 4]", "[B, S_q, S_k]"]),
         (t(2, 2, 4, 6, dtype=torch.bool), ValueError, ["attn_mask has shape [2, 2, 4, 6]", "1|H"]),
-        (t(2, 1, 1, 6, dtype=torch.bool), ValueError, ["attn_mask has shape [2, 1, 1, 6]"]),
+        (t(2, 1, 2, 6, dtype=torch.bool), ValueError, ["attn_mask has shape [2, 1, 2, 6]", "1|S_q"]),
         (t(6, dtype=torch.bool), ValueError, ["attn_mask has shape [6]"]),
         (t(2, 6, device="meta", dtype=torch.bool), ValueError, ["attn_mask is on meta", "q is on cpu"]),
     ],
