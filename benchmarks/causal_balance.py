@@ -1,0 +1,209 @@
+"""Causal ring attention with contiguous vs load-balanced (zigzag) shards: every rank's work, on one GPU.
+
+A causal ring is as fast as its slowest rank. With contiguous shards ring rank r attends r
+earlier blocks in full plus its diagonal block, so the last rank does ~(2R-1)/R times the mean
+work; with ``shard_sequence(..., load_balance=True)`` (usp_attn/distributed/zigzag.py) every
+rank does the same.
+
+For each shape ``(B, H, S, D)``, ring degree R and layout, every ring rank's forward is run on
+this one GPU: ``usp_attn.layers.ring.ring_attention`` (exactly what ``RingAttention`` runs per
+rank, with the layout's per-hop kernel calls from ``usp_attn.layers.ring_blocks``) over the
+rank's queries, with the other ranks' K/V blocks handed over from memory instead of received
+(no communication). Every call uses one kernel, chosen once per (shape, R) like the layer does.
+Columns per (shape, R, layout):
+
+    rank_ms           median ms of each ring rank's forward
+    slowest_ms        the largest: the ring's compute time per layer call
+    imbalance         slowest / mean of the ranks
+    ideal_ms          one causal kernel call over the whole sequence / R
+    efficiency        ideal_ms / slowest_ms (1.0: the split costs nothing)
+    speedup           contiguous slowest_ms / this layout's slowest_ms
+    pairs_imbalance   the same ratio for the (query, key) pairs each rank attends (counted)
+    out_rel_err       every rank's rows put together vs the full causal call (bf16 ~1e-2)
+
+    python3 benchmarks/causal_balance.py [--json causal_balance.json]    # one GPU: the Wan shapes
+    python3 benchmarks/causal_balance.py --dry-run                        # CPU, tiny shape
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import pathlib
+import statistics
+import sys
+import time
+
+import torch
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from usp_attn import LocalAttention  # noqa: E402
+from usp_attn.distributed.state import shard_sizes  # noqa: E402
+from usp_attn.distributed.zigzag import (  # noqa: E402
+    rank_chunks,
+    ring_front_lengths,
+    shard_zigzag,
+    to_global_order,
+    zigzag_sizes,
+)
+from usp_attn.layers.ring import ring_attention  # noqa: E402
+from usp_attn.layers.ring_blocks import RingLayout, pairs_attended  # noqa: E402
+
+WAN_SHAPES = [(1, 12, 32760, 128), (1, 40, 75600, 128)]  # Wan 1.3B 480p, Wan 14B 720p
+DRY_SHAPES = [(1, 2, 200, 16)]
+RING_DEGREES = (2, 4)
+LAYOUTS = ("contiguous", "zigzag")
+
+
+class MemoryExchange:
+    """The ring's exchange for one simulated rank: ``wait()`` hands over the block ring rank
+    ``r - t - 1`` would have sent at step ``t``, from memory (a benchmark instrument: the
+    distributed tests run the real transport)."""
+
+    def __init__(self, blocks: list[tuple[torch.Tensor, torch.Tensor]], ring_rank: int) -> None:
+        self.blocks, self.source = blocks, ring_rank
+
+    def start(self, outgoing, incoming_like) -> None:
+        self.source = (self.source - 1) % len(self.blocks)
+
+    def wait(self) -> list[torch.Tensor]:
+        return list(self.blocks[self.source])
+
+
+def time_interleaved(fns: dict, device, *, warmup: int, reps: int) -> dict:
+    """Median ms of each ``fns[name]()``, the calls interleaved round by round (drift hits all alike)."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: dict = {name: [] for name in fns}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            if device.type == "cuda":
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                end.synchronize()
+                times[name].append(start.elapsed_time(end))
+            else:
+                t0 = time.perf_counter()
+                fn()
+                times[name].append((time.perf_counter() - t0) * 1e3)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def _split(x: torch.Tensor, ring: int, layout: str) -> list[torch.Tensor]:
+    """Every ring rank's rows of ``x [B, S, ...]`` (U = 1: ring rank = SP rank)."""
+    if layout == "zigzag":
+        return [shard_zigzag(x, 1, ring, r).contiguous() for r in range(ring)]
+    return [t.contiguous() for t in torch.tensor_split(x, ring, dim=1)]
+
+
+def causal_balance_rows(shapes, rings, device, dtype, *, warmup: int, reps: int) -> list[dict]:
+    """One row per (shape, R, layout); see the module doc for the columns."""
+    rows = []
+    for b, h, s, d in shapes:
+        gen = torch.Generator(device=device).manual_seed(0)
+        q, k, v = (torch.randn(b, s, h, d, generator=gen, device=device, dtype=dtype) for _ in range(3))
+        attn = LocalAttention(h, d, causal=True)
+        with torch.no_grad():
+            full_kernel = attn.kernel_for(q, k, v, causal=True, need_lse=True)
+            full = functools.partial(attn.attend, q, k, v, causal=True, return_lse=True, kernel=full_kernel)
+            full_ms = time_interleaved({"full": full}, device, warmup=warmup, reps=reps)["full"]
+            want = full()[0].float()
+            for ring in rings:
+                rows += _ring_rows(attn, (q, k, v), want, full_ms, ring, device, warmup=warmup, reps=reps)
+    return rows
+
+
+def _ring_rows(attn, qkv, want, full_ms, ring, device, *, warmup, reps) -> list[dict]:
+    q, k, v = qkv
+    b, s, h, d = q.shape
+    setups = {}
+    for layout in LAYOUTS:
+        qs, ks, vs = (_split(t, ring, layout) for t in (q, k, v))
+        lengths = tuple(t.shape[1] for t in ks)
+        assert lengths == (zigzag_sizes(s, ring) if layout == "zigzag" else shard_sizes(s, ring))
+        fronts = ring_front_lengths(s, 1, ring) if layout == "zigzag" else None
+        setups[layout] = (qs, list(zip(ks, vs)), lengths, fronts)
+    # One kernel for every block call of this R, as the layer chooses it (class of the longest block).
+    longest = max(setups["contiguous"][2])
+    q0, (k0, v0) = setups["contiguous"][0][0], setups["contiguous"][1][0]
+    kernel = attn.kernel_for(q0, k0, v0, causal=True, need_lse=True, lengths=(longest, longest))
+    attend = functools.partial(attn.attend, kernel=kernel)
+
+    def rank_call(layout, r):
+        qs, blocks, lengths, fronts = setups[layout]
+
+        def call():  # a fresh exchange per call: it walks the ring from this rank's own block
+            exchange = MemoryExchange(blocks, r) if ring > 1 else None
+            return ring_attention(attend, qs[r], *blocks[r], exchange=exchange, ring_rank=r, block_lengths=lengths,
+                                  causal=True, front_lengths=fronts)
+
+        return call
+
+    calls = {(layout, r): rank_call(layout, r) for layout in LAYOUTS for r in range(ring)}
+    ms = time_interleaved(calls, device, warmup=warmup, reps=reps)
+    rows, slowest_contiguous = [], max(ms[("contiguous", r)] for r in range(ring))
+    for layout in LAYOUTS:
+        qs, blocks, lengths, fronts = setups[layout]
+        rank_ms = [ms[(layout, r)] for r in range(ring)]
+        out = torch.cat([calls[(layout, r)]().float() for r in range(ring)], dim=1)
+        if layout == "zigzag":
+            out = to_global_order(out, [rank_chunks(s, ring, r) for r in range(ring)], dim=1)
+        plan = RingLayout(lengths, True, fronts)
+        pairs = [pairs_attended(plan, r, lengths[r]) for r in range(ring)]
+        slowest, ideal = max(rank_ms), full_ms / ring
+        rows.append({
+            "shape": f"{b},{h},{s},{d}", "dtype": str(q.dtype).replace("torch.", ""), "ring_degree": ring,
+            "layout": layout, "kernel": f"{kernel[0].backend}/{kernel[0].kernel or 'default'}",
+            "rank_ms": [round(t, 3) for t in rank_ms], "slowest_ms": round(slowest, 3),
+            "imbalance": round(slowest / statistics.mean(rank_ms), 3), "ideal_ms": round(ideal, 3),
+            "efficiency": round(ideal / slowest, 3), "speedup": round(slowest_contiguous / slowest, 3),
+            "pairs_imbalance": round(max(pairs) / statistics.mean(pairs), 4),
+            "out_rel_err": float((out - want).abs().max() / want.abs().max()),
+        })
+    return rows
+
+
+def _table(rows: list[dict]) -> str:
+    head = ["shape", "ring_degree", "layout", "rank_ms", "slowest_ms", "imbalance", "ideal_ms", "efficiency",
+            "speedup", "pairs_imbalance", "out_rel_err"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in rows:
+        cells = [", ".join(map(str, row[c])) if isinstance(row[c], list) else
+                 (f"{row[c]:.1e}" if c == "out_rel_err" else str(row[c])) for c in head]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--dry-run", action="store_true", help="CPU, a tiny shape, fp32: checks the script")
+    parser.add_argument("--json", default="causal_balance.json", help="where to write the rows")
+    parser.add_argument("--shape", action="append", help="B,H,S,D (repeatable; default: the Wan shapes)")
+    parser.add_argument("--rings", default=",".join(map(str, RING_DEGREES)), help="ring degrees, e.g. 2,4")
+    parser.add_argument("--reps", type=int, default=None)
+    args = parser.parse_args(argv)
+    gpu = torch.cuda.is_available() and not args.dry_run
+    device = torch.device("cuda" if gpu else "cpu")
+    dtype = torch.bfloat16 if gpu else torch.float32
+    shapes = [tuple(int(x) for x in s.split(",")) for s in args.shape] if args.shape else (
+        WAN_SHAPES if gpu else DRY_SHAPES)
+    rings = tuple(int(r) for r in args.rings.split(","))
+    reps = args.reps or (10 if gpu else 2)
+    rows = causal_balance_rows(shapes, rings, device, dtype, warmup=2 if gpu else 1, reps=reps)
+    info = torch.cuda.get_device_name() if gpu else "cpu (dry run)"
+    print(f"causal ring per-rank work on one device ({info}, torch {torch.__version__}, {dtype})")
+    print(_table(rows))
+    pathlib.Path(args.json).write_text(json.dumps(rows, indent=1))
+    print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
