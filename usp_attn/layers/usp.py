@@ -1,19 +1,23 @@
 """Sequence-parallel attention layers: ``USPAttention`` (Ulysses x ring) and its special cases.
 
 Data flow for one call on SP rank ``r = ring_rank * U + ulysses_rank``, with local
-shards ``q, k, v [B, n_pre + s_r + n_suf, H, D]`` (``n_pre``/``n_suf`` replicated tokens,
-identical on every rank, e.g. text):
+shards ``q [B, n_pre + s_r + n_suf, H, D]`` and ``k, v [B, kv_pre + n_pre + s_r + n_suf +
+kv_suf, H_kv, D]`` (``n_pre``/``n_suf`` replicated tokens, identical on every rank, e.g. text;
+``kv_pre``/``kv_suf`` replicated keys/values without queries; see ``sp_arguments``):
 
 1. Ulysses (U > 1): one fused all-to-all turns the ``s_r`` sharded tokens of all heads
    into the whole group segment (``S_seg`` tokens) of head block ``ulysses_rank``. The
    replicated tokens skip the all-to-all: they are sliced to the same head block
-   locally and written into rows reserved around the segment (no extra copy).
+   locally and written into rows reserved around the segment (no extra copy)
+   (``ulysses_steps``; causal on the zigzag layout also reorders the segment).
 2. Ring (R > 1): the segment's queries (and the replicated queries) attend every ring
    rank's segment K/V, passed around the ring; the replicated K/V is attended once,
-   locally. R == 1: one kernel call over [replicated + segment] keys.
+   locally. R == 1: one kernel call over [replicated + segment] keys. Causal: the
+   per-hop calls of ``ring_blocks`` (contiguous or zigzag layout).
 3. Ulysses back: the inverse all-to-all returns ``[B, s_r, H, D]``; replicated-token
    outputs are all-gathered over heads (taking ring rank 0's copy, so every rank
-   returns bit-identical replicated outputs).
+   returns bit-identical replicated outputs). With ``return_lse`` the log-sum-exp
+   ``[B, H, rows]`` takes the same way back (its own, D times smaller all-to-all).
 """
 
 from __future__ import annotations
@@ -25,26 +29,20 @@ import torch.distributed as dist
 from torch import nn
 
 from usp_attn.backends import BACKEND_CLASSES, AttentionBackendEnum
-from usp_attn.distributed.collectives_grad import (
-    gather_replicated_with_grad,
-    grad_required,
-    heads_to_sequence_with_grad,
-    sequence_to_heads_with_grad,
-    share_replicated_grads,
-)
+from usp_attn.distributed.collectives_grad import gather_replicated_with_grad, grad_required, share_replicated_grads
 from usp_attn.distributed.consistency import call_signature, check_call, check_reason, shared_summary
 from usp_attn.distributed.failures import name_failed_ranks
 from usp_attn.distributed.ring_comm import RingExchange
 from usp_attn.distributed.sharding import exchange_lengths
 from usp_attn.distributed.state import SequenceParallelState, get_sequence_parallel_state
-from usp_attn.distributed.ulysses_comm import gather_group_sequence, heads_to_sequence, sequence_to_heads
+from usp_attn.distributed.zigzag import rank_chunks, ring_front_lengths
 from usp_attn.layers.attention_grad import BlockKernels, check_backward
 from usp_attn.layers.heads import HeadPlan
 from usp_attn.layers.local import LocalAttention
-from usp_attn.distributed.zigzag import rank_chunks, ring_front_lengths, to_global_order, to_rank_order
 from usp_attn.layers.ring import key_mask_4d, ring_attention
 from usp_attn.layers.ring_grad import RingPlan, ring_attention_with_grad
 from usp_attn.layers.sp_arguments import ReplicatedRows, check_key_mask, check_load_balance
+from usp_attn.layers.ulysses_steps import UlyssesSteps
 from usp_attn.layers.validation import check_group_device, check_qkv, check_return_lse
 from usp_attn.selector import AttentionBackendUnavailableError
 
@@ -63,14 +61,20 @@ class USPAttention(nn.Module):
             call time; none initialised = a single rank, i.e. ``LocalAttention``).
 
     Shapes (``forward``):
-        q, k, v: ``[B, n_pre + s_r + n_suf, H | H_kv, D]``, this rank's shard ``s_r`` of the
-        sequence with the replicated tokens around it. Output: same shape as q; the
-        replicated tokens' output is complete on every rank.
-        attn_mask: optional bool key-padding mask ``[B, n_pre + s_r + n_suf]`` (True = attend),
-        sharded like k. Other mask forms are accepted only with ``skip_sequence_parallel``
-        or on a single rank.
+        q: ``[B, n_pre + s_r + n_suf, H, D]``, this rank's shard ``s_r`` of the sequence with
+        the replicated tokens around it (``num_replicated_prefix/suffix``).
+        k, v: ``[B, kv_pre + n_pre + s_r + n_suf + kv_suf, H_kv, D]``: the same rows plus
+        ``num_replicated_kv_prefix/suffix`` replicated keys/values without queries, outermost.
+        Output: same shape as q; the replicated tokens' output is complete on every rank.
+        attn_mask: optional key mask over k's rows, ``[B, S_local_k]`` or ``[B, 1, 1, S_local_k]``,
+        bool (True = attend) or additive float (0 / -inf; any finite bias is added). Per-query
+        forms are accepted only with ``skip_sequence_parallel`` or on a single rank.
         seq_len: global length of the sharded part (default: the length recorded by
         :func:`~usp_attn.shard_sequence`; if none was recorded, lengths are exchanged).
+        return_lse: also return the log-sum-exp ``[B, H, q rows]`` (fp32; fp64 for fp64 inputs)
+        of this rank's query rows, replicated rows included in their order; differentiable.
+        load_balance: the layout of the shards (``None``: the one recorded on the state by
+        ``shard_sequence``); ``True`` = zigzag, which balances causal work.
     """
 
     #: (ulysses_degree, ring_degree) constraint checked at call time; None = any.
@@ -162,8 +166,8 @@ class USPAttention(nn.Module):
         if self.skip_sequence_parallel or state is None or state.world_size == 1:
             check_return_lse(return_lse)
             check_load_balance(load_balance)
-            if rows.any and isinstance(q, torch.Tensor) and q.dim() >= 2 and isinstance(k, torch.Tensor) and k.dim() >= 2:
-                # Cross-attention's k/v are complete: any row count of theirs is right.
+            shaped = all(isinstance(t, torch.Tensor) and t.dim() >= 2 for t in (q, k))
+            if rows.any and shaped:  # cross-attention's k/v are complete: any row count of theirs is right
                 rows.check_rows(q.shape[1], None if self.skip_sequence_parallel else k.shape[1], self.causal)
             elif rows.any:
                 rows.check_counts(self.causal)
@@ -223,56 +227,28 @@ class USPAttention(nn.Module):
 
     def _forward_parallel(self, state, q, k, v, key_mask, rows, sizes, balanced, return_lse):
         u_deg, r_deg = state.ulysses_degree, state.ring_degree
-        u_rank, r_rank = state.ulysses_rank, state.ring_rank
-        s_r = sizes[state.sp_rank]
-        n_pre, n_suf = rows.prefix, rows.suffix  # q's replicated rows
-        k_pre, k_suf = rows.key_prefix, rows.key_suffix  # k's replicated rows (kv-only outermost)
-        q_img, k_img = slice(n_pre, n_pre + s_r), slice(k_pre, k_pre + s_r)
+        r_rank, world, total = state.ring_rank, state.world_size, sum(sizes)
+        n_pre, n_suf = rows.prefix, rows.suffix  # q's replicated rows (k's: rows.key_prefix/suffix)
         group_sizes = sizes[r_rank * u_deg : (r_rank + 1) * u_deg]
         seg = sum(group_sizes)
         # Causal on the zigzag layout: the segment in global order [F_g | B_g] (see distributed/zigzag).
-        total, world = sum(sizes), state.world_size
         zigzag = balanced and self.causal
-        pieces = [rank_chunks(total, world, r_rank * u_deg + u) for u in range(u_deg)] if zigzag else None
-        plan = HeadPlan.make(self.num_heads, self.num_kv_heads, u_deg)
         grad = grad_required(q, k, v)
         if grad:  # training: every step below is recorded with its adjoint (collectives_grad)
             need_lse = r_deg > 1 or return_lse
             check_backward(self.local.selection(q.dtype, need_mask=key_mask is not None, need_lse=need_lse).impl)
             if rows.any:
+                k_pre, k_suf = rows.key_prefix, rows.key_suffix
                 q, k, v = share_replicated_grads((q, k, v), (n_pre, k_pre, k_pre), (n_suf, k_suf, k_suf),
                                                  world=world, group=state.sp_group)
 
         # 1. Ulysses: sequence shard -> head shard of the whole segment (replicated rows reserved around it).
+        ulysses = None
         if u_deg > 1:
-            qp, kp, vp = plan.prepare_q(q), plan.prepare_kv(k), plan.prepare_kv(v)
-            to_heads = functools.partial(sequence_to_heads_with_grad, group_rank=u_rank) if grad else sequence_to_heads
-            buf, ranges = to_heads(
-                [qp[:, q_img], kp[:, k_img], vp[:, k_img]], group_sizes, state.ulysses_group,
-                pad_front=k_pre, pad_back=k_suf,
-            )
-            # buf rows: [k_pre | segment | k_suf]; q's replicated rows are the inner ones of those.
-            for part, (a, b), is_kv in zip((qp, kp, vp), ranges, (False, True, True)):
-                before, after = (k_pre, k_suf) if is_kv else (n_pre, n_suf)
-                if before:
-                    buf[k_pre - before : k_pre, :, a:b].copy_(
-                        plan.local_block(part[:, :before], u_rank, is_kv).transpose(0, 1))
-                if after:
-                    buf[k_pre + seg : k_pre + seg + after, :, a:b].copy_(
-                        plan.local_block(part[:, part.shape[1] - after :], u_rank, is_kv).transpose(0, 1))
-            if zigzag:  # no replicated rows with causal: buf is the segment
-                buf = to_global_order(buf, pieces, dim=0)
-            (qa, qb), (ka, kb), (va, vb) = ranges
-            q_all = buf[k_pre - n_pre : k_pre + seg + n_suf, :, qa:qb].transpose(0, 1)
-            k_all, v_all = buf[:, :, ka:kb].transpose(0, 1), buf[:, :, va:vb].transpose(0, 1)
-            if key_mask is not None:
-                bool_mask = key_mask.dtype == torch.bool
-                shard_mask = key_mask[:, k_img].to(torch.uint8) if bool_mask else key_mask[:, k_img]
-                seg_mask = gather_group_sequence(shard_mask, group_sizes, state.ulysses_group)
-                seg_mask = seg_mask.bool() if bool_mask else seg_mask
-                if zigzag:
-                    seg_mask = to_global_order(seg_mask, pieces, dim=1)
-                key_mask = torch.cat([key_mask[:, :k_pre], seg_mask, key_mask[:, k_pre + s_r :]], dim=1)
+            pieces = [rank_chunks(total, world, r_rank * u_deg + u) for u in range(u_deg)] if zigzag else None
+            ulysses = UlyssesSteps(HeadPlan.make(self.num_heads, self.num_kv_heads, u_deg), group_sizes,
+                                   state.ulysses_rank, state.ulysses_group, rows, pieces, grad)
+            q_all, k_all, v_all, key_mask = ulysses.to_heads(q, k, v, key_mask)
         else:
             q_all, k_all, v_all = q, k, v  # U == 1: the rank's rows [c_r | c_2W-1-r] are in global order
 
@@ -287,28 +263,17 @@ class USPAttention(nn.Module):
         out_all, lse_all = result if return_lse else (result, None)
 
         # 3. Back to sequence shards; replicated outputs gathered over heads. The LSE goes the same way.
-        out_seg = out_all[:, n_pre : n_pre + seg]
-        lse_seg = None if lse_all is None else lse_all[:, :, n_pre : n_pre + seg].transpose(1, 2).unsqueeze(-1)
-        if u_deg > 1:
-            to_sequence = heads_to_sequence_with_grad if grad else heads_to_sequence
-            if zigzag:
-                out_seg = to_rank_order(out_seg, pieces, dim=1)
-                lse_seg = None if lse_seg is None else to_rank_order(lse_seg, pieces, dim=1)
-            out_img = to_sequence(out_seg, group_sizes, u_rank, state.ulysses_group)[:, :, : self.num_heads]
-            if lse_seg is not None:  # [B, S_seg, h, 1] -> [B, s_r, H, 1]: a second, D times smaller all-to-all
-                lse_seg = to_sequence(lse_seg.contiguous(), group_sizes, u_rank, state.ulysses_group)[:, :, : self.num_heads]
-        else:
-            out_img = out_seg
-        lse_img = None if lse_seg is None else lse_seg[..., 0].transpose(1, 2)
+        out, lse = out_all[:, n_pre : n_pre + seg], None if lse_all is None else lse_all[:, :, n_pre : n_pre + seg]
+        if ulysses is not None:
+            out, lse = ulysses.to_sequence(out, lse)
         if n_pre or n_suf:
-            text_out = torch.cat([out_all[:, :n_pre], out_all[:, n_pre + seg :]], dim=1)
-            text_out = self._gather_replicated(state, text_out)
-            out_img = torch.cat([text_out[:, :n_pre], out_img, text_out[:, n_pre:]], dim=1)
-            if lse_img is not None:
+            text_out = self._gather_replicated(state, torch.cat([out_all[:, :n_pre], out_all[:, n_pre + seg :]], 1))
+            out = torch.cat([text_out[:, :n_pre], out, text_out[:, n_pre:]], dim=1)
+            if lse is not None:  # as [B, n_text, h, 1] rows, gathered over heads like the outputs
                 text_lse = torch.cat([lse_all[:, :, :n_pre], lse_all[:, :, n_pre + seg :]], dim=2)
-                text_lse = self._gather_replicated(state, text_lse.transpose(1, 2).unsqueeze(-1))[..., 0].transpose(1, 2)
-                lse_img = torch.cat([text_lse[:, :, :n_pre], lse_img, text_lse[:, :, n_pre:]], dim=2)
-        return (out_img, lse_img) if return_lse else out_img
+                text_lse = self._gather_replicated(state, text_lse.transpose(1, 2).unsqueeze(-1))[..., 0]
+                lse = torch.cat([text_lse[:, :n_pre].transpose(1, 2), lse, text_lse[:, n_pre:].transpose(1, 2)], 2)
+        return (out, lse) if return_lse else out
 
     def _kernel(self, state, q_all, k_all, v_all, masked, rows, sizes, return_lse):
         """The kernel for every block of this call, chosen once per shape class for the group.
@@ -349,11 +314,11 @@ class USPAttention(nn.Module):
             return ring_attention_with_grad(ring, q_all, k_all[:, own], v_all[:, own], key_mask=own_mask,
                                             text_k=text_k, text_v=text_v, text_mask=text_mask, return_lse=return_lse)
         exchange = RingExchange(state.ring_ranks, state.ring_rank, state.ring_group, state.timeout)
+        local_blocks = () if text_k is None else ((text_k, text_v, text_mask),)
         return ring_attention(
             functools.partial(self.local.attend, kernel=kernel), q_all, k_all[:, own], v_all[:, own],
-            exchange=exchange, ring_rank=state.ring_rank, block_lengths=block_lengths,
-            causal=self.causal, key_mask=own_mask, local_blocks=() if text_k is None else ((text_k, text_v, text_mask),),
-            return_lse=return_lse, front_lengths=fronts,
+            exchange=exchange, ring_rank=state.ring_rank, block_lengths=block_lengths, causal=self.causal,
+            key_mask=own_mask, local_blocks=local_blocks, return_lse=return_lse, front_lengths=fronts,
         )
 
     def _gather_replicated(self, state, text_out):
