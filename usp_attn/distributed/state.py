@@ -10,7 +10,9 @@ R = ring degree), in SP-rank order ``sp_ranks``:
 
 The global sequence is split into W contiguous shards in SP-rank order, sized as
 ``torch.tensor_split`` sizes them, so each Ulysses group owns one contiguous
-*segment* (its U shards) and the ring circulates segments.
+*segment* (its U shards) and the ring circulates segments. With ``load_balance``
+the shards follow the zigzag layout instead (rank r: chunks r and 2W-1-r of 2W,
+see :mod:`usp_attn.distributed.zigzag`), which balances causal attention.
 """
 
 from __future__ import annotations
