@@ -53,7 +53,9 @@ def test_output_lse_and_gradients_match_fp64(world, u, r, name):
     assert all(np.array_equal(res["replicated_lse"], results[0]["replicated_lse"]) for res in results)
     if parity_cases.SCENARIOS[name].get("balanced") and parity_cases.SCENARIOS[name].get("causal") and r > 1:
         work = [res["work"] for res in results]
-        assert max(work) <= 1.25 * (sum(work) / len(work)), work  # tiny chunks (4-5 tokens): ~10 % at real sizes
+        # Chunks of 4-5 tokens here: up to 17 % above the mean measured (within 0.3 % at real lengths,
+        # tests/unit/test_ring_blocks.py); contiguous shards put the last rank at up to 1.75x.
+        assert max(work) <= 1.25 * (sum(work) / len(work)), work
 
 
 @pytest.mark.parametrize("world,u,r,name", list(_params([fn.__name__ for fn in PER_LAYOUT[:2]])))
