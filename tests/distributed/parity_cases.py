@@ -288,6 +288,7 @@ def refusals(ulysses: int, ring: int) -> dict:
         "kv_rows_mismatch": _refused(new(4, 8), x, kv, kv, num_replicated_kv_prefix=2),
         "kv_rows_without_counts": _refused(new(4, 8), x, kv, kv),
         "return_lse_not_bool": _refused(new(4, 8), x, x, x, return_lse=1),
+        "load_balance_not_bool": _refused(new(4, 8), x, x, x, load_balance="zigzag"),
     }
     odd = usp_attn.shard_sequence(torch.randn(1, 7, 4, 8), load_balance=False)  # contiguous sizes differ from zigzag
     messages["zigzag_with_contiguous_shards"] = _refused(new(4, 8, causal=True), odd, odd, odd, load_balance=True)

@@ -173,13 +173,13 @@ class USPAttention(nn.Module):
                 rows.check_counts(self.causal)
             return self.local(q, k, v, attn_mask, return_lse=return_lse)
         self._check_state(state)
-        check_load_balance(load_balance)
-        balanced = state.load_balance if load_balance is None else load_balance
+        layout_arg = state.load_balance if load_balance is None else load_balance
+        balanced = layout_arg is True
         total = seq_len if seq_len is not None else state.sequence_length
         # Host-only; in steady state (signature as last agreed) no check and no communication.
         signature = call_signature(q, k, v, attn_mask, rows.prefix, rows.suffix, total, return_lse=return_lse,
                                    num_replicated_kv_prefix=rows.kv_prefix, num_replicated_kv_suffix=rows.kv_suffix,
-                                   load_balance=balanced)
+                                   load_balance=layout_arg)
         reason = check_reason(self, state, signature)
         error, local_len, sizes, key_mask = None, None, None, None
         layout = "zigzag (load_balance=True)" if balanced else "contiguous"
@@ -188,6 +188,7 @@ class USPAttention(nn.Module):
                       head_size=self.head_size, causal=False)
             check_group_device(q, state.sp_group)
             check_return_lse(return_lse)
+            check_load_balance(load_balance)
             local_len = rows.check_rows(q.shape[1], k.shape[1], self.causal)
             key_mask = check_key_mask(attn_mask, q, k, grad_required(q, k, v))
             if seq_len is not None and (isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 0):
