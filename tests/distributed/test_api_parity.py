@@ -71,7 +71,7 @@ REFUSALS = {
     "kv_rows_mismatch": "num_replicated_kv_prefix=2 and num_replicated_kv_suffix=0 make",
     "kv_rows_without_counts": "for replicated keys without queries pass num_replicated_kv_prefix/suffix",
     "return_lse_not_bool": "return_lse must be True or False, got 1",
-    "load_balance_not_bool": "load_balance must be True, False or None (the layout recorded on the state), got 'zigzag'",
+    "load_balance_not_bool": "load_balance must be True, False or None (the layout recorded on the state), got 'z",
     "zigzag_with_contiguous_shards": "zigzag (load_balance=True) layout gives shards",
 }
 
