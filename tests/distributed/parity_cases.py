@@ -14,7 +14,8 @@ sharded rows get exactly the reference gradient, replicated rows (q's and the K/
 
 Tolerances (fp32, as sp_cases/grad_cases argue): output 2e-5 absolute; LSE 2e-5 absolute
 (|lse| < 10 here, so ~20 fp32 ulps of headroom over a few merges); gradients 2e-4 of the
-largest reference gradient (measured <= 1e-6). bf16: inputs are rounded before the reference
+largest reference gradient (measured <= 1e-6). fp64 (the kernels' math path and the ring merge
+keep fp64, the LSE is fp64): 1e-10 for everything, relative for gradients (measured ~1e-15). bf16: inputs are rounded before the reference
 sees them; output 2^-6 of the largest value (as sp_cases); LSE 2^-8 of the largest |lse| (the
 kernel computes it in fp32 from the bf16 inputs, but rounds q.k products; measured 6e-5
 absolute at |lse| ~ 4, i.e. ~2^-16 relative).
@@ -32,7 +33,7 @@ from usp_attn.distributed.zigzag import ring_front_lengths
 from usp_attn.layers.heads import HeadPlan
 from usp_attn.layers.ring_blocks import RingLayout, pairs_attended
 
-ATOL, LSE_ATOL, GRAD_RTOL = 2e-5, 2e-5, 2e-4
+ATOL, LSE_ATOL, GRAD_RTOL, FP64_TOL = 2e-5, 2e-5, 2e-4, 1e-10
 
 SCENARIOS: dict[str, dict] = {
     "lse_gqa_uneven": dict(heads=4, kv_heads=2, length=29),
@@ -47,6 +48,9 @@ SCENARIOS: dict[str, dict] = {
     "zigzag_causal_masked_padded_heads": dict(heads=6, kv_heads=2, length=35, causal=True, balanced=True, mask="bool"),
     "zigzag_replicated_kv_only": dict(heads=4, kv_heads=2, length=30, prefix=2, kv_suffix=3, balanced=True),
     "zigzag_causal_bf16": dict(heads=4, kv_heads=2, length=34, causal=True, balanced=True, dtype="bfloat16"),
+    "zigzag_causal_fp64_masked": dict(heads=4, kv_heads=2, length=31, causal=True, balanced=True, mask="bool",
+                                      dtype="float64"),
+    "kv_only_fp64": dict(heads=4, kv_heads=4, length=21, prefix=1, kv_prefix=2, kv_suffix=3, dtype="float64"),
 }
 
 
@@ -167,26 +171,29 @@ def run_parity(ulysses: int, ring: int, name: str) -> dict:
     ref_out, ref_lse = attention_lse_fp64(q, k, v, causal=causal, mask=mask)
     want_out, want_lse = rows.q(ref_out), rows.lse(ref_lse)
     assert out.shape == want_out.shape and out.dtype == dtype, (out.shape, want_out.shape, out.dtype)
-    assert lse.shape == want_lse.shape and lse.dtype == torch.float32, (lse.shape, want_lse.shape, lse.dtype)
+    lse_dtype = torch.float64 if dtype == torch.float64 else torch.float32  # the ring merge keeps fp64
+    assert lse.shape == want_lse.shape and lse.dtype == lse_dtype, (lse.shape, want_lse.shape, lse.dtype)
     errors = {"out": (out.double() - want_out).abs().max().item(), "lse": _lse_error(lse, want_lse)}
-    if dtype == torch.float32:
+    if dtype == torch.float64:
+        tols = {"out": FP64_TOL, "lse": FP64_TOL}
+    elif dtype == torch.float32:
         tols = {"out": ATOL, "lse": LSE_ATOL}
     else:
         tols = {"out": 2.0**-6 * want_out.abs().max().item(), "lse": 2.0**-8 * finite(want_lse).abs().max().item()}
     result = {"errors": errors, "work": sum(work), "expected_work": _expected_work(state, p, rows),
               "replicated_lse": torch.cat([lse[:, :, : rows.pre], lse[:, :, lse.shape[2] - rows.suf :]], 2).numpy()}
-    if dtype == torch.float32:
-        errors.update(_gradient_errors(layer, p, rows, kwargs, (q, k, v, mask, dout, dlse), world))
-        tols.update({key: GRAD_RTOL for key in errors if key.startswith("d")})
+    if dtype != torch.bfloat16:
+        errors.update(_gradient_errors(layer, p, rows, kwargs, (q, k, v, mask, dout, dlse), world, dtype))
+        tols.update({key: GRAD_RTOL if dtype == torch.float32 else FP64_TOL for key in errors if key.startswith("d")})
     for key, err in errors.items():
         assert err <= tols[key], f"{name} U={ulysses} R={ring}: {key} error {err:.3e} > {tols[key]:.3e}"
     return result
 
 
-def _gradient_errors(layer, p, rows: _Rows, kwargs, full, world) -> dict:
+def _gradient_errors(layer, p, rows: _Rows, kwargs, full, world, dtype) -> dict:
     q, k, v, mask, dout, dlse = full
     causal = p.get("causal", False)
-    lq, lk, lv = (rows.q(q).float(), rows.k(k).float(), rows.k(v).float())
+    lq, lk, lv = (rows.q(q).to(dtype), rows.k(k).to(dtype), rows.k(v).to(dtype))
     lq, lk, lv = (t.requires_grad_() for t in (lq, lk, lv))
     out, lse = layer(lq, lk, lv, **kwargs)
     weight = torch.ones(out.shape[1], dtype=torch.float64)
