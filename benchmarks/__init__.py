@@ -1,17 +1,23 @@
-"""Benchmark code shared by ``launch/bench.py``, the single-GPU issue-5 script and the multi-GPU check.
+"""usp_attn's benchmark suite: ``python benchmarks/run.py --list`` (see BENCHMARKS.md).
 
-Not part of the ``usp_attn`` package: these modules time and report, they never
-change library behaviour. Run the scripts from the repository root (they put it on
-``sys.path`` themselves) or with the repository root on ``PYTHONPATH``.
+Not part of the ``usp_attn`` package: these modules time and report, they never change library
+behaviour. One entry point (run.py) runs named parts; every part returns rows in one format
+(suite.py) and one reporter (report.py) writes them as markdown, JSON and a PNG.
 
-    timing.py       FLOP counts, random inputs, rotating buffers, CUDA-event / host timers
-    report.py       markdown tables and the PNG plot
-    kernels.py      the raw attention kernels (aten cuDNN/flash/efficient, Sage1, flash-attn)
-    local_ring.py   a single-GPU stand-in for the ring transport (benchmark only)
-    peers.py        yunchang and diffusers context parallel, when installed
-    issue5_*.py     the sections of gpu_issue5.py
-    nccl_layouts.py     the sequence-parallel test scenarios on CUDA + NCCL (launch/multigpu_check.sh)
-    process_group.py    torchrun group start-up (NCCL on cuda:LOCAL_RANK, else gloo)
-    multigpu_*.py       P4 scaling and P5 peers under torchrun, and the issue-6 report
-    comm_bandwidth.py   all-to-all / ring-hop times vs bytes and probed link bandwidth
+    run.py            entry point: the parts, the one-GPU and multi-GPU sets, process groups
+    suite.py          the run's Context and the row format
+    report.py         markdown tables, JSON, PNG; merges the results of several runs
+    timing.py         FLOP counts, random inputs, CUDA-event / host timers, interleaved timing
+    kernels.py        the attention candidates (raw kernels and layers), one entry each
+    environment.py    env, ceilings
+    correctness.py    every candidate and layer vs fp64
+    device_checks.py  no host syncs; torch.compile
+    kernel_speed.py   kernels (P1)
+    layer_overhead.py layer-overhead (P2)
+    ring_hops.py      ring-hops (P3), with local_ring.py's in-memory ring exchange
+    scaling.py        scaling (P4): the attention layer on 1..N GPUs, every layout
+    peers.py          peers (P5): yunchang and diffusers context parallel
+    model_step.py     model-step: built-in DiT and diffusers Wan transformer forwards
+    communication.py  all-to-all / ring-hop transfers vs link bandwidth
+    layout_tests.py   the sequence-parallel test scenarios on the devices (NCCL)
 """

@@ -1,15 +1,19 @@
-"""The raw attention kernels the benchmarks compare ``usp_attn``'s layers against.
+"""The attention candidates the kernels part times and the correctness part checks: one entry each.
 
-Every kernel takes q ``[B, S_q, H, D]`` and k, v ``[B, S_k, H, D]`` (any strides with a
-contiguous last dim; the caller chooses the memory layout) and returns out
-``[B, S_q, H, D]``, plus the LSE ``[B, H, S_q]`` fp32 for kernels that compute it.
-The aten ops are the same registered operators ``usp_attn``'s ``torch_sdpa``
-backend calls (see REFERENCE.md §4 for their signatures).
+A candidate is a raw kernel or a usp_attn layer. ``cand.bind(heads, head_size, scale=, causal=)``
+gives ``call(q, k, v)`` on q ``[B, S_q, H, D]`` and k, v ``[B, S_k, H, D]`` (any strides with a
+contiguous last dim; the caller chooses the memory layout) returning out ``[B, S_q, H, D]``,
+or ``(out, lse)`` with the LSE ``[B, H, S_q]`` fp32 when ``returns_lse``. The aten ops are the
+registered operators ``usp_attn``'s ``torch_sdpa`` backend calls (REFERENCE.md §4).
+
+To add a candidate, write its call and append one line to :data:`CANDIDATES`, e.g.
+``raw("fa4 (flash_attn.cute)", _fa4, True, _needs("flash_attn.cute", "flash_attn_func"))``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 import importlib.metadata
 import importlib.util
@@ -17,7 +21,11 @@ from typing import Callable
 
 import torch
 
-__all__ = ["RawKernel", "RAW_KERNELS", "kernel_by_name", "package_version"]
+from usp_attn import AttentionBackendEnum, LocalAttention, global_force_attn_backend_context_manager
+from usp_attn.backends.sdpa import cuda_subkernel
+from usp_attn.platforms import current_platform
+
+__all__ = ["Candidate", "CANDIDATES", "raw", "layer", "by_name", "auto_raw_kernel", "package_version"]
 
 _aten = torch.ops.aten
 
@@ -77,7 +85,7 @@ def _sage1(q, k, v, *, scale, causal, lse):
 
 
 def _flash_attn(q, k, v, *, scale, causal, lse):
-    if importlib.util.find_spec("flash_attn_interface") is not None and torch.cuda.get_device_capability()[0] == 9:
+    if _needs("flash_attn_interface", "flash_attn_func")(q.device) is None and torch.cuda.get_device_capability()[0] == 9:
         fn = importlib.import_module("flash_attn_interface").flash_attn_func  # FA3
         res = fn(q, k, v, softmax_scale=scale, causal=causal)
         out = res[0] if isinstance(res, tuple) else res
@@ -85,6 +93,24 @@ def _flash_attn(q, k, v, *, scale, causal, lse):
     fn = importlib.import_module("flash_attn").flash_attn_func  # FA2
     res = fn(q, k, v, softmax_scale=scale, causal=causal, return_attn_probs=lse)
     return (res[0], res[1]) if lse else res
+
+
+def _needs(module: str, attr: str | None = None, cuda: bool = True) -> Callable[[torch.device], str | None]:
+    """Availability: ``module`` importable (and having ``attr``: a namespace package is not the
+    package), and a CUDA device when ``cuda``."""
+
+    def reason(device: torch.device) -> str | None:
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except ModuleNotFoundError:  # a parent package is missing
+            found = False
+        if found and attr is not None:
+            found = hasattr(importlib.import_module(module), attr)
+        if not found:
+            return f"{module}{'.' + attr if attr else ''} is not installed"
+        return _needs_cuda(device) if cuda else None
+
+    return reason
 
 
 def _needs_cuda(device: torch.device) -> str | None:
@@ -95,53 +121,89 @@ def _needs_cpu(device: torch.device) -> str | None:
     return None if device.type == "cpu" else "CPU-only kernel"
 
 
-def _needs_sage(device: torch.device) -> str | None:
-    if importlib.util.find_spec("sageattention") is None:
-        return "sageattention is not installed"
-    return _needs_cuda(device)
-
-
 def _needs_flash_attn(device: torch.device) -> str | None:
-    if importlib.util.find_spec("flash_attn") is None and importlib.util.find_spec("flash_attn_interface") is None:
-        return "flash-attn (flash_attn / flash_attn_interface) is not installed"
-    return _needs_cuda(device)
+    fa2, fa3 = _needs("flash_attn", "flash_attn_func")(device), _needs("flash_attn_interface", "flash_attn_func")(device)
+    return None if fa2 is None or fa3 is None else "flash-attn (flash_attn / flash_attn_interface) is not installed"
 
 
 @dataclasses.dataclass(frozen=True)
-class RawKernel:
-    """One raw kernel: ``call(q, k, v, scale=, causal=) -> out`` (``lse=`` as declared)."""
+class Candidate:
+    """One way to compute attention (see the module doc)."""
 
     name: str
-    fn: Callable
+    bind: Callable[..., Callable]  # (heads, head_size, *, scale, causal) -> call(q, k, v)
     returns_lse: bool
     availability: Callable[[torch.device], str | None]
-    #: aten ops accept meta tensors: the CPU dry run checks these calls' signatures
-    meta_checkable: bool = False
-    #: whether ``call`` writes to its k argument (Sage 1's smooth_k)
-    mutates_k: bool = False
+    exact: bool = True  # False: lossy (Sage quantises Q, K to INT8); never "the fastest exact kernel"
+    layer: bool = False  # a usp_attn layer, rated against the fastest exact raw kernel (P1)
+    meta_checkable: bool = False  # aten ops accept meta tensors: the CPU dry run checks these calls
+    mutates_k: bool = False  # writes to its k argument (Sage 1's smooth_k): give it a k of its own
 
     def reason(self, device: torch.device | str) -> str | None:
-        """Why this kernel cannot run on ``device``, or None."""
+        """Why this candidate cannot run on ``device``, or None."""
         return self.availability(torch.device(device))
 
     def call(self, q, k, v, *, scale: float, causal: bool = False):
-        return self.fn(q, k, v, scale=scale, causal=causal, lse=self.returns_lse)
+        """One call on q, k, v ``[B, S, H, D]`` (builds the layer each time: for checks, not timing)."""
+        return self.bind(q.shape[2], q.shape[3], scale=scale, causal=causal)(q, k, v)
 
 
-RAW_KERNELS: tuple[RawKernel, ...] = (
-    RawKernel("cudnn", _cudnn, False, _needs_cuda, meta_checkable=True),
-    RawKernel("cudnn+lse", _cudnn, True, _needs_cuda, meta_checkable=True),
-    RawKernel("flash (aten)", _flash, True, _needs_cuda, meta_checkable=True),
-    RawKernel("efficient", _efficient, False, _needs_cuda, meta_checkable=True),
-    RawKernel("efficient+lse", _efficient, True, _needs_cuda, meta_checkable=True),
-    RawKernel("sage1 (triton)", _sage1, False, _needs_sage, mutates_k=True),
-    RawKernel("flash-attn", _flash_attn, True, _needs_flash_attn),
-    RawKernel("cpu flash (aten)", _cpu_flash, True, _needs_cpu),
+def raw(name: str, fn: Callable, returns_lse: bool, availability, **kw) -> Candidate:
+    """A raw kernel ``fn(q, k, v, *, scale, causal, lse)``."""
+
+    def bind(heads, head_size, *, scale, causal):
+        return functools.partial(fn, scale=scale, causal=causal, lse=returns_lse)
+
+    return Candidate(name, bind, returns_lse, availability, **kw)
+
+
+def layer(name: str, backend: str | None = None) -> Candidate:
+    """``LocalAttention`` with automatic selection (``backend=None``) or a forced backend."""
+
+    def bind(heads, head_size, *, scale, causal):
+        attn = LocalAttention(heads, head_size, softmax_scale=scale, causal=causal)
+        if backend is None:
+            return attn
+
+        def forced(q, k, v):
+            with global_force_attn_backend_context_manager(backend):
+                return attn(q, k, v)
+
+        return forced
+
+    return Candidate(name, bind, False, lambda device: None, layer=True)
+
+
+CANDIDATES: tuple[Candidate, ...] = (
+    raw("cudnn", _cudnn, False, _needs_cuda, meta_checkable=True),
+    raw("cudnn+lse", _cudnn, True, _needs_cuda, meta_checkable=True),
+    raw("flash (aten)", _flash, True, _needs_cuda, meta_checkable=True),
+    raw("efficient", _efficient, False, _needs_cuda, meta_checkable=True),
+    raw("efficient+lse", _efficient, True, _needs_cuda, meta_checkable=True),
+    raw("sage1 (triton)", _sage1, False, _needs("sageattention"), exact=False, mutates_k=True),
+    raw("flash-attn", _flash_attn, True, _needs_flash_attn),
+    raw("cpu flash (aten)", _cpu_flash, True, _needs_cpu),
+    layer("LocalAttention (auto)"),
 )
 
 
-def kernel_by_name(name: str) -> RawKernel:
-    for kernel in RAW_KERNELS:
-        if kernel.name == name:
-            return kernel
-    raise KeyError(f"unknown raw kernel {name!r}; known: {[k.name for k in RAW_KERNELS]}")
+def by_name(name: str) -> Candidate:
+    for cand in CANDIDATES:
+        if cand.name == name:
+            return cand
+    raise KeyError(f"unknown candidate {name!r}; known: {[c.name for c in CANDIDATES]}")
+
+
+def auto_raw_kernel(device: torch.device, dtype: torch.dtype, head_size: int) -> tuple[Candidate | None, str]:
+    """The raw candidate automatic selection runs for a plain call (no mask, no LSE), and a
+    description such as ``torch_sdpa -> cudnn``."""
+    backend = LocalAttention(1, head_size).selection(dtype).backend
+    if backend == AttentionBackendEnum.TORCH_SDPA:
+        if device.type == "cuda":
+            sub = cuda_subkernel(current_platform().capability, dtype, head_size, False)
+            name = {"cudnn": "cudnn", "flash": "flash (aten)", "efficient": "efficient"}.get(sub)
+        else:
+            sub, name = "cpu sdpa", "cpu flash (aten)"
+        return (by_name(name) if name else None), f"torch_sdpa -> {sub}"
+    name = {AttentionBackendEnum.FA: "flash-attn", AttentionBackendEnum.SAGE_ATTN: "sage1 (triton)"}.get(backend)
+    return (by_name(name) if name else None), str(backend)

@@ -30,6 +30,7 @@ __all__ = [
     "host_issue_time",
     "plan_reps",
     "synchronize",
+    "time_interleaved",
 ]
 
 
@@ -113,35 +114,10 @@ class Timing:
         return {"median_s": self.median, "min_s": min(self.times), "reps": len(self.times), "spread": self.spread}
 
 
-def time_fn(
-    fn: Callable[..., object],
-    arg_sets: Sequence[tuple],
-    *,
-    warmup: int,
-    reps: int,
-    device: torch.device | str,
-) -> Timing:
+def time_fn(fn: Callable[..., object], arg_sets: Sequence[tuple], *, warmup: int, reps: int,
+            device: torch.device | str) -> Timing:
     """Time ``fn(*arg_sets[i % len(arg_sets)])`` for ``reps`` calls after ``warmup`` calls."""
-    device = torch.device(device)
-    n = len(arg_sets)
-    for i in range(warmup):
-        fn(*arg_sets[i % n])
-    synchronize(device)
-    if device.type == "cuda":
-        starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
-        ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
-        for i in range(reps):
-            starts[i].record()
-            fn(*arg_sets[i % n])
-            ends[i].record()
-        torch.cuda.synchronize(device)
-        return Timing([s.elapsed_time(e) / 1e3 for s, e in zip(starts, ends)])
-    times = []
-    for i in range(reps):
-        t0 = time.perf_counter()
-        fn(*arg_sets[i % n])
-        times.append(time.perf_counter() - t0)
-    return Timing(times)
+    return time_interleaved({"fn": (fn, arg_sets)}, warmup=warmup, reps=reps, device=device)["fn"]
 
 
 def host_issue_time(fn: Callable[..., object], arg_sets: Sequence[tuple], *, calls: int, device) -> float:

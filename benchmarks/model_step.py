@@ -1,0 +1,180 @@
+"""Part "model-step": whole transformer forwards, usp_attn against one GPU and against diffusers.
+
+dit  one denoising step of the built-in video DiT (launch/tiny_dit.py) at Wan 14B width (hidden
+     5120 = 40 heads x 128, FFN 13824, 512 text tokens of 4096), 2 blocks, 81 frames of 720x1280
+     (75600 tokens), batch 2 (classifier-free guidance), random weights: per group size k and
+     layout, as the scaling part does it (groups side by side; k = 1 is the one-GPU time).
+wan  diffusers ``WanTransformer3DModel`` at Wan 14B width, 2 blocks, the same video, batch 1 (its
+     pipeline runs the guidance branches as separate calls): without sequence parallelism, then per
+     layout of the whole world usp_attn's ``enable_sequence_parallel`` and diffusers' own
+     ``enable_parallelism`` on the same weights (P5: diffusers time / ours).
+
+Times: the slowest rank's median of a few calls after a warm-up. rel_err: the full output against
+the same model without sequence parallelism on one device.
+"""
+
+from __future__ import annotations
+
+import pathlib
+import sys
+
+import torch
+import torch.distributed as dist
+
+import usp_attn
+
+from benchmarks.peers import PeerUnavailable, cp_config, device_mesh, diffusers_backend
+from benchmarks.scaling import group_sizes, layout_name, sp_groups
+from benchmarks.suite import Context, headline, layouts_of, rel_err, short_error, skipped
+from benchmarks.timing import time_fn
+
+__all__ = ["model_step_part", "build_wan"]
+
+LAUNCH = pathlib.Path(__file__).resolve().parents[1] / "launch"
+WAN_14B = dict(patch_size=(1, 2, 2), num_attention_heads=40, attention_head_dim=128, in_channels=16, out_channels=16,
+               text_dim=4096, freq_dim=256, ffn_dim=13824, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+               eps=1e-6, rope_max_seq_len=1024)
+GPU = dict(dtype=torch.bfloat16, warmup=1, reps=3, video=(81, 720, 1280), wan=WAN_14B, wan_layers=2, wan_text=512,
+           dit=dict(hidden_size=5120, num_heads=40, num_layers=2, ffn_size=13824, text_dim=4096, text_length=512))
+CPU = dict(dtype=torch.float32, warmup=0, reps=1, video=(5, 64, 64), wan_layers=1, wan_text=7,
+           wan={**WAN_14B, "num_attention_heads": 4, "attention_head_dim": 16, "text_dim": 32, "freq_dim": 32,
+                "ffn_dim": 64, "rope_max_seq_len": 64},
+           dit=dict(hidden_size=64, num_heads=8, num_layers=1, ffn_size=128, text_dim=32, text_length=8))
+
+
+def _time(ctx: Context, cfg: dict, fn) -> float:
+    timing = time_fn(fn, [()], warmup=cfg["warmup"], reps=ctx.reps or cfg["reps"], device=ctx.device)
+    return ctx.max_over_ranks(timing.median)
+
+
+def build_wan(shape: dict, num_layers: int, device: torch.device, dtype: torch.dtype, seed: int = 0):
+    """A random ``WanTransformer3DModel``, identical on every rank, on ``device``, in ``dtype`` except the
+    modules diffusers keeps in fp32 when it loads a checkpoint (as ``from_pretrained(torch_dtype=)``)."""
+    from diffusers import WanTransformer3DModel
+
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = WanTransformer3DModel(num_layers=num_layers, **shape)
+    keep = set(model._keep_in_fp32_modules or ())
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if not keep.intersection(name.split(".")):
+                param.data = param.data.to(dtype)
+    model.eval().set_attention_backend(diffusers_backend(device))
+    return model
+
+
+def dit_rows(ctx: Context, cfg: dict) -> list[dict]:
+    sys.path.insert(0, str(LAUNCH))
+    from flow_match import latent_grid
+    from tiny_dit import TinyDiTConfig, TinyWanDiT
+
+    dit = TinyDiTConfig(**cfg["dit"])
+    torch.manual_seed(0)  # same weights on every rank
+    with torch.device(ctx.device):
+        model = TinyWanDiT(dit, sequence_parallel=True).to(cfg["dtype"]).eval()
+    f, hh, ww = latent_grid(*cfg["video"])
+    gen = torch.Generator().manual_seed(1)
+    latents = torch.randn(2, dit.in_channels, f, hh, ww, generator=gen).to(ctx.device)
+    text = torch.randn(2, dit.text_length, dit.text_dim, generator=gen).to(ctx.device)
+    t = torch.full((2,), 500.0, device=ctx.device)
+    tokens = f * (hh // dit.patch_size[1]) * (ww // dit.patch_size[2])
+    what, shape = "TinyWanDiT step", f"{tokens} tokens x batch 2, hidden {dit.hidden_size}, {dit.num_layers} blocks"
+    reference = model(latents, t, text)  # no sequence-parallel state: the whole step on one device
+    rows, base = [], None
+    for k in group_sizes(ctx.world):
+        for u, r in layouts_of(k):
+            row = {"what": what, "shape": shape, "layout": layout_name(u, r), "gpus": k}
+            if ctx.out_of_time():
+                rows.append(skipped(**row, why="time budget spent"))
+                continue
+            state = usp_attn.init_sequence_parallel(u, r, ranks=sp_groups(ctx.world, k))
+            try:
+                err = ctx.max_over_ranks(rel_err(model(latents, t, text), reference))
+                seconds = _time(ctx, cfg, lambda: model(latents, t, text))
+                base = seconds if k == 1 else base
+                rows.append({**row, "backend": str(state.backend), "ms": seconds * 1e3, "rel_err": err,
+                             "speedup": base and base / seconds, "efficiency": base and base / seconds / k})
+            except Exception as exc:
+                rows.append({**row, "note": f"error: {short_error(exc)}"})
+            finally:
+                usp_attn.destroy_sequence_parallel()
+            dist.barrier()
+    return rows
+
+
+def wan_rows(ctx: Context, cfg: dict) -> list[dict]:
+    if ctx.world > 1:
+        for u, r in layouts_of(ctx.world):
+            device_mesh(u, r)  # every mesh before usp_attn's groups come and go (see peers.device_mesh)
+    sys.path.insert(0, str(LAUNCH))
+    from flow_match import latent_grid
+    from usp_attn.integrations.diffusers import disable_sequence_parallel, enable_sequence_parallel
+
+    shape = cfg["wan"]
+    f, hh, ww = latent_grid(*cfg["video"])
+    gen = torch.Generator().manual_seed(1)
+    inputs = {"hidden_states": torch.randn(1, shape["in_channels"], f, hh, ww, generator=gen),
+              "encoder_hidden_states": torch.randn(1, cfg["wan_text"], shape["text_dim"], generator=gen)}
+    inputs = {k: v.to(device=ctx.device, dtype=cfg["dtype"]) for k, v in inputs.items()}
+    inputs.update(timestep=torch.full((1,), 500.0, device=ctx.device), return_dict=False)
+    size = f"{f * (hh // 2) * (ww // 2)} tokens x batch 1, {shape['num_attention_heads']} heads, {cfg['wan_layers']} blocks"
+    build = lambda: build_wan(shape, cfg["wan_layers"], ctx.device, cfg["dtype"])  # noqa: E731
+    model = build()
+    call = lambda: model(**inputs)[0]  # noqa: E731
+    reference = call()
+    rows = [{"what": "WanTransformer3DModel, no sequence parallelism", "shape": size, "layout": "-", "gpus": 1,
+             "backend": f"diffusers {diffusers_backend(ctx.device)}", "ms": _time(ctx, cfg, call) * 1e3}]
+    for u, r in layouts_of(ctx.world) if ctx.world > 1 else []:
+        layout = f"{u}x{r}"
+        if ctx.out_of_time():
+            rows.append(skipped("WanTransformer3DModel", "time budget spent", shape=size, layout=layout))
+            continue
+        ours = {"what": "usp_attn enable_sequence_parallel", "shape": size, "layout": layout, "gpus": ctx.world}
+        state = usp_attn.init_sequence_parallel(u, r)
+        try:
+            enable_sequence_parallel(model)
+            ours.update(backend=str(state.backend), rel_err=ctx.max_over_ranks(rel_err(call(), reference)),
+                        ms=_time(ctx, cfg, call) * 1e3)
+            ours["speedup"] = rows[0]["ms"] / ours["ms"]
+        except Exception as exc:
+            ours["note"] = f"error: {short_error(exc)}"
+        finally:
+            disable_sequence_parallel(model)
+            usp_attn.destroy_sequence_parallel()
+        dist.barrier()
+        rows.append(ours)
+        peer = {"what": "diffusers enable_parallelism", "shape": size, "layout": layout, "gpus": ctx.world}
+        try:
+            cp_model = build()  # enable_parallelism cannot be undone: a fresh model (same weights) per layout
+            try:
+                cp_model.enable_parallelism(config=cp_config(u, r))
+            except ZeroDivisionError as exc:  # it picks the device as rank % torch.accelerator.device_count()
+                raise PeerUnavailable(f"diffusers' enable_parallelism needs an accelerator (on CPU: {exc})") from exc
+            cp_call = lambda: cp_model(**inputs)[0]  # noqa: E731
+            peer.update(backend=f"diffusers {diffusers_backend(ctx.device)}",
+                        rel_err=ctx.max_over_ranks(rel_err(cp_call(), reference)), ms=_time(ctx, cfg, cp_call) * 1e3)
+            rows.append(peer)
+            if ours.get("ms"):
+                rows.append(headline("P5", "diffusers enable_parallelism time / usp_attn time", peer["ms"] / ours["ms"],
+                                     ">= 1.1", shape=size, layout=layout))
+        except PeerUnavailable as exc:
+            rows.append(skipped(**peer, why=str(exc)))
+        except Exception as exc:
+            rows.append({**peer, "note": f"error: {short_error(exc)}"})
+        cp_model = cp_call = None
+        ctx.free()
+        dist.barrier()
+    return rows
+
+
+def model_step_part(ctx: Context) -> list[dict]:
+    cfg = ctx.sizes(GPU, CPU)
+    with torch.inference_mode():
+        rows = dit_rows(ctx, cfg)
+        ctx.free()
+        try:
+            rows += wan_rows(ctx, cfg)
+        except ImportError as exc:
+            rows.append(skipped("WanTransformer3DModel", f"diffusers is not installed ({short_error(exc)})"))
+    return rows
