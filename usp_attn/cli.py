@@ -64,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--need-lse", action="store_true", help="the layer needs the log-sum-exp (ring attention)")
     info.add_argument("--need-mask", action="store_true", help="the layer passes an attention mask")
     info.add_argument("--json", action="store_true", help="print the same information as JSON")
+    # -v after the subcommand too (usp-attn info -v); SUPPRESS keeps a -v given before it
+    info.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                      help="show usp_attn INFO log messages on stderr")
     info.set_defaults(handler=_run_info)
     return parser
 
