@@ -1,8 +1,7 @@
 """Part "kernels": every attention candidate's speed, and the layer against the fastest kernel (P1).
 
 Per shape: each available candidate of ``benchmarks.kernels.CANDIDATES`` on the layer's own input
-layout (``[B, S, H, D]`` storage, as DiT blocks give it), plus cuDNN on ``[B, H, S, D]``-contiguous
-storage for information. Then P1: each layer candidate (``LocalAttention (auto)``) and the fastest
+layout (``[B, S, H, D]`` storage, as DiT blocks give it). Then P1: each layer candidate (``LocalAttention (auto)``) and the fastest
 *exact* raw kernel timed head to head, call by call in turn, so drift hits both alike;
 ratio = layer TFLOP/s / kernel TFLOP/s.
 """
@@ -11,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from benchmarks.kernels import CANDIDATES, by_name
+from benchmarks.kernels import CANDIDATES
 from benchmarks.suite import Context, headline, short_error, skipped
 from benchmarks.timing import attention_flops, plan_reps, random_qkv, rotation_count, tflops, time_interleaved
 
@@ -31,10 +30,6 @@ def qkv_sets(ctx: Context, shape, dtype, seed: int, *, per_rank: int = 1):
     return random_qkv(shape, dtype, ctx.device, seed=seed, count=rotation_count(per_set, ctx.device))
 
 
-def _own_k(cand, sets):
-    return [(q, k.clone(), v) for q, k, v in sets] if cand.mutates_k else sets
-
-
 def kernels_part(ctx: Context) -> list[dict]:
     cfg = ctx.sizes(GPU, CPU)
     rows = []
@@ -47,26 +42,21 @@ def kernels_part(ctx: Context) -> list[dict]:
         flops = attention_flops(b, h, s, s, d)
         sets = qkv_sets(ctx, shape, cfg["dtype"], seed=1)
         calls, speed = {}, {}
-        variants = [(c.name, c, sets) for c in CANDIDATES]
-        if not by_name("cudnn").reason(ctx.device):
-            bhsd = [tuple(x.transpose(1, 2).contiguous().transpose(1, 2) for x in qkv) for qkv in sets]
-            variants.append(("cudnn, BHSD-contiguous inputs", by_name("cudnn"), bhsd))
-        for name, cand, arg_sets in variants:
+        for cand in CANDIDATES:
             reason = cand.reason(ctx.device)
             if reason:
-                rows.append(skipped(name, reason, shape=label))
+                rows.append(skipped(cand.name, reason, shape=label))
                 continue
             try:
                 fn = cand.bind(h, d, scale=d**-0.5, causal=False)
-                arg_sets = _own_k(cand, arg_sets)
+                arg_sets = [(q, k.clone(), v) for q, k, v in sets] if cand.mutates_k else sets
                 timing = ctx.measure(fn, arg_sets)
             except Exception as exc:  # a kernel failing at this shape is a result, not a crash
-                rows.append({"what": name, "shape": label, "note": f"error: {short_error(exc)}"})
+                rows.append({"what": cand.name, "shape": label, "note": f"error: {short_error(exc)}"})
                 continue
-            if "BHSD" not in name:
-                calls[name], speed[name] = (fn, arg_sets), tflops(flops, timing.median)
-            rows.append({"what": name, "shape": label, "ms": timing.median * 1e3, "tflops": tflops(flops, timing.median),
-                         "note": f"{len(timing.times)} reps" + (", [B,H,S,D] storage" if "BHSD" in name else "")})
+            calls[cand.name], speed[cand.name] = (fn, arg_sets), tflops(flops, timing.median)
+            rows.append({"what": cand.name, "shape": label, "ms": timing.median * 1e3, "tflops": speed[cand.name],
+                         "note": f"{len(timing.times)} reps"})
         exact = {c.name: speed[c.name] for c in CANDIDATES if c.name in speed and c.exact and not c.layer}
         for cand in (c for c in CANDIDATES if c.layer and c.name in speed):
             if not exact:

@@ -21,7 +21,7 @@ from typing import Callable
 
 import torch
 
-from usp_attn import AttentionBackendEnum, LocalAttention, global_force_attn_backend_context_manager
+from usp_attn import AttentionBackendEnum, LocalAttention
 from usp_attn.backends.sdpa import cuda_subkernel
 from usp_attn.platforms import current_platform
 
@@ -38,42 +38,26 @@ def package_version(name: str) -> str | None:
         return None
 
 
-def _bhsd(*xs):
-    return [x.transpose(1, 2) for x in xs]
+def _aten_op(op: str) -> Callable:
+    """One of torch's aten attention ops on ``[B, S, H, D]`` views (the ops take ``[B, H, S, D]``);
+    its LSE trimmed to ``[B, H, S_q]`` (cuDNN adds a last dim of 1, efficient pads S to a multiple of 32)."""
 
+    def call(q, k, v, *, scale, causal, lse):
+        qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
+        if op == "cudnn":
+            res = _aten._scaled_dot_product_cudnn_attention(qt, kt, vt, None, lse, 0.0, causal, False, scale=scale)
+        elif op == "flash":
+            res = _aten._scaled_dot_product_flash_attention(qt, kt, vt, 0.0, causal, False, scale=scale)
+        elif op == "efficient":
+            res = _aten._scaled_dot_product_efficient_attention(qt, kt, vt, None, lse, 0.0, causal, scale=scale)
+        else:
+            res = _aten._scaled_dot_product_flash_attention_for_cpu(qt, kt, vt, 0.0, causal, scale=scale)
+        out = res[0].transpose(1, 2)
+        if not lse:
+            return out
+        return out, (res[1].squeeze(-1) if res[1].dim() == 4 else res[1])[..., : q.shape[1]]
 
-def _lse3(lse: torch.Tensor, s_q: int) -> torch.Tensor:
-    if lse.dim() == 4:  # cuDNN: [B, H, S, 1]
-        lse = lse.squeeze(-1)
-    return lse[..., :s_q]  # efficient pads S to a multiple of 32
-
-
-def _cudnn(q, k, v, *, scale, causal, lse):
-    qt, kt, vt = _bhsd(q, k, v)
-    res = _aten._scaled_dot_product_cudnn_attention(qt, kt, vt, None, lse, 0.0, causal, False, scale=scale)
-    out = res[0].transpose(1, 2)
-    return (out, _lse3(res[1], q.shape[1])) if lse else out
-
-
-def _flash(q, k, v, *, scale, causal, lse):
-    qt, kt, vt = _bhsd(q, k, v)
-    res = _aten._scaled_dot_product_flash_attention(qt, kt, vt, 0.0, causal, False, scale=scale)
-    out = res[0].transpose(1, 2)
-    return (out, _lse3(res[1], q.shape[1])) if lse else out
-
-
-def _efficient(q, k, v, *, scale, causal, lse):
-    qt, kt, vt = _bhsd(q, k, v)
-    res = _aten._scaled_dot_product_efficient_attention(qt, kt, vt, None, lse, 0.0, causal, scale=scale)
-    out = res[0].transpose(1, 2)
-    return (out, _lse3(res[1], q.shape[1])) if lse else out
-
-
-def _cpu_flash(q, k, v, *, scale, causal, lse):
-    qt, kt, vt = _bhsd(q, k, v)
-    out, lse_t = _aten._scaled_dot_product_flash_attention_for_cpu(qt, kt, vt, 0.0, causal, scale=scale)
-    out = out.transpose(1, 2)
-    return (out, lse_t) if lse else out
+    return call
 
 
 def _sage1(q, k, v, *, scale, causal, lse):
@@ -157,32 +141,24 @@ def raw(name: str, fn: Callable, returns_lse: bool, availability, **kw) -> Candi
     return Candidate(name, bind, returns_lse, availability, **kw)
 
 
-def layer(name: str, backend: str | None = None) -> Candidate:
-    """``LocalAttention`` with automatic selection (``backend=None``) or a forced backend."""
+def layer(name: str) -> Candidate:
+    """``LocalAttention`` with automatic selection."""
 
     def bind(heads, head_size, *, scale, causal):
-        attn = LocalAttention(heads, head_size, softmax_scale=scale, causal=causal)
-        if backend is None:
-            return attn
-
-        def forced(q, k, v):
-            with global_force_attn_backend_context_manager(backend):
-                return attn(q, k, v)
-
-        return forced
+        return LocalAttention(heads, head_size, softmax_scale=scale, causal=causal)
 
     return Candidate(name, bind, False, lambda device: None, layer=True)
 
 
 CANDIDATES: tuple[Candidate, ...] = (
-    raw("cudnn", _cudnn, False, _needs_cuda, meta_checkable=True),
-    raw("cudnn+lse", _cudnn, True, _needs_cuda, meta_checkable=True),
-    raw("flash (aten)", _flash, True, _needs_cuda, meta_checkable=True),
-    raw("efficient", _efficient, False, _needs_cuda, meta_checkable=True),
-    raw("efficient+lse", _efficient, True, _needs_cuda, meta_checkable=True),
+    raw("cudnn", _aten_op("cudnn"), False, _needs_cuda, meta_checkable=True),
+    raw("cudnn+lse", _aten_op("cudnn"), True, _needs_cuda, meta_checkable=True),
+    raw("flash (aten)", _aten_op("flash"), True, _needs_cuda, meta_checkable=True),
+    raw("efficient", _aten_op("efficient"), False, _needs_cuda, meta_checkable=True),
+    raw("efficient+lse", _aten_op("efficient"), True, _needs_cuda, meta_checkable=True),
     raw("sage1 (triton)", _sage1, False, _needs("sageattention"), exact=False, mutates_k=True),
     raw("flash-attn", _flash_attn, True, _needs_flash_attn),
-    raw("cpu flash (aten)", _cpu_flash, True, _needs_cpu),
+    raw("cpu flash (aten)", _aten_op("cpu flash"), True, _needs_cpu),
     layer("LocalAttention (auto)"),
 )
 

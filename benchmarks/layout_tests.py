@@ -22,8 +22,7 @@ import torch
 import torch.distributed as dist
 
 import usp_attn
-from benchmarks.scaling import group_sizes, sp_groups
-from benchmarks.suite import Context, layouts_of, short_error
+from benchmarks.suite import Context, group_sizes, layouts_of, sequence_parallel, short_error
 from tests.distributed import sp_cases
 from tests.helpers.reference import reference_attention
 
@@ -117,17 +116,14 @@ def judge(groups: list[list[int]], per_rank: list[dict]) -> dict:
 def layout_tests_part(ctx: Context) -> list[dict]:
     rows = []
     for k in group_sizes(ctx.world):
-        groups = sp_groups(ctx.world, k)
+        groups = [list(range(g, g + k)) for g in range(0, ctx.world, k)]
         for u, r in layouts_of(k):
-            usp_attn.init_sequence_parallel(u, r, ranks=groups)
             verdicts = []
-            try:
+            with sequence_parallel(ctx, u, r):
                 for name in CASES:
                     everyone = [None] * ctx.world
                     dist.all_gather_object(everyone, _run_case(name, ctx.device))
                     verdicts.append((name, judge(groups, everyone)))
-            finally:
-                usp_attn.destroy_sequence_parallel()
             worst_name, worst = max(verdicts, key=lambda nv: nv[1]["error"] / nv[1]["tol"] if nv[1]["tol"] else 0.0)
             failed = [f"{n} ({'; '.join(v['problems'][:2])})" for n, v in verdicts if not v["passed"]]
             rows.append({"what": f"{len(CASES)} scenarios", "layout": f"{u}x{r}", "gpus": k,

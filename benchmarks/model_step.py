@@ -21,11 +21,9 @@ import sys
 import torch
 import torch.distributed as dist
 
-import usp_attn
-
 from benchmarks.peers import PeerUnavailable, cp_config, device_mesh, diffusers_backend
-from benchmarks.scaling import group_sizes, layout_name, sp_groups
-from benchmarks.suite import Context, headline, layouts_of, rel_err, short_error, skipped
+from benchmarks.suite import (Context, group_sizes, headline, layout_name, layouts_of, rel_err, sequence_parallel,
+                              short_error, skipped)
 from benchmarks.timing import time_fn
 
 __all__ = ["model_step_part", "build_wan"]
@@ -65,8 +63,7 @@ def build_wan(shape: dict, num_layers: int, device: torch.device, dtype: torch.d
 
 
 def dit_rows(ctx: Context, cfg: dict) -> list[dict]:
-    sys.path.insert(0, str(LAUNCH))
-    from flow_match import latent_grid
+    from flow_match import latent_grid  # launch/
     from tiny_dit import TinyDiTConfig, TinyWanDiT
 
     dit = TinyDiTConfig(**cfg["dit"])
@@ -78,39 +75,34 @@ def dit_rows(ctx: Context, cfg: dict) -> list[dict]:
     latents = torch.randn(2, dit.in_channels, f, hh, ww, generator=gen).to(ctx.device)
     text = torch.randn(2, dit.text_length, dit.text_dim, generator=gen).to(ctx.device)
     t = torch.full((2,), 500.0, device=ctx.device)
-    tokens = f * (hh // dit.patch_size[1]) * (ww // dit.patch_size[2])
-    what, shape = "TinyWanDiT step", f"{tokens} tokens x batch 2, hidden {dit.hidden_size}, {dit.num_layers} blocks"
-    reference = model(latents, t, text)  # no sequence-parallel state: the whole step on one device
+    size = f"{f * hh // 2 * ww // 2} tokens x batch 2, hidden {dit.hidden_size}, {dit.num_layers} blocks"
+    step = lambda: model(latents, t, text)  # noqa: E731
+    reference = step()  # no sequence-parallel state: the whole step on one device
     rows, base = [], None
     for k in group_sizes(ctx.world):
         for u, r in layouts_of(k):
-            row = {"what": what, "shape": shape, "layout": layout_name(u, r), "gpus": k}
+            row = {"what": "TinyWanDiT step", "model": size, "layout": layout_name(u, r), "gpus": k}
             if ctx.out_of_time():
                 rows.append(skipped(**row, why="time budget spent"))
                 continue
-            state = usp_attn.init_sequence_parallel(u, r, ranks=sp_groups(ctx.world, k))
-            try:
-                err = ctx.max_over_ranks(rel_err(model(latents, t, text), reference))
-                seconds = _time(ctx, cfg, lambda: model(latents, t, text))
-                base = seconds if k == 1 else base
-                rows.append({**row, "backend": str(state.backend), "ms": seconds * 1e3, "rel_err": err,
-                             "speedup": base and base / seconds, "efficiency": base and base / seconds / k})
-            except Exception as exc:
-                rows.append({**row, "note": f"error: {short_error(exc)}"})
-            finally:
-                usp_attn.destroy_sequence_parallel()
-            dist.barrier()
+            with sequence_parallel(ctx, u, r) as state:
+                try:
+                    err, seconds = ctx.max_over_ranks(rel_err(step(), reference)), _time(ctx, cfg, step)
+                except Exception as exc:
+                    rows.append({**row, "note": f"error: {short_error(exc)}"})
+                    continue
+            base = seconds if k == 1 else base
+            rows.append({**row, "backend": str(state.backend), "ms": seconds * 1e3, "rel_err": err,
+                         "speedup": base and base / seconds, "efficiency": base and base / seconds / k})
     return rows
 
 
 def wan_rows(ctx: Context, cfg: dict) -> list[dict]:
-    if ctx.world > 1:
-        for u, r in layouts_of(ctx.world):
-            device_mesh(u, r)  # every mesh before usp_attn's groups come and go (see peers.device_mesh)
-    sys.path.insert(0, str(LAUNCH))
-    from flow_match import latent_grid
+    from flow_match import latent_grid  # launch/
     from usp_attn.integrations.diffusers import disable_sequence_parallel, enable_sequence_parallel
 
+    for u, r in layouts_of(ctx.world) if ctx.world > 1 else []:
+        device_mesh(u, r)  # every mesh before usp_attn's groups come and go (see peers.device_mesh)
     shape = cfg["wan"]
     f, hh, ww = latent_grid(*cfg["video"])
     gen = torch.Generator().manual_seed(1)
@@ -118,63 +110,69 @@ def wan_rows(ctx: Context, cfg: dict) -> list[dict]:
               "encoder_hidden_states": torch.randn(1, cfg["wan_text"], shape["text_dim"], generator=gen)}
     inputs = {k: v.to(device=ctx.device, dtype=cfg["dtype"]) for k, v in inputs.items()}
     inputs.update(timestep=torch.full((1,), 500.0, device=ctx.device), return_dict=False)
-    size = f"{f * (hh // 2) * (ww // 2)} tokens x batch 1, {shape['num_attention_heads']} heads, {cfg['wan_layers']} blocks"
+    size = f"{f * hh // 2 * ww // 2} tokens x batch 1, {shape['num_attention_heads']} heads, {cfg['wan_layers']} blocks"
     build = lambda: build_wan(shape, cfg["wan_layers"], ctx.device, cfg["dtype"])  # noqa: E731
     model = build()
     call = lambda: model(**inputs)[0]  # noqa: E731
     reference = call()
-    rows = [{"what": "WanTransformer3DModel, no sequence parallelism", "shape": size, "layout": "-", "gpus": 1,
-             "backend": f"diffusers {diffusers_backend(ctx.device)}", "ms": _time(ctx, cfg, call) * 1e3}]
+    base = _time(ctx, cfg, call)
+    rows = [{"what": "WanTransformer3DModel, no sequence parallelism", "model": size, "gpus": 1,
+             "backend": f"diffusers {diffusers_backend(ctx.device)}", "ms": base * 1e3}]
     for u, r in layouts_of(ctx.world) if ctx.world > 1 else []:
-        layout = f"{u}x{r}"
+        where = {"model": size, "layout": f"{u}x{r}", "gpus": ctx.world}
         if ctx.out_of_time():
-            rows.append(skipped("WanTransformer3DModel", "time budget spent", shape=size, layout=layout))
+            rows.append(skipped("WanTransformer3DModel", "time budget spent", **where))
             continue
-        ours = {"what": "usp_attn enable_sequence_parallel", "shape": size, "layout": layout, "gpus": ctx.world}
-        state = usp_attn.init_sequence_parallel(u, r)
-        try:
-            enable_sequence_parallel(model)
-            ours.update(backend=str(state.backend), rel_err=ctx.max_over_ranks(rel_err(call(), reference)),
-                        ms=_time(ctx, cfg, call) * 1e3)
-            ours["speedup"] = rows[0]["ms"] / ours["ms"]
-        except Exception as exc:
-            ours["note"] = f"error: {short_error(exc)}"
-        finally:
-            disable_sequence_parallel(model)
-            usp_attn.destroy_sequence_parallel()
-        dist.barrier()
-        rows.append(ours)
-        peer = {"what": "diffusers enable_parallelism", "shape": size, "layout": layout, "gpus": ctx.world}
-        try:
-            cp_model = build()  # enable_parallelism cannot be undone: a fresh model (same weights) per layout
+        ours = {"what": "usp_attn enable_sequence_parallel", **where}
+        with sequence_parallel(ctx, u, r) as state:
             try:
-                cp_model.enable_parallelism(config=cp_config(u, r))
-            except ZeroDivisionError as exc:  # it picks the device as rank % torch.accelerator.device_count()
-                raise PeerUnavailable(f"diffusers' enable_parallelism needs an accelerator (on CPU: {exc})") from exc
-            cp_call = lambda: cp_model(**inputs)[0]  # noqa: E731
-            peer.update(backend=f"diffusers {diffusers_backend(ctx.device)}",
-                        rel_err=ctx.max_over_ranks(rel_err(cp_call(), reference)), ms=_time(ctx, cfg, cp_call) * 1e3)
-            rows.append(peer)
-            if ours.get("ms"):
-                rows.append(headline("P5", "diffusers enable_parallelism time / usp_attn time", peer["ms"] / ours["ms"],
-                                     ">= 1.1", shape=size, layout=layout))
-        except PeerUnavailable as exc:
-            rows.append(skipped(**peer, why=str(exc)))
-        except Exception as exc:
-            rows.append({**peer, "note": f"error: {short_error(exc)}"})
-        cp_model = cp_call = None
-        ctx.free()
-        dist.barrier()
+                enable_sequence_parallel(model)
+                seconds = _time(ctx, cfg, call)
+                ours.update(backend=str(state.backend), rel_err=ctx.max_over_ranks(rel_err(call(), reference)),
+                            ms=seconds * 1e3, speedup=base / seconds)
+            except Exception as exc:
+                ours["note"] = f"error: {short_error(exc)}"
+            finally:
+                disable_sequence_parallel(model)
+        rows.append(ours)
+        rows += diffusers_cp_rows(ctx, cfg, build, inputs, reference, u, r, where, ours.get("ms"))
+    return rows
+
+
+def diffusers_cp_rows(ctx: Context, cfg: dict, build, inputs, reference, u, r, where, ours_ms) -> list[dict]:
+    """diffusers' own context parallel on a fresh model with the same weights (it cannot be undone)."""
+    peer = {"what": "diffusers enable_parallelism", **where}
+    try:
+        model = build()
+        try:
+            model.enable_parallelism(config=cp_config(u, r))
+        except ZeroDivisionError as exc:  # it picks the device as rank % torch.accelerator.device_count()
+            raise PeerUnavailable(f"diffusers' enable_parallelism needs an accelerator (on CPU: {exc})") from exc
+        call = lambda: model(**inputs)[0]  # noqa: E731
+        peer.update(backend=f"diffusers {diffusers_backend(ctx.device)}", ms=_time(ctx, cfg, call) * 1e3,
+                    rel_err=ctx.max_over_ranks(rel_err(call(), reference)))
+        rows = [peer]
+        if ours_ms:
+            rows.append(headline("P5", "diffusers enable_parallelism time / usp_attn time", peer["ms"] / ours_ms,
+                                 ">= 1.1", **where))
+    except PeerUnavailable as exc:
+        rows = [skipped(**peer, why=str(exc))]
+    except Exception as exc:
+        rows = [{**peer, "note": f"error: {short_error(exc)}"}]
+    model = call = None
+    ctx.free()
+    dist.barrier()
     return rows
 
 
 def model_step_part(ctx: Context) -> list[dict]:
+    if str(LAUNCH) not in sys.path:
+        sys.path.insert(0, str(LAUNCH))
     cfg = ctx.sizes(GPU, CPU)
-    with torch.inference_mode():
-        rows = dit_rows(ctx, cfg)
-        ctx.free()
-        try:
-            rows += wan_rows(ctx, cfg)
-        except ImportError as exc:
-            rows.append(skipped("WanTransformer3DModel", f"diffusers is not installed ({short_error(exc)})"))
-    return rows
+    rows = dit_rows(ctx, cfg)
+    ctx.free()
+    try:
+        import diffusers  # noqa: F401
+    except ImportError as exc:
+        return rows + [skipped("WanTransformer3DModel", f"diffusers cannot be imported: {short_error(exc)}")]
+    return rows + wan_rows(ctx, cfg)

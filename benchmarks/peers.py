@@ -4,17 +4,10 @@ For every layout U x R = world: ``USPAttention``, yunchang's ``LongContextAttent
 context-parallel attention (``dispatch_attention_fn`` with a ``ParallelConfig``), each on this
 rank's contiguous shard ``[B, S/W, H, D]``; ratio = peer time / ours (> 1: ours faster).
 
-yunchang without flash-attn (REFERENCE §3; read from yunchang 0.6.4): its default ``AttnType.FA``
-needs flash-attn, which the lent GPU image lacks. Its torch kernels: ``TORCH_CUDNN`` / ``TORCH_MATH``
-return an all-zero LSE (harmless for one ring block, wrong for R > 1: relative error 0.17 measured
-on CPU); ``TORCH_FLASH`` / ``TORCH_EFFICIENT`` return the real LSE (CUDA only), cast to bf16
-before merging. So: flash-attn if importable, else cuDNN for R = 1 and torch flash for R > 1; on
-CPU only R = 1. yunchang's ``UlyssesAttention`` class is not usable without flash-attn (with a torch
-kernel it runs a ring over the whole world after its all-to-all).
-
-diffusers: its context parallel needs an accelerator for models (``enable_parallelism`` divides by
-``torch.accelerator.device_count()``) and, for its ring, a backend that returns the LSE (cuDNN on
-CUDA; its CPU ``native`` backend has none, so that row says why it cannot run).
+Kernels (BENCHMARKS.md says why): yunchang with flash-attn if importable, else torch's cuDNN for
+R = 1 and torch's flash for R > 1 (its cuDNN and math kernels return an all-zero LSE: wrong rings);
+on CPU only R = 1. diffusers with cuDNN on CUDA; on CPU its ``native`` backend has no LSE, so its
+ring says why it cannot run, and its models' ``enable_parallelism`` needs an accelerator.
 """
 
 from __future__ import annotations
@@ -27,10 +20,9 @@ import torch.distributed as dist
 
 import usp_attn
 
-from benchmarks.kernel_speed import qkv_sets
-from benchmarks.scaling import time_shards
-from benchmarks.suite import Context, headline, layouts_of, short_error, skipped
-from benchmarks.timing import tflops, attention_flops
+from benchmarks.scaling import full_inputs, time_shards
+from benchmarks.suite import Context, headline, layouts_of, sequence_parallel, short_error, skipped
+from benchmarks.timing import attention_flops, tflops
 
 __all__ = ["PeerUnavailable", "make_yunchang", "make_diffusers", "device_mesh", "diffusers_backend", "peers_part"]
 
@@ -149,41 +141,32 @@ def peers_part(ctx: Context) -> list[dict]:
     for shape in ctx.shapes or [cfg["shape"]]:
         b, h, s, d = shape
         label, flops = ",".join(map(str, shape)), attention_flops(b, h, s, s, d)
-        full = qkv_sets(ctx, shape, cfg["dtype"], seed=0, per_rank=ctx.world)
-        reference = usp_attn.LocalAttention(h, d)(*full[0])
+        full, reference = full_inputs(ctx, shape, cfg["dtype"])
         for u, r in layouts_of(ctx.world):
-            layout = f"{u}x{r}"
+            where = {"shape": label, "layout": f"{u}x{r}"}
             if ctx.out_of_time():
-                rows.append(skipped("USPAttention and peers", "time budget spent", shape=label, layout=layout))
+                rows.append(skipped("USPAttention and peers", "time budget spent", **where))
                 continue
             if u * r > 1 and importlib.util.find_spec("diffusers") is not None:
                 device_mesh(u, r)  # every mesh before usp_attn's groups come and go (see device_mesh)
-            usp_attn.init_sequence_parallel(u, r)
-            try:
-                shards = [tuple(usp_attn.shard_sequence(x).contiguous() for x in qkv) for qkv in full]
+            with sequence_parallel(ctx, u, r):
                 layer = usp_attn.USPAttention(h, d)
-                ours, err, note = time_shards(ctx, layer, shards, reference)
-                rows.append({"what": "USPAttention", "shape": label, "layout": layout, "backend": str(layer.backend),
-                             "ms": ours * 1e3, "tflops": tflops(flops, ours), "rel_err": err, "note": note})
+                ours, err, note = time_shards(ctx, layer, full, reference)
+                rows.append({"what": "USPAttention", **where, "backend": str(layer.backend), "ms": ours * 1e3,
+                             "tflops": tflops(flops, ours), "rel_err": err, "note": note})
                 for name, make in PEERS.items():
-                    row = {"what": name, "shape": label, "layout": layout}
                     try:
                         fn = make(u, r, heads=h, seq_len=s, scale=d**-0.5)
-                        row["what"] = fn.label
-                        seconds, err, note = time_shards(ctx, fn, shards, reference)
+                        seconds, err, note = time_shards(ctx, fn, full, reference)
                     except PeerUnavailable as exc:
-                        rows.append(skipped(**row, why=str(exc)))
+                        rows.append(skipped(name, str(exc), **where))
                         continue
                     except Exception as exc:
-                        rows.append({**row, "note": f"error: {short_error(exc)}"})
+                        rows.append({"what": name, **where, "note": f"error: {short_error(exc)}"})
                         continue
-                    rows.append({**row, "ms": seconds * 1e3, "tflops": tflops(flops, seconds), "rel_err": err,
-                                 "note": note})
-                    rows.append(headline("P5", f"{fn.label} time / USPAttention time", seconds / ours, ">= 1.1",
-                                         shape=label, layout=layout))
-            finally:
-                usp_attn.destroy_sequence_parallel()
-            dist.barrier()
-        del full, reference
+                    rows += [{"what": fn.label, **where, "ms": seconds * 1e3, "tflops": tflops(flops, seconds),
+                              "rel_err": err, "note": note},
+                             headline("P5", f"{fn.label} time / USPAttention time", seconds / ours, ">= 1.1", **where)]
+        full = reference = None
         ctx.free()
     return rows

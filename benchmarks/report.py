@@ -20,11 +20,9 @@ import pathlib
 import re
 import sys
 
-__all__ = ["fmt", "markdown_table", "part_section", "headline_table", "render", "write", "write_plot", "failures",
-           "merge", "title", "MATPLOTLIB_MISSING"]
+__all__ = ["markdown_table", "rows_table", "part_section", "headline_table", "render", "write", "failures", "merge"]
 
-MATPLOTLIB_MISSING = ("matplotlib is not installed, so no plot was written; install it with `pip install matplotlib` "
-                      "(or the `bench` extra: pip install -e '.[bench]')")
+MATPLOTLIB_MISSING = "matplotlib is not installed, so no plot was written (pip install -e '.[bench]')"
 #: column labels of the common row keys (benchmarks/suite.py); other keys are shown as they are
 LABELS = {"what": "what", "shape": "shape (B,H,S,D)", "ms": "median ms", "tflops": "TFLOP/s", "rel_err": "rel err",
           "lse_err": "LSE max abs err", "host_us": "host µs/call", "MiB_sent": "MiB sent per rank"}
@@ -63,14 +61,6 @@ def rows_table(rows: list[dict], keys: list[str] | None = None) -> str:
     return markdown_table([LABELS.get(k, k) for k in keys], [[r.get(k) for k in keys] for r in rows])
 
 
-def title(device, world: int, dry_run: bool) -> str:
-    import torch  # only the runner calls this
-
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    return f"usp_attn benchmarks: {world} x {name}" + (" (CPU DRY RUN: toy sizes; the numbers mean nothing)"
-                                                        if dry_run else "")
-
-
 def part_section(name: str, entry: dict) -> str:
     rows = [r for r in entry["rows"] if "metric" not in r]
     text = f"## {name}\n\n" + (rows_table(rows) if rows else "no rows")
@@ -79,12 +69,8 @@ def part_section(name: str, entry: dict) -> str:
     return text + f"\n\n({entry.get('seconds', 0):.1f} s)"
 
 
-def headline_rows(result: dict) -> list[dict]:
-    return [{**r, "part": name} for name, e in result["parts"].items() for r in e["rows"] if "metric" in r]
-
-
 def headline_table(result: dict) -> str:
-    rows = headline_rows(result)
+    rows = [r for e in result["parts"].values() for r in e["rows"] if "metric" in r]
     return "## headline\n\n" + (rows_table(rows, [k for k in HEADLINE if any(k in r for r in rows)]) if rows
                                 else "no headline rows")
 
@@ -121,7 +107,8 @@ def write_plot(path: str, result: dict) -> None:
             key = "tflops" if r.get("tflops") else "ms" if r.get("ms") else None
             if key and "metric" not in r:
                 label = r["what"] + (f" {r['layout']}" if r.get("layout") else "")
-                panels.setdefault(f"{name} {r.get('shape', '')} ({LABELS[key]})", []).append((label[:60], r[key]))
+                where = r.get("shape") or r.get("model") or ""
+                panels.setdefault(f"{name} {where} ({LABELS[key]})", []).append((label[:60], r[key]))
     panels = panels or {"no timed rows": []}
     heights = [max(1.2, 0.3 * len(rows) + 0.8) for rows in panels.values()]
     fig, axes = plt.subplots(len(panels), 1, figsize=(10, sum(heights)), squeeze=False,
@@ -161,11 +148,9 @@ def write(result: dict, *, out_dir=None, json_path=None, markdown_path=None, plo
 def steps_rows(path: str) -> list[dict]:
     """``name<TAB>exit<TAB>seconds<TAB>limit`` lines -> rows (exit -1: skipped for lack of time)."""
     rows = []
-    for line in pathlib.Path(path).read_text().splitlines():
-        name, rc, secs, limit = line.split("\t")
+    for name, rc, secs, limit in (line.split("\t") for line in pathlib.Path(path).read_text().splitlines()):
         rc = int(rc)
-        result = ("ok" if rc == 0 else "skipped: no time left" if rc == -1 else "TIMED OUT" if rc in (124, 137)
-                  else f"FAILED (exit {rc})")
+        result = {0: "ok", -1: "skipped: no time left", 124: "TIMED OUT", 137: "TIMED OUT"}.get(rc, f"FAILED (exit {rc})")
         rows.append({"what": name, "exit": rc, "seconds": float(secs), "limit_s": int(limit), "result": result})
     return rows
 
@@ -175,13 +160,13 @@ def generate_rows(paths: list[str]) -> list[dict]:
     rows = []
     for path in sorted(paths):
         m = re.match(r"generate_(\d+x\d+)_(\w+)\.log", pathlib.Path(path).name)
+        text = pathlib.Path(path).read_text(errors="replace") if m else ""
+        cell = {k: v for k, v in re.findall(r"^\| (.+?)\s+\| (.*?)\s*\|\s*$", text, re.M)}
         if m:
-            text = pathlib.Path(path).read_text(errors="replace")
-            cell = lambda label: (re.findall(rf"^\| {re.escape(label)}\s+\| (.*?)\s*\|\s*$", text, re.M) or ["-"])[0]  # noqa: E731
-            verdict = cell("verify")
+            verdict = cell.get("verify", "-")
             rows.append({"what": "generate.py --verify", "layout": m.group(1), "dtype": m.group(2),
-                         "backend": cell("attention backend"), "time per step": cell("time per step"),
-                         "final latents": cell("verify: final latents"),
+                         "backend": cell.get("attention backend"), "time per step": cell.get("time per step"),
+                         "final latents": cell.get("verify: final latents"),
                          "result": "PASS" if verdict.startswith("PASS") else f"FAIL ({verdict})"})
     return rows
 

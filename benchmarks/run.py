@@ -1,18 +1,16 @@
 #!/usr/bin/env python
-"""The benchmark suite: one entry point, named parts, one row format, one report.
+"""The benchmark suite's one entry point: named parts, one row format, one report.
 
-    python benchmarks/run.py --list                                   # the parts
-    python benchmarks/run.py --parts kernels,ring-hops --out DIR      # one GPU: DIR/report.md, .json, .png
+    python benchmarks/run.py --parts one-gpu --out DIR     # DIR/report.md, results.json, report.png
     torchrun --nproc-per-node N benchmarks/run.py --parts scaling,peers --json FILE
-    python benchmarks/run.py --dry-run --parts kernels                # CPU, toy sizes: every code path
+    python benchmarks/run.py --dry-run --parts kernels      # CPU, toy sizes: every code path
+    python benchmarks/run.py --help                         # every part
 
-A part is a function ``fn(ctx) -> list[dict]`` (benchmarks/suite.py: the Context and the row
-format). Parts marked "one" run in a single process; "any" parts also run under torchrun, every
-rank taking part (groups side by side, collectives). Without a GPU (or with --dry-run) every part
-runs on the CPU at toy sizes, with gloo between ranks. Each part runs in its own try/except (an
-error is reported and the next part runs); rank 0 prints each part's table as it finishes and
-rewrites the JSON after each part, so a run cut off by a time limit still reports what it did.
-Exit status 1 if a part failed or a check row says FAIL/ERROR.
+A part is ``fn(ctx) -> list[dict]`` (benchmarks/suite.py). "one" parts run in a single process,
+"any" parts also under torchrun (every rank takes part). Without a GPU, or with --dry-run, parts
+run on the CPU at toy sizes (gloo between ranks). An error in a part is reported and the next part
+runs; rank 0 prints each part as it finishes and rewrites the JSON after each, so a run cut off
+still reports. Exit status 1 if a part failed or a check row says FAIL/ERROR.
 """
 
 from __future__ import annotations
@@ -21,10 +19,10 @@ import argparse
 import dataclasses
 import datetime
 import importlib
+import inspect
 import logging
 import os
 import pathlib
-import socket
 import sys
 import time
 import traceback
@@ -63,11 +61,12 @@ PARTS: dict[str, Part] = {
     "model-step": Part("benchmarks.model_step:model_step_part", "any", "built-in DiT and diffusers Wan forwards"),
     "communication": Part("benchmarks.communication:communication_part", "any", "transfers vs link bandwidth"),
     "layout-tests": Part("benchmarks.layout_tests:layout_tests_part", "any", "SP test scenarios on the devices"),
-    # Parts kept in modules of their own follow the same contract: function(ctx) -> list of row dicts.
-    # A module not present in this checkout makes its part say so instead of failing the run.
+    # Parts kept in modules of their own: function(ctx) -> list of row dicts, or function(dry_run=...) for a
+    # module also run on its own (the process group is up either way). A module not in this checkout makes
+    # its part say so instead of failing the run.
     "training": Part("benchmarks.training:suite_rows", "any", "forward + backward: ring hops, training step",
                      inference=False),
-    "diffusers-families": Part("benchmarks.diffusers_families:suite_rows", "any",
+    "diffusers-families": Part("benchmarks.diffusers_families:rows", "any",
                                "diffusers model families: usp_attn vs diffusers context parallel"),
 }
 #: the one-GPU set, in the order that finishes the cheap checks first
@@ -100,7 +99,6 @@ def build_parser() -> argparse.ArgumentParser:
                                 epilog="\n".join(f"  {n:<19} [{part.ranks}] {part.about}" for n, part in PARTS.items()))
     p.add_argument("--parts", type=parse_parts, default=None, metavar="A,B,...",
                    help="parts or sets (one-gpu, multi-gpu) to run; default: one-gpu, or multi-gpu under torchrun")
-    p.add_argument("--list", action="store_true", help="list the parts and exit")
     p.add_argument("--dry-run", action="store_true", help="CPU and toy sizes even where a GPU is present")
     p.add_argument("--shape", type=parse_shape, action="append", metavar="B,H,S,D",
                    help="attention shape for kernels, ring-hops, scaling, peers (repeatable)")
@@ -115,19 +113,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _init_group(cuda: bool) -> torch.device:
     """Join torchrun's group, or make a 1-rank one: NCCL on ``cuda:LOCAL_RANK``, else gloo."""
-    if "WORLD_SIZE" not in os.environ:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    alone = {} if "WORLD_SIZE" in os.environ else {"store": dist.HashStore(), "rank": 0, "world_size": 1}
     timeout = datetime.timedelta(minutes=5)
     if cuda:
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
-        dist.init_process_group("nccl", timeout=timeout, device_id=device)
+        dist.init_process_group("nccl", timeout=timeout, device_id=device, **alone)
         return device
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["WORLD_SIZE"])))
-    dist.init_process_group("gloo", timeout=timeout)
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("WORLD_SIZE", "1"))))
+    dist.init_process_group("gloo", timeout=timeout, **alone)
     return torch.device("cpu")
 
 
@@ -143,7 +137,7 @@ def run_part(name: str, ctx: Context) -> dict:
         return {"rows": [], "error": f"not in this checkout: {module} is missing", "seconds": 0.0}
     try:
         with torch.inference_mode(part.inference):
-            entry = {"rows": fn(ctx)}
+            entry = {"rows": fn(ctx) if "ctx" in inspect.signature(fn).parameters else fn(dry_run=ctx.dry_run)}
     except Exception as exc:
         entry = {"rows": [], "error": short_error(exc, 1000), "traceback": traceback.format_exc()}
         print(f"[rank {ctx.rank}] ERROR in part {name}:\n{entry['traceback']}", file=sys.stderr, flush=True)
@@ -155,9 +149,6 @@ def run_part(name: str, ctx: Context) -> dict:
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.list:
-        print(parser.epilog)
-        return 0
     world = int(os.environ.get("WORLD_SIZE", "1"))
     parts = args.parts or (MULTI_GPU if world > 1 else ONE_GPU)
     single = [n for n in parts if PARTS[n].ranks == "one"]
@@ -174,7 +165,10 @@ def main(argv=None) -> int:
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}.get(args.dtype)
     ctx = Context(device=device, dry_run=not cuda, budget_s=args.budget_s, target_s=args.target_s, dtype=dtype,
                   shapes=args.shape, reps=args.reps)
-    result = {"title": report.title(device, ctx.world, ctx.dry_run), "command": " ".join(sys.argv),
+    name = torch.cuda.get_device_name(device) if cuda else "CPU"
+    title = f"usp_attn benchmarks: {ctx.world} x {name}" + (" (CPU DRY RUN: toy sizes; numbers mean nothing)"
+                                                             if ctx.dry_run else "")
+    result = {"title": title, "command": " ".join(sys.argv),
               "env": environment(device), "world": ctx.world, "dry_run": ctx.dry_run, "parts": {}}
     for name in parts:
         if ctx.out_of_time():

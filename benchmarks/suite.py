@@ -4,7 +4,7 @@ A part is ``fn(ctx) -> list[dict]``, one dict per row. Keys every part uses the 
 (the reporter labels them, any other key becomes a column of its own):
 
     what      the thing measured: a kernel, a layer and layout, a transfer pattern, a check
-    shape     "B,H,S,D" of an attention call, or the model's sizes
+    shape     "B,H,S,D" of an attention call; model: a model's sizes
     layout    "UxR" of a sequence-parallel row; gpus: the GPUs working on it
     backend   the attention backend that ran
     ms        median milliseconds per call (multi-rank rows: the slowest rank's median)
@@ -17,15 +17,18 @@ A headline row also has ``metric`` (P1 ... P5), ``value``, ``target`` and ``stat
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 
 import torch
 import torch.distributed as dist
 
+import usp_attn
 from benchmarks.timing import Timing, plan_reps, time_fn
 
-__all__ = ["Context", "short_error", "headline", "skipped", "layouts_of", "rel_err"]
+__all__ = ["Context", "short_error", "headline", "skipped", "layouts_of", "group_sizes", "layout_name",
+           "sequence_parallel", "rel_err"]
 
 
 @dataclasses.dataclass
@@ -107,6 +110,29 @@ def skipped(what: str, why: str, **fields) -> dict:
 def layouts_of(world: int) -> list[tuple[int, int]]:
     """Every (U, R) with U x R = world: Ulysses-world first, ring-world last."""
     return [(world // r, r) for r in range(1, world + 1) if world % r == 0]
+
+
+def group_sizes(world: int) -> list[int]:
+    """Sequence-parallel group sizes to measure on ``world`` ranks: 1, 2, 4, 8 and ``world``, dividing it."""
+    return sorted({k for k in (1, 2, 4, 8, world) if world % k == 0})
+
+
+def layout_name(u: int, r: int) -> str:
+    k = u * r
+    return f"{u}x{r} ({'1 GPU' if k == 1 else f'Ulysses-{k}' if r == 1 else f'ring-{k}' if u == 1 else 'U x R'})"
+
+
+@contextlib.contextmanager
+def sequence_parallel(ctx: Context, u: int, r: int, group_size: int | None = None):
+    """usp_attn in layout U x R, the world cut into contiguous groups of ``group_size`` ranks (default
+    U x R) that work side by side; afterwards the state is gone and every rank is in step again."""
+    k = group_size or u * r
+    state = usp_attn.init_sequence_parallel(u, r, ranks=[list(range(g, g + k)) for g in range(0, ctx.world, k)])
+    try:
+        yield state
+    finally:
+        usp_attn.destroy_sequence_parallel()
+        dist.barrier()
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:

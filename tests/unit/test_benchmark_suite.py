@@ -109,6 +109,13 @@ def test_a_part_in_a_missing_module_says_so(monkeypatch):
     entry = run.run_part("elsewhere", ctx)
     assert entry["rows"] == [] and entry["error"] == "not in this checkout: benchmarks.not_written_yet is missing"
     assert report.failures({"parts": {"elsewhere": entry}}) == []  # not a failure of the run
+    # a module written to run on its own too: function(dry_run=...) -> rows
+    monkeypatch.setitem(run.PARTS, "standalone", run.Part("tests.unit.test_benchmark_suite:_standalone_rows", "any", ""))
+    assert run.run_part("standalone", ctx)["rows"] == [{"what": "x", "dry_run": True}]
+
+
+def _standalone_rows(*, dry_run: bool = False) -> list[dict]:
+    return [{"what": "x", "dry_run": dry_run}]
 
 
 def test_report_merges_runs_steps_and_logs(tmp_path):
