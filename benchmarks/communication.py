@@ -1,15 +1,11 @@
 """Part "communication": the layers' transfers against their byte counts and the measured links.
 
-For every group size d > 1 dividing the world, the ranks form world/d contiguous groups working at
-once (as the layers' groups would). Per d, probes with large messages (what NCCL reaches here):
-``all_to_all_single`` of P MiB per rank, and a P2P ring (every rank sends P MiB to the next rank of
-its group in one ``batch_isend_irecv``, as a ring hop does); then the layers' own transfers at the
-attention shape as Ulysses-d / ring-d run them: the fused q,k,v all-to-all (packing copy included),
-the output all-to-all, and one ring hop of a K and a V block. Once for the whole world:
-``all_reduce`` as the nccl-tests bus bandwidth 2(N-1)/N x bytes / time, for reference.
-
-GB/s = bytes each rank sends to *other* ranks / time. of_probe = that / the same pattern's probe
-at this d; of_link = that / the best any probe reached here.
+For every group size d > 1 dividing the world (groups side by side): probes with large messages
+(``all_to_all_single``, and a P2P ring step in one ``batch_isend_irecv``), then the layers' own
+transfers at the attention shape as Ulysses-d / ring-d run them (fused q,k,v all-to-all with its
+packing copy, output all-to-all, one ring hop of K and V); once for the world, ``all_reduce`` as
+nccl-tests' bus bandwidth 2(N-1)/N x bytes / time. GB/s = bytes each rank sends to other ranks /
+time; of_probe: / the same pattern's probe at this d; of_link: / the best probe here.
 """
 
 from __future__ import annotations

@@ -1,11 +1,6 @@
-"""Parts "syncs" and "compile": steady-state forwards never synchronise the host with the GPU, and
-the layers compile with ``torch.compile(fullgraph=True)``.
-
-syncs: each forward runs once (first calls may legitimately sync: selection, handles,
-compilation), then again under ``torch.cuda.set_sync_debug_mode("error")``, which raises on any
-synchronising call. On CPU the forwards just run (the mode needs CUDA).
-compile: ``LocalAttention`` and ``USPAttention`` (world 1) with ``torch_sdpa``: first-call time,
-difference to eager, graph count, eager vs compiled time per call.
+"""Parts "syncs" and "compile": steady-state forwards never synchronise the host with the GPU
+(each runs once, then again under ``torch.cuda.set_sync_debug_mode("error")``; on CPU they just run),
+and ``LocalAttention`` / ``USPAttention`` (world 1) compile with ``torch.compile(fullgraph=True)``.
 """
 
 from __future__ import annotations

@@ -21,7 +21,8 @@ from typing import Callable
 
 import torch
 
-from usp_attn import AttentionBackendEnum, LocalAttention
+from usp_attn import AttentionBackendEnum, LocalAttention, global_force_attn_backend_context_manager
+from usp_attn.backends import BACKEND_CLASSES
 from usp_attn.backends.sdpa import cuda_subkernel
 from usp_attn.platforms import current_platform
 
@@ -101,10 +102,6 @@ def _needs_cuda(device: torch.device) -> str | None:
     return None if device.type == "cuda" else f"needs a CUDA GPU (inputs are on {device.type})"
 
 
-def _needs_cpu(device: torch.device) -> str | None:
-    return None if device.type == "cpu" else "CPU-only kernel"
-
-
 def _needs_flash_attn(device: torch.device) -> str | None:
     fa2, fa3 = _needs("flash_attn", "flash_attn_func")(device), _needs("flash_attn_interface", "flash_attn_func")(device)
     return None if fa2 is None or fa3 is None else "flash-attn (flash_attn / flash_attn_interface) is not installed"
@@ -141,13 +138,28 @@ def raw(name: str, fn: Callable, returns_lse: bool, availability, **kw) -> Candi
     return Candidate(name, bind, returns_lse, availability, **kw)
 
 
-def layer(name: str) -> Candidate:
-    """``LocalAttention`` with automatic selection."""
+def layer(name: str, backend: AttentionBackendEnum | None = None) -> Candidate:
+    """``LocalAttention`` with automatic selection (rated against the fastest exact kernel, P1) or with
+    ``backend`` forced (timed and checked, like a kernel; inexact, so never "the fastest exact kernel")."""
 
     def bind(heads, head_size, *, scale, causal):
-        return LocalAttention(heads, head_size, softmax_scale=scale, causal=causal)
+        attn = LocalAttention(heads, head_size, softmax_scale=scale, causal=causal)
+        if backend is None:
+            return attn
 
-    return Candidate(name, bind, False, lambda device: None, layer=True)
+        def forced(q, k, v):
+            with global_force_attn_backend_context_manager(backend):
+                out = attn(q, k, v)
+            if attn.backend != backend:  # a fallback (dtype, head size): not what this row is about
+                raise RuntimeError(f"fell back to {attn.backend}")
+            return out
+
+        return forced
+
+    def availability(device):  # platform and package; dtype and head size show as a fallback when called
+        return None if backend is None else BACKEND_CLASSES[backend].machine_reason(current_platform())
+
+    return Candidate(name, bind, False, availability, exact=False, layer=backend is None)
 
 
 CANDIDATES: tuple[Candidate, ...] = (
@@ -158,16 +170,14 @@ CANDIDATES: tuple[Candidate, ...] = (
     raw("efficient+lse", _aten_op("efficient"), True, _needs_cuda, meta_checkable=True),
     raw("sage1 (triton)", _sage1, False, _needs("sageattention"), exact=False, mutates_k=True),
     raw("flash-attn", _flash_attn, True, _needs_flash_attn),
-    raw("cpu flash (aten)", _aten_op("cpu flash"), True, _needs_cpu),
+    raw("cpu flash (aten)", _aten_op("cpu flash"), True, lambda d: None if d.type == "cpu" else "CPU-only kernel"),
     layer("LocalAttention (auto)"),
+    *(layer(f"LocalAttention[{b}]", b) for b in AttentionBackendEnum),
 )
 
 
 def by_name(name: str) -> Candidate:
-    for cand in CANDIDATES:
-        if cand.name == name:
-            return cand
-    raise KeyError(f"unknown candidate {name!r}; known: {[c.name for c in CANDIDATES]}")
+    return next(c for c in CANDIDATES if c.name == name)
 
 
 def auto_raw_kernel(device: torch.device, dtype: torch.dtype, head_size: int) -> tuple[Candidate | None, str]:

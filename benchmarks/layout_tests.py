@@ -1,16 +1,11 @@
 """Part "layout-tests": the sequence-parallel test scenarios on the devices (NCCL on GPUs).
 
-For every group size k dividing the world and every layout U x R = k, the ranks form world/k
-contiguous groups (``init_sequence_parallel(U, R, ranks=...)``) that run each case side by side:
-every scenario of ``tests/distributed/sp_cases.py`` (inputs and fp64 reference built on the CPU
-from a fixed seed exactly as the gloo tests build them, then moved to the device), plus
-cross-attention (``skip_sequence_parallel``) and a shard/gather round trip. Each rank compares its
-output rows with the same rows of the reference; replicated (text) outputs must be bit-identical
-within a group, and every rank of a group must have used the same backend.
-
-Tolerances: CPU as in sp_cases (fp32 2e-5 absolute; bf16 2^-6 of the largest reference value).
-CUDA fp32: 1e-3 of the largest reference value (CUDA kernels may run fp32 through TF32, ~3e-4
-relative; any half-precision step would exceed it). bf16 as on the CPU.
+For every group size k dividing the world and every layout U x R = k (groups side by side): every
+scenario of ``tests/distributed/sp_cases.py`` (inputs and fp64 reference built on the CPU exactly as
+the gloo tests build them, then moved to the device), cross-attention and a shard/gather round trip.
+Each rank compares its output rows with the reference's; replicated (text) outputs must be identical
+within a group, and a group's ranks must use one backend. Tolerances as in sp_cases, except CUDA fp32:
+1e-3 of the largest reference value (CUDA kernels may run fp32 through TF32, ~3e-4 relative).
 """
 
 from __future__ import annotations

@@ -1,16 +1,11 @@
 """Part "model-step": whole transformer forwards, usp_attn against one GPU and against diffusers.
 
-dit  one denoising step of the built-in video DiT (launch/tiny_dit.py) at Wan 14B width (hidden
-     5120 = 40 heads x 128, FFN 13824, 512 text tokens of 4096), 2 blocks, 81 frames of 720x1280
-     (75600 tokens), batch 2 (classifier-free guidance), random weights: per group size k and
-     layout, as the scaling part does it (groups side by side; k = 1 is the one-GPU time).
-wan  diffusers ``WanTransformer3DModel`` at Wan 14B width, 2 blocks, the same video, batch 1 (its
-     pipeline runs the guidance branches as separate calls): without sequence parallelism, then per
-     layout of the whole world usp_attn's ``enable_sequence_parallel`` and diffusers' own
-     ``enable_parallelism`` on the same weights (P5: diffusers time / ours).
-
-Times: the slowest rank's median of a few calls after a warm-up. rel_err: the full output against
-the same model without sequence parallelism on one device.
+dit: one denoising step of the built-in video DiT (launch/tiny_dit.py, random weights) per group
+size and layout, groups side by side as in the scaling part (k = 1: the one-GPU time). wan: a
+diffusers ``WanTransformer3DModel`` without sequence parallelism, then per layout of the world with
+usp_attn's ``enable_sequence_parallel`` and with diffusers' ``enable_parallelism`` on the same weights
+(P5: diffusers time / ours). Sizes on a GPU: Wan 14B width, 2 blocks, 81 frames of 720x1280. Times:
+the slowest rank's median; rel_err: against the model without sequence parallelism on one device.
 """
 
 from __future__ import annotations

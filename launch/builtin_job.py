@@ -24,10 +24,11 @@ from moving_shapes import encode_prompts, parse_prompt, vocabulary_text
 from run_report import Progress, judge, peak_memory
 from tiny_dit import TinyDiTConfig, TinyWanDiT
 
-__all__ = ["WEIGHT_SEED", "DEFAULT_PROMPT", "builtin_config", "builtin_problems", "build_model", "run_builtin"]
+__all__ = ["WEIGHT_SEED", "DEFAULT_PROMPT", "BUILTIN_GUIDANCE", "builtin_config", "builtin_problems", "build_model", "run_builtin"]
 
 WEIGHT_SEED = 0  # random weights (other shapes than the trained one): fixed, like a checkpoint
 DEFAULT_PROMPT = "a red circle moving right"
+BUILTIN_GUIDANCE = 2.0  # stronger guidance overshoots the small model's colours and shapes
 
 
 def builtin_config(args) -> TinyDiTConfig:

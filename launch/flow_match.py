@@ -17,6 +17,7 @@ __all__ = ["flow_match_sigmas", "denoise", "latent_grid", "rgb_to_latents", "lat
 #: Wan 2.1 VAE compression (frames, height, width): F pixel frames = 1 + 4 (F' - 1), H = 8 H', W = 8 W'.
 VAE_STRIDE = (4, 8, 8)
 LATENT_CHANNELS = 16  # Wan 2.1 VAE
+RGB_SHIFT, RGB_SCALE = 0.7, 2.0  # latent = (rgb + 0.7) * 2 for rgb in [-1, 1]
 
 
 def latent_grid(num_frames: int, height: int, width: int) -> tuple[int, int, int]:
@@ -70,12 +71,15 @@ def denoise(
 def rgb_to_latents(frames: torch.Tensor) -> torch.Tensor:
     """Stand-in VAE encoder: RGB ``[B, F', 3, 2 H', 2 W']`` in [-1, 1] -> latents ``[B, 16, F', H', W']``.
 
-    Each latent pixel holds the RGB of a 2 x 2 block (12 channels, a space-to-depth); the
+    Each latent pixel holds the RGB of a 2 x 2 block (12 channels, a space-to-depth), shifted and
+    scaled so a dark background is about 0 and coloured pixels 2 to 3 (a VAE's latents are scaled to
+    about unit variance too: it makes what the model has to learn stand out of the noise); the
     remaining 4 of the 16 channels are zero. The RGB frames are a quarter of the video's
     size: :func:`latents_to_video` scales them up 4x, so a latent pixel covers the VAE
     stride's 8 x 8 pixels, as Wan's does.
     """
     b, f, c, h, w = frames.shape
+    frames = (frames + RGB_SHIFT) * RGB_SCALE
     blocks = frames.reshape(b, f, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 6, 1, 3, 5)  # [B, 3, 2, 2, F', H', W']
     latents = blocks.reshape(b, 4 * c, f, h // 2, w // 2)
     return torch.cat([latents, latents.new_zeros(b, LATENT_CHANNELS - 4 * c, f, h // 2, w // 2)], dim=1)
@@ -90,7 +94,8 @@ def latents_to_video(latents: torch.Tensor, num_frames: int, height: int, width:
     """
     c, f, h, w = latents.shape
     rgb = latents[:12].float().cpu().reshape(3, 2, 2, f, h, w).permute(3, 0, 4, 1, 5, 2).reshape(f, 3, 2 * h, 2 * w)
-    rgb = torch.nn.functional.interpolate(rgb.clamp(-1, 1), scale_factor=4, mode="bilinear", align_corners=False)
+    rgb = (rgb / RGB_SCALE - RGB_SHIFT).clamp(-1, 1)
+    rgb = torch.nn.functional.interpolate(rgb, scale_factor=4, mode="bilinear", align_corners=False)
     st = VAE_STRIDE[0]
     frames = torch.cat([rgb[:1], rgb[1:].repeat_interleave(st, dim=0)]).permute(0, 2, 3, 1)
     assert frames.shape[:3] == (num_frames, height, width), (frames.shape, num_frames, height, width)

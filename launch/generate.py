@@ -29,7 +29,7 @@ import usp_attn
 from usp_attn.config import AttentionConfig, add_attention_args, positive_int
 from usp_attn.selector import AttentionBackendUnavailableError
 
-from builtin_job import DEFAULT_PROMPT, builtin_problems, run_builtin
+from builtin_job import BUILTIN_GUIDANCE, DEFAULT_PROMPT, builtin_problems, run_builtin
 from builtin_weights import TRAINED_VIDEO
 from flow_match import VAE_STRIDE, latent_grid
 from job_output import check_output, write_outputs
@@ -79,7 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-inference-steps", type=positive_int, default=10, help="denoising (Euler) steps")
     p.add_argument("--seed", type=nonnegative_int, default=0, help="the initial noise")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: bf16 on CUDA, fp32 on CPU")
-    p.add_argument("--guidance-scale", type=float, default=5.0, help="classifier-free guidance; 1 turns it off")
+    p.add_argument("--guidance-scale", type=float, default=None,
+                   help=f"classifier-free guidance; 1 turns it off (default: {BUILTIN_GUIDANCE:g} for the built-in "
+                   "model, 5 with --model-path)")
     p.add_argument("--shift", type=float, default=5.0, help="flow-matching sigma shift (built-in model)")
     p.add_argument("--output", default="video.gif", metavar="FILE",
                    help="the video, written by rank 0 after the summary: .gif (needs Pillow), .mp4 (needs the video "
@@ -145,6 +147,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.model_path is not None and args.prompt is None:
         args.prompt = "a red panda drinking tea in a garden"
+    if args.guidance_scale is None:
+        args.guidance_scale = 5.0 if args.model_path is not None else BUILTIN_GUIDANCE
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     problems = check_args(args, world)
     if problems:  # every rank finds the same problems from the same arguments: all exit, none hangs

@@ -35,6 +35,9 @@ COLOURS = {  # RGB in [0, 1]
 }
 SHAPES = ("circle", "square", "triangle")
 DIRECTIONS = {"left": (-1.0, 0.0), "right": (1.0, 0.0), "up": (0.0, -1.0), "down": (0.0, 1.0)}  # (dx, dy), y down
+#: the line each direction moves along (y for left/right, x for up/down): opposite directions on different
+#: lines, so they differ in where the shape is, not only in the order of the frames
+LANES = {"left": 0.65, "right": 0.35, "up": 0.65, "down": 0.35}
 
 BACKGROUND = (0.10, 0.12, 0.18)  # dark slate, RGB in [0, 1]
 TEXT_SEED = 1234  # the word vectors: fixed, part of the model like a text encoder's weights
@@ -116,8 +119,8 @@ def render_clips(prompts: list[Prompt], latent_frames: int, height: int, width: 
     """Latents ``[B, 16, latent_frames, height // 8, width // 8]`` of one clip per prompt.
 
     Every attribute a prompt leaves unnamed is drawn from ``gen``. The path is fixed by the direction:
-    along the middle line, from 0.2 to 0.8 of the frame (a small model learns a fixed path in minutes;
-    a drawn start would need it to agree, over all tokens, on where the shape is). Pixels are rendered at
+    along its lane (:data:`LANES`), from 0.2 to 0.8 of the frame (a small model learns a fixed path in
+    minutes; a drawn start would need it to agree, over all tokens, on where the shape is). Pixels are rendered at
     the stand-in VAE's RGB resolution (a quarter of the video's), anti-aliased by ``supersample`` x
     ``supersample`` sampling.
     """
@@ -129,12 +132,13 @@ def render_clips(prompts: list[Prompt], latent_frames: int, height: int, width: 
     for i, p in enumerate(prompts):
         colour = p.colour or list(COLOURS)[int(torch.randint(len(COLOURS), (1,), generator=gen))]
         shape = p.shape or SHAPES[int(torch.randint(len(SHAPES), (1,), generator=gen))]
-        dx, dy = DIRECTIONS[p.direction or list(DIRECTIONS)[int(torch.randint(len(DIRECTIONS), (1,), generator=gen))]]
+        direction = p.direction or list(DIRECTIONS)[int(torch.randint(len(DIRECTIONS), (1,), generator=gen))]
+        (dx, dy), lane = DIRECTIONS[direction], LANES[direction]
         fill = torch.tensor(COLOURS[colour]).view(3, 1, 1)
         for t in range(latent_frames):
             along = START + PATH_LENGTH * t / max(latent_frames - 1, 1)
-            cx = (0.5 + dx * (along - 0.5)) * w
-            cy = (0.5 + dy * (along - 0.5)) * h
+            cx = (0.5 + dx * (along - 0.5) if dx else lane) * w
+            cy = (0.5 + dy * (along - 0.5) if dy else lane) * h
             cover = _inside(shape, xs[None, :] - cx, ys[:, None] - cy, torch.tensor(RADIUS * min(h, w)))
             frames[i, t] = background + (fill - background) * torch.nn.functional.avg_pool2d(cover[None, None],
                                                                                              supersample)[0]

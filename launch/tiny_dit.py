@@ -4,16 +4,20 @@ Same structure as Wan 2.x (facts from its public architecture; our own code):
 
     latents [B, C, F, H, W] --3D patchify (1, 2, 2)--> tokens [B, S, dim], S = F * H/2 * W/2
     + absolute position: fixed sinusoids of each token's (frame, row, column) through a linear layer
-    timestep -> sinusoidal embedding -> MLP -> 6 adaLN modulation vectors per block
+    timestep -> sinusoidal embedding -> MLP (+ the pooled text) -> 6 adaLN modulation vectors per block
     N blocks:  x += gate * SelfAttn(norm(x) * (1 + scale) + shift)     (q/k RMSNorm, 3D rotary)
                x += CrossAttn(norm(x), text)                           (text full on every rank)
                x += gate * FFN(norm(x) * (1 + scale) + shift)
-    head: norm + modulation + linear -> unpatchify -> velocity [B, C, F, H, W]
+    head: norm + modulation + linear -> unpatchify -> clean latents x0 -> velocity (latents - x0) / sigma
 
-The absolute position embedding is not Wan's: Wan places things from its 3D rotary embedding
-alone, which only encodes relative positions, and learns absolute ones from the grid's edges over a
-long training. The built-in model is trained for minutes on a CPU (launch/train_builtin.py); with
-the embedding it learns where a shape starts within that budget.
+Three changes from Wan, all for a model trained for minutes on a CPU (launch/train_builtin.py): an
+absolute position embedding (Wan places things from its 3D rotary embedding alone, which only
+encodes relative positions, learning absolute ones from the grid's edges over a long training); the
+pooled text added to the timestep embedding (as Flux and SD3 do), so every token's modulation
+carries the prompt, not only what cross-attention fetches; and the network predicts the clean
+latents, turned into the velocity the sampler takes (Wan predicts the velocity directly, which at
+high noise means reproducing the input noise exactly: hard for a small network). An Euler step with
+this velocity moves the latents straight towards the predicted clean ones, so it stays bounded.
 
 Sequence parallelism (``sequence_parallel=True`` and an initialised usp_attn state):
 the token sequence and the rotary tables are split with ``shard_sequence`` after the
@@ -37,6 +41,7 @@ from usp_attn import LocalAttention, USPAttention, gather_sequence, get_sequence
 __all__ = ["TinyDiTConfig", "TinyWanDiT", "rope_axis_dims", "rope_tables", "position_features"]
 
 POSITION_FREQUENCIES = 8  # per axis; features: (sin, cos) x 8 x (frame, row, column) = 48
+SIGMA_MIN = 1e-3  # the sampler never asks at noise level 0; the bound only keeps the division finite
 
 
 @dataclasses.dataclass(frozen=True)
@@ -182,6 +187,7 @@ class TinyWanDiT(nn.Module):
         self.position_embedding = nn.Linear(6 * POSITION_FREQUENCIES, dim)
         self.text_embedding = nn.Sequential(nn.Linear(cfg.text_dim, dim), nn.GELU(approximate="tanh"), nn.Linear(dim, dim))
         self.time_embedding = nn.Sequential(nn.Linear(cfg.freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+        self.text_pooling = nn.Linear(dim, dim)
         self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
         self.blocks = nn.ModuleList(Block(cfg, sequence_parallel) for _ in range(cfg.num_layers))
         self.head_norm = nn.LayerNorm(dim, cfg.eps, elementwise_affine=False)
@@ -244,7 +250,8 @@ class TinyWanDiT(nn.Module):
     def forward(self, latents: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         """latents ``[B, C, F, H, W]``, timestep ``[B]``, text ``[B, L, text_dim]``; full on every rank.
 
-        Returns the velocity ``[B, C, F, H, W]`` in the parameters' dtype, full on every rank.
+        Returns the velocity ``[B, C, F, H, W]`` in the parameters' dtype, full on every rank: the
+        network predicts the clean latents x0 and returns ``(latents - x0) / sigma``, sigma = timestep / 1000.
         """
         dtype = self.patch_embedding.weight.dtype
         grid = self.token_grid(latents.shape)
@@ -255,12 +262,15 @@ class TinyWanDiT(nn.Module):
         if state is not None:
             x = shard_sequence(x, dim=1, state=state)
             rope = tuple(shard_sequence(t, dim=0, state=state, record_length=False) for t in rope)
-        emb = self.time_embedding(self.timestep_features(timestep).to(dtype))  # [B, dim]
+        context = self.text_embedding(text.to(dtype))  # [B, L, dim]
+        emb = self.time_embedding(self.timestep_features(timestep).to(dtype)) + self.text_pooling(context.mean(1))
         mod = self.time_projection(emb).unflatten(1, (6, -1))  # [B, 6, dim]
-        context = self.text_embedding(text.to(dtype))
         for block in self.blocks:
             x = block(x, mod, context, rope)
         if state is not None:
             x = gather_sequence(x, dim=1, state=state)
         shift, scale = (self.head_modulation + emb.unsqueeze(1)).unsqueeze(2).unbind(1)
-        return self.unpatchify(self.head(self.head_norm(x) * (1 + scale) + shift), grid)
+        clean = self.unpatchify(self.head(self.head_norm(x) * (1 + scale) + shift), grid).float()
+        # The network predicts the clean latents; the velocity follows from x_s = (1 - s) x0 + s noise.
+        sigma = (timestep.float() / 1000).clamp_min(SIGMA_MIN).view(-1, 1, 1, 1, 1)
+        return ((latents.float() - clean) / sigma).to(dtype)

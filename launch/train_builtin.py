@@ -7,8 +7,10 @@
 Data: launch/moving_shapes.py draws a clip per sample (a shape of a prompted colour moving in a
 prompted direction across a dark background), at the default video size of generate.py,
 straight into latents. Objective: rectified flow as launch/flow_match.py samples it: with
-``x_s = (1 - s) x0 + s noise`` for s uniform in [0, 1], the model at timestep 1000 s predicts
-``noise - x0`` (mean squared error). Each attribute of a training prompt is dropped with
+``x_s = (1 - s) x0 + s noise``, the model at timestep 1000 s returns the velocity ``noise - x0``
+through its prediction of the clean latents x0 (tiny_dit.py), and the loss is the mean squared error
+of that prediction; s is drawn shifted towards noise (s = 3u / (1 + 2u), u uniform), as the
+sampler's shifted steps are: the first steps, at high noise, decide where the shape is. Each attribute of a training prompt is dropped with
 probability 0.15, so the model also knows unconditional and partial prompts, which
 classifier-free guidance needs. AdamW with a warm-up and cosine decay; the saved weights are an
 exponential moving average of the trained ones, in fp16 (~1.5 MB).
@@ -34,6 +36,8 @@ from flow_match import latent_grid  # noqa: E402
 from moving_shapes import encode_prompts, random_prompts, render_clips  # noqa: E402
 from tiny_dit import TinyDiTConfig, TinyWanDiT  # noqa: E402
 
+SHIFT = 3.0  # training noise levels: u uniform, s = 3u / (1 + 2u), so a quarter of them above 0.9
+
 
 def train(steps: int, batch: int, lr: float, seed: int, log_every: int = 50) -> tuple[TinyWanDiT, dict]:
     """Train a fresh model; returns the EMA model and what the weights file records about the run."""
@@ -54,9 +58,11 @@ def train(steps: int, batch: int, lr: float, seed: int, log_every: int = 50) -> 
         x0 = render_clips(prompts, frames, TRAINED_VIDEO[1], TRAINED_VIDEO[2], gen)
         text = encode_prompts(prompts, cfg.text_dim)
         noise = torch.randn(x0.shape, generator=gen)
-        s = torch.rand(batch, generator=gen)
+        u = torch.rand(batch, generator=gen)
+        s = SHIFT * u / (1 + (SHIFT - 1) * u)  # noise levels as the sampler's shifted steps visit them
         xs = x0 + s.view(-1, 1, 1, 1, 1) * (noise - x0)
-        loss = torch.nn.functional.mse_loss(model(xs, 1000 * s, text), noise - x0)
+        clean = xs - s.view(-1, 1, 1, 1, 1) * model(xs, 1000 * s, text)  # the network's own prediction
+        loss = torch.nn.functional.mse_loss(clean, x0)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -78,7 +84,7 @@ def train(steps: int, batch: int, lr: float, seed: int, log_every: int = 50) -> 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--steps", type=int, default=3000, help="optimiser steps")
+    p.add_argument("--steps", type=int, default=1000, help="optimiser steps")
     p.add_argument("--batch", type=int, default=16, help="clips per step")
     p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate")
     p.add_argument("--seed", type=int, default=0)

@@ -65,7 +65,8 @@ def test_one_gpu_set_dry_run(tmp_path):
     metrics = {r["metric"] for part in rows.values() for r in part if "metric" in r}
     assert metrics == {"P1", "P2", "P3"}
     timed = [r for r in rows["kernels"] if r.get("ms")]
-    assert {r["what"] for r in timed} == {"cpu flash (aten)", "LocalAttention (auto)"}
+    assert {r["what"] for r in timed} == {"cpu flash (aten)", "LocalAttention (auto)", "LocalAttention[torch_sdpa]"}
+    assert next(r for r in rows["kernels"] if r["what"] == "LocalAttention[fa]")["note"].startswith("skipped: fa needs")
     assert all(r["tflops"] > 0 for r in timed)
     text = (tmp_path / "report.md").read_text()
     assert text.startswith("# usp_attn benchmarks: 1 x CPU (CPU DRY RUN")
@@ -80,7 +81,7 @@ def test_shape_and_reps_replace_the_part_sizes(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = json.loads((tmp_path / "r.json").read_text())["parts"]["kernels"]["rows"]
     assert {r["shape"] for r in rows} == {"1,2,64,16"}
-    assert [r["note"] for r in rows if r.get("ms")] == ["2 reps", "2 reps"]
+    assert [r["note"] for r in rows if r.get("ms")] == ["2 reps"] * 3
     assert "| P1 | LocalAttention (auto) / fastest exact kernel (cpu flash (aten))" in proc.stdout
 
 
