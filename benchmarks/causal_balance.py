@@ -21,79 +21,30 @@ Columns per (shape, R, layout):
     pairs_imbalance   the same ratio for the (query, key) pairs each rank attends (counted)
     out_rel_err       every rank's rows put together vs the full causal call (bf16 ~1e-2)
 
-    python3 benchmarks/causal_balance.py [--json causal_balance.json]    # one GPU: the Wan shapes
-    python3 benchmarks/causal_balance.py --dry-run                        # CPU, tiny shape
+    python3 benchmarks/run.py --parts causal-balance --json causal_balance.json   # one GPU: the Wan shapes
+    python3 benchmarks/run.py --parts causal-balance --dry-run                      # CPU, a tiny shape
 """
 
 from __future__ import annotations
 
-import argparse
 import functools
-import json
-import pathlib
 import statistics
-import sys
-import time
 
 import torch
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from usp_attn import LocalAttention  # noqa: E402
-from usp_attn.distributed.state import shard_sizes  # noqa: E402
-from usp_attn.distributed.zigzag import (  # noqa: E402
-    rank_chunks,
-    ring_front_lengths,
-    shard_zigzag,
-    to_global_order,
-    zigzag_sizes,
-)
-from usp_attn.layers.ring import ring_attention  # noqa: E402
-from usp_attn.layers.ring_blocks import RingLayout, pairs_attended  # noqa: E402
+from benchmarks.local_ring import LocalRingExchange
+from benchmarks.suite import Context
+from benchmarks.timing import time_interleaved
+from usp_attn import LocalAttention
+from usp_attn.distributed.state import shard_sizes
+from usp_attn.distributed.zigzag import rank_chunks, ring_front_lengths, shard_zigzag, to_global_order, zigzag_sizes
+from usp_attn.layers.ring import ring_attention
+from usp_attn.layers.ring_blocks import RingLayout, pairs_attended
 
 WAN_SHAPES = [(1, 12, 32760, 128), (1, 40, 75600, 128)]  # Wan 1.3B 480p, Wan 14B 720p
 DRY_SHAPES = [(1, 2, 200, 16)]
 RING_DEGREES = (2, 4)
 LAYOUTS = ("contiguous", "zigzag")
-
-
-class MemoryExchange:
-    """The ring's exchange for one simulated rank: ``wait()`` hands over the block ring rank
-    ``r - t - 1`` would have sent at step ``t``, from memory (a benchmark instrument: the
-    distributed tests run the real transport)."""
-
-    def __init__(self, blocks: list[tuple[torch.Tensor, torch.Tensor]], ring_rank: int) -> None:
-        self.blocks, self.source = blocks, ring_rank
-
-    def start(self, outgoing, incoming_like) -> None:
-        self.source = (self.source - 1) % len(self.blocks)
-
-    def wait(self) -> list[torch.Tensor]:
-        return list(self.blocks[self.source])
-
-
-def time_interleaved(fns: dict, device, *, warmup: int, reps: int) -> dict:
-    """Median ms of each ``fns[name]()``, the calls interleaved round by round (drift hits all alike)."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    times: dict = {name: [] for name in fns}
-    for _ in range(reps):
-        for name, fn in fns.items():
-            if device.type == "cuda":
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                fn()
-                end.record()
-                end.synchronize()
-                times[name].append(start.elapsed_time(end))
-            else:
-                t0 = time.perf_counter()
-                fn()
-                times[name].append((time.perf_counter() - t0) * 1e3)
-    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def _split(x: torch.Tensor, ring: int, layout: str) -> list[torch.Tensor]:
@@ -113,7 +64,7 @@ def causal_balance_rows(shapes, rings, device, dtype, *, warmup: int, reps: int)
         with torch.no_grad():
             full_kernel = attn.kernel_for(q, k, v, causal=True, need_lse=True)
             full = functools.partial(attn.attend, q, k, v, causal=True, return_lse=True, kernel=full_kernel)
-            full_ms = time_interleaved({"full": full}, device, warmup=warmup, reps=reps)["full"]
+            full_ms = _median_ms({"full": full}, device, warmup=warmup, reps=reps)["full"]
             want = full()[0].float()
             for ring in rings:
                 rows += _ring_rows(attn, (q, k, v), want, full_ms, ring, device, warmup=warmup, reps=reps)
@@ -140,14 +91,14 @@ def _ring_rows(attn, qkv, want, full_ms, ring, device, *, warmup, reps) -> list[
         qs, blocks, lengths, fronts = setups[layout]
 
         def call():  # a fresh exchange per call: it walks the ring from this rank's own block
-            exchange = MemoryExchange(blocks, r) if ring > 1 else None
+            exchange = LocalRingExchange(blocks, r) if ring > 1 else None
             return ring_attention(attend, qs[r], *blocks[r], exchange=exchange, ring_rank=r, block_lengths=lengths,
                                   causal=True, front_lengths=fronts)
 
         return call
 
     calls = {(layout, r): rank_call(layout, r) for layout in LAYOUTS for r in range(ring)}
-    ms = time_interleaved(calls, device, warmup=warmup, reps=reps)
+    ms = _median_ms(calls, device, warmup=warmup, reps=reps)
     rows, slowest_contiguous = [], max(ms[("contiguous", r)] for r in range(ring))
     for layout in LAYOUTS:
         qs, blocks, lengths, fronts = setups[layout]
@@ -170,40 +121,15 @@ def _ring_rows(attn, qkv, want, full_ms, ring, device, *, warmup, reps) -> list[
     return rows
 
 
-def _table(rows: list[dict]) -> str:
-    head = ["shape", "ring_degree", "layout", "rank_ms", "slowest_ms", "imbalance", "ideal_ms", "efficiency",
-            "speedup", "pairs_imbalance", "out_rel_err"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for row in rows:
-        cells = [", ".join(map(str, row[c])) if isinstance(row[c], list) else
-                 (f"{row[c]:.1e}" if c == "out_rel_err" else str(row[c])) for c in head]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+def _median_ms(calls: dict, device, *, warmup: int, reps: int) -> dict:
+    """Median ms of each no-argument call, the calls interleaved round by round (drift hits all alike)."""
+    timings = time_interleaved({n: (fn, [()]) for n, fn in calls.items()}, warmup=warmup, reps=reps, device=device)
+    return {n: t.median * 1e3 for n, t in timings.items()}
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--dry-run", action="store_true", help="CPU, a tiny shape, fp32: checks the script")
-    parser.add_argument("--json", default="causal_balance.json", help="where to write the rows")
-    parser.add_argument("--shape", action="append", help="B,H,S,D (repeatable; default: the Wan shapes)")
-    parser.add_argument("--rings", default=",".join(map(str, RING_DEGREES)), help="ring degrees, e.g. 2,4")
-    parser.add_argument("--reps", type=int, default=None)
-    args = parser.parse_args(argv)
-    gpu = torch.cuda.is_available() and not args.dry_run
-    device = torch.device("cuda" if gpu else "cpu")
-    dtype = torch.bfloat16 if gpu else torch.float32
-    shapes = [tuple(int(x) for x in s.split(",")) for s in args.shape] if args.shape else (
-        WAN_SHAPES if gpu else DRY_SHAPES)
-    rings = tuple(int(r) for r in args.rings.split(","))
-    reps = args.reps or (10 if gpu else 2)
-    rows = causal_balance_rows(shapes, rings, device, dtype, warmup=2 if gpu else 1, reps=reps)
-    info = torch.cuda.get_device_name() if gpu else "cpu (dry run)"
-    print(f"causal ring per-rank work on one device ({info}, torch {torch.__version__}, {dtype})")
-    print(_table(rows))
-    pathlib.Path(args.json).write_text(json.dumps(rows, indent=1))
-    print(f"wrote {args.json}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+def causal_balance_part(ctx: Context) -> list[dict]:
+    size = ctx.sizes(dict(shapes=WAN_SHAPES, dtype=torch.bfloat16, warmup=2, reps=10),
+                     dict(shapes=DRY_SHAPES, dtype=torch.float32, warmup=1, reps=2))
+    with torch.no_grad():
+        return causal_balance_rows(ctx.shapes or size["shapes"], RING_DEGREES, ctx.device, size["dtype"],
+                                   warmup=size["warmup"], reps=ctx.reps or size["reps"])

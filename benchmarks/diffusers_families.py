@@ -1,7 +1,7 @@
 """diffusers transformers under usp_attn vs diffusers' own context parallelism, on 2 GPUs.
 
-    torchrun --nproc-per-node 2 benchmarks/diffusers_families.py --json diffusers_families.json
-    torchrun --nproc-per-node 2 benchmarks/diffusers_families.py --dry-run      # CPU, gloo, tiny shapes
+    torchrun --nproc-per-node 2 benchmarks/run.py --parts diffusers-families --json diffusers_families.json
+    torchrun --nproc-per-node 2 benchmarks/run.py --parts diffusers-families --dry-run   # CPU, gloo, tiny shapes
 
 Models (random weights, bf16, 2 transformer blocks at the real width):
 
@@ -10,8 +10,8 @@ Models (random weights, bf16, 2 transformer blocks at the real width):
 * HunyuanVideo (``HunyuanVideoTransformer3DModel``, 24 heads x 128, 1 double + 1 single block, 1 refiner
   block): 61 frames of 544x960 = 16 x 34 x 60 = 32640 video tokens + 256 text tokens (no padding).
 
-Rows (one per model and implementation/layout): time per transformer forward (median over ``--iters``
-after ``--warmup``, all ranks synchronised, rank 0's clock), speedup vs the same model on one GPU, and the
+Rows (one per model and implementation/layout): time per transformer forward (median over 5 calls
+after 2 warm-up calls, all ranks synchronised, rank 0's clock), speedup vs the same model on one GPU, and the
 relative error ``||out - out_1gpu|| / ||out_1gpu||`` (Frobenius, fp32) of the gathered output.
 
 * ``1 GPU``: the unmodified model on each rank alone (diffusers attention backend ``_native_cudnn``).
@@ -23,25 +23,19 @@ relative error ``||out - out_1gpu|| / ||out_1gpu||`` (Frobenius, fp32) of the ga
   own ``_cp_plan`` (text sharded with the image); HunyuanVideo has none, so it gets the plan in
   :data:`HUNYUAN_VIDEO_DIFFUSERS_CP_PLAN`. Where diffusers refuses or fails, the row holds its error.
 
-``rows(...)`` returns the rows as dicts (for the benchmark suite); ``main`` runs under torchrun, prints a
-table on rank 0 and writes JSON with ``--json``.
+``rows(...)`` returns the rows as dicts; call it on every rank of an initialised process group.
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
-import datetime
-import json
-import os
 import statistics
-import sys
 import time
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["MODELS", "rows", "main"]
+__all__ = ["MODELS", "rows"]
 
 MODELS = ("flux", "hunyuan_video")
 
@@ -195,44 +189,3 @@ def _diffusers_cp_row(name, model, inputs, reference, base, one_ms, u, r, device
         row["note"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
         dist.barrier()
     return row
-
-
-def _table(rows_: list[dict]) -> str:
-    head = "| model | tokens (+text) | impl | U x R | ms / forward | speedup | rel err vs 1 GPU | note |"
-    lines = [head, "|" + "---|" * 8]
-    for row in rows_:
-        ms = "-" if row["ms"] is None else f"{row['ms']:.2f}"
-        speed = "-" if row["speedup"] is None else f"{row['speedup']:.2f}x"
-        err = "-" if row["rel_err"] is None else f"{row['rel_err']:.2e}"
-        lines.append(f"| {row['model']} | {row['tokens']} (+{row['text_tokens']}) | {row['impl']} | {row['layout']} "
-                     f"| {ms} | {speed} | {err} | {row['note']} |")
-    return "\n".join(lines)
-
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--dry-run", action="store_true", help="tiny shapes (CPU + gloo works)")
-    parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--iters", type=int, default=5)
-    parser.add_argument("--json", default=None, metavar="FILE", help="write the rows as JSON (rank 0)")
-    args = parser.parse_args(argv)
-    cuda = torch.cuda.is_available() and not args.dry_run
-    if cuda:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(minutes=10))
-    try:
-        result = rows(dry_run=args.dry_run, models=args.models, warmup=args.warmup, iters=args.iters)
-        if dist.get_rank() == 0:
-            print(_table(result), flush=True)
-            if args.json:
-                with open(args.json, "w") as f:
-                    json.dump(result, f, indent=1)
-                print(f"wrote {args.json}", flush=True)
-    finally:
-        dist.destroy_process_group()
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,6 +1,6 @@
 """Training-path timings: the ring's forward + backward per rank, and a 2-GPU DiT training step.
 
-Kernel rows (one GPU, ``python3 benchmarks/training.py``): for each shape ``(B, H, S, D)`` and
+Part ``ring-backward`` (one GPU): for each shape ``(B, H, S, D)`` and
 ring degree R, the time of one full forward + backward kernel call (``LocalAttention`` on
 inputs that require grad: the selected backend's forward with LSE and its backward kernel)
 against ring rank 0's forward + backward over ``S / R`` queries, run by the library's own
@@ -11,36 +11,34 @@ row measures the per-rank compute of a ring, not its links. ``efficiency`` = (fu
 ring: 1.0 means the ring's split costs nothing. Each row also checks rank 0's output and
 dq rows against the full call (relative error, bf16 ~1e-2).
 
-Step rows (two GPUs, ``torchrun --nproc-per-node 2 benchmarks/training.py --step``): the
+Part ``training-step`` (two GPUs, under torchrun): the
 built-in DiT (``launch/tiny_dit.py``) forward + MSE loss + backward per step, on one GPU
 (each rank alone), Ulysses-2 and ring-2; the sequence-parallel steps include the
 all-reduce (mean) of the parameter gradients that makes them the one-GPU gradients, and
 the rows report the largest relative parameter-gradient difference to the one-GPU step.
 
-``--dry-run`` runs both on CPU with tiny shapes (gloo under torchrun) to check the script.
-Rows are dicts; ``--json PATH`` writes them, and they are printed as a table.
+    python3 benchmarks/run.py --parts ring-backward --json ring_backward.json
+    torchrun --nproc-per-node 2 benchmarks/run.py --parts training-step --json training_step.json
+
+With ``--dry-run`` both run on CPU at tiny shapes (gloo under torchrun).
 """
 
 from __future__ import annotations
 
-import argparse
 import datetime
-import json
-import os
 import pathlib
-import statistics
 import sys
-import time
 
 import torch
 import torch.distributed as dist
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-for path in (ROOT, ROOT / "launch"):
-    if str(path) not in sys.path:
-        sys.path.insert(0, str(path))
+LAUNCH = pathlib.Path(__file__).resolve().parents[1] / "launch"
+if str(LAUNCH) not in sys.path:  # the built-in DiT (launch/tiny_dit.py)
+    sys.path.insert(0, str(LAUNCH))
 
 import usp_attn  # noqa: E402
+from benchmarks.suite import Context, rel_err, skipped  # noqa: E402
+from benchmarks.timing import time_fn  # noqa: E402
 from usp_attn.backends.sdpa import cuda_subkernel  # noqa: E402
 from usp_attn.distributed.state import shard_sizes  # noqa: E402
 from usp_attn.layers.attention_grad import BlockKernels  # noqa: E402
@@ -51,29 +49,9 @@ DRY_SHAPES = [(1, 4, 96, 16)]
 RING_DEGREES = (2, 4)
 
 
-# ---- timing -----------------------------------------------------------------------------------
 def time_call(fn, device, *, warmup: int, reps: int) -> float:
-    """Median milliseconds of ``fn()`` (CUDA events on GPU, perf_counter on CPU)."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize(device)
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
+    """Median milliseconds of ``fn()``."""
+    return time_fn(fn, [()], warmup=warmup, reps=reps, device=device).median * 1e3
 
 
 # ---- kernel rows: the ring on one device ----------------------------------------------------------
@@ -214,8 +192,8 @@ def training_step_rows(cfg, latent_shape, device, dtype, *, warmup=2, reps=5, ti
             err = max(rel_err(grads[name], reference[name]) for name in grads)
         backend = str(usp_attn.get_sequence_parallel_state().backend) if layout is not None else "local"
         rows.append({
-            "row": label, "tokens": tokens, "hidden": cfg.hidden_size, "heads": cfg.num_heads,
-            "layers": cfg.num_layers, "dtype": str(dtype).replace("torch.", ""), "ms_per_step": round(ms, 3),
+            "what": label, "tokens": tokens, "hidden": cfg.hidden_size, "heads": cfg.num_heads,
+            "layers": cfg.num_layers, "dtype": str(dtype).replace("torch.", ""), "ms": round(ms, 3),
             "speedup_vs_1gpu": round(base_ms / ms, 3), "max_param_grad_rel_err": err, "backend": backend,
         })
         del model, params, grads
@@ -225,53 +203,23 @@ def training_step_rows(cfg, latent_shape, device, dtype, *, warmup=2, reps=5, ti
     return rows
 
 
-# ---- command line -----------------------------------------------------------------------------
-def _print_rows(rows):
-    if not rows:
-        return
-    keys = list(rows[0])
-    print(" | ".join(keys))
-    for row in rows:
-        print(" | ".join(f"{row[k]:.2e}" if isinstance(row[k], float) and "err" in k else str(row[k]) for k in keys))
+# ---- the suite's parts --------------------------------------------------------------------------
+def ring_backward_part(ctx: Context) -> list[dict]:
+    size = ctx.sizes(dict(shapes=WAN_SHAPES, dtype=torch.bfloat16, warmup=2, reps=5),
+                     dict(shapes=DRY_SHAPES, dtype=torch.float32, warmup=1, reps=2))
+    return kernel_rows(ctx.shapes or size["shapes"], RING_DEGREES, size["dtype"], ctx.device,
+                       warmup=size["warmup"], reps=ctx.reps or size["reps"])
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--step", action="store_true", help="the 2-GPU training-step rows (run under torchrun)")
-    parser.add_argument("--dry-run", action="store_true", help="CPU, tiny shapes: check the script runs")
-    parser.add_argument("--json", type=pathlib.Path, help="write the rows here")
-    args = parser.parse_args(argv)
-    cuda = torch.cuda.is_available() and not args.dry_run
-    if args.step:
-        import tiny_dit
+def training_step_part(ctx: Context) -> list[dict]:
+    import tiny_dit
 
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
-        if cuda:
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(minutes=10))
-        if cuda:  # Wan 2.1 1.3B 480p token count (81 frames, 480 x 832), a 4-layer DiT with 128-dim heads
-            cfg = tiny_dit.TinyDiTConfig(hidden_size=1536, num_heads=12, num_layers=4, ffn_size=6144)
-            rows = training_step_rows(cfg, (1, 16, 21, 60, 104), device, torch.bfloat16, warmup=3, reps=10)
-        else:
-            cfg = tiny_dit.TinyDiTConfig(hidden_size=48, num_heads=6, num_layers=2, ffn_size=96, text_dim=16,
-                                         text_length=5, freq_dim=32)
-            rows = training_step_rows(cfg, (1, 16, 3, 6, 6), device, torch.float32, warmup=1, reps=2)
-        rank = dist.get_rank()
-        dist.destroy_process_group()
-        if rank != 0:
-            return 0
-    else:
-        device = torch.device("cuda") if cuda else torch.device("cpu")
-        if cuda:
-            rows = kernel_rows(WAN_SHAPES, RING_DEGREES, torch.bfloat16, device)
-        else:
-            rows = kernel_rows(DRY_SHAPES, RING_DEGREES, torch.float32, device, warmup=1, reps=2)
-    _print_rows(rows)
-    if args.json:
-        args.json.write_text(json.dumps(rows, indent=2))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    if ctx.world < 2:
+        return [skipped("training step", "needs 2 or more ranks (torchrun)")]
+    if ctx.cuda:  # Wan 2.1 1.3B 480p token count (81 frames, 480 x 832), a 4-layer DiT with 128-dim heads
+        cfg = tiny_dit.TinyDiTConfig(hidden_size=1536, num_heads=12, num_layers=4, ffn_size=6144)
+        return training_step_rows(cfg, (1, 16, 21, 60, 104), ctx.device, ctx.dtype or torch.bfloat16,
+                                  warmup=3, reps=ctx.reps or 10)
+    cfg = tiny_dit.TinyDiTConfig(hidden_size=48, num_heads=6, num_layers=2, ffn_size=96, text_dim=16,
+                                 text_length=5, freq_dim=32)
+    return training_step_rows(cfg, (1, 16, 3, 6, 6), ctx.device, torch.float32, warmup=1, reps=2)

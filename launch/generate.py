@@ -2,13 +2,15 @@
 """Text-to-video denoising with sequence-parallel attention, under torchrun (or plain python = 1 rank).
 
     torchrun --nproc-per-node 4 launch/generate.py --ulysses-degree 2 --ring-degree 2 \\
-        --output video.npz --verify
+        --prompt "a blue square moving up" --output video.gif --verify
 
-Without --model-path it runs a small built-in Wan-style video DiT with seeded random
-weights (launch/tiny_dit.py): random text embeddings instead of a text encoder and no
-VAE (the "video" is a fixed linear map of the latents to RGB), so the command runs
-anywhere, on CPU + gloo when there is no GPU. With --model-path it runs a diffusers
-pipeline (video or image) with sequence parallelism enabled on its transformer.
+Without --model-path it runs a small built-in Wan-style video DiT (launch/tiny_dit.py)
+trained here on videos of a coloured shape moving across a dark background
+(launch/train_builtin.py), so the command runs anywhere, on CPU + gloo when there is no
+GPU, and the video shows what the prompt asks for: one colour (red, green, blue, yellow,
+white, purple), shape (circle, square, triangle) and direction (left, right, up, down).
+With --model-path it runs a diffusers pipeline (video or image) with sequence parallelism
+enabled on its transformer.
 
 Exit status: 0 success, 1 failure (including a failed --verify), 2 bad arguments.
 """
@@ -28,9 +30,11 @@ from usp_attn.config import AttentionConfig, add_attention_args, positive_int
 from usp_attn.distributed.arguments import DEFAULT_TIMEOUT, check_timeout
 from usp_attn.selector import AttentionBackendUnavailableError
 
-from builtin_job import WEIGHT_SEED, builtin_config, run_builtin
-from flow_match import VAE_STRIDE, latent_grid, latents_to_video
-from run_report import check_output, print_summary, write_output
+from builtin_job import BUILTIN_GUIDANCE, DEFAULT_PROMPT, builtin_problems, run_builtin
+from builtin_weights import TRAINED_VIDEO
+from flow_match import VAE_STRIDE, latent_grid
+from job_output import check_output, write_outputs
+from run_report import print_summary
 from tiny_dit import TinyDiTConfig
 from diffusers_job import check_model_path, run_model_path
 
@@ -77,36 +81,49 @@ def build_parser() -> argparse.ArgumentParser:
                    help="local diffusers pipeline directory (or hub id, with network): the pipeline named by its "
                    "model_index.json (Wan, Flux, Qwen-Image, LTX-Video, HunyuanVideo, CogVideoX, ...), sequence "
                    "parallel on its transformer; video -> .mp4/.gif/.npz, image -> .png. Needs 'usp-attn[diffusers]'. "
-                   "Default: the built-in random-weight DiT")
+                   "Default: the built-in DiT, trained on moving shapes")
     add_attention_args(p)
     p.add_argument("--sp-timeout", type=seconds, default=DEFAULT_TIMEOUT.total_seconds(), metavar="SECONDS",
                    help="bound on every sequence-parallel collective: when a rank dies or hangs, the others stop "
                    "after this long with an error naming it (needs more than the slowest rank's model loading and "
                    "first-step compilation take beyond the fastest's)")
-    p.add_argument("--num-frames", type=positive_int, default=17, help="video frames: 4k+1 (Wan VAE time stride 4)")
-    p.add_argument("--height", type=positive_int, default=384, help="pixels, multiple of 16 (VAE 8 x patch 2)")
-    p.add_argument("--width", type=positive_int, default=640, help="pixels, multiple of 16 (VAE 8 x patch 2)")
+    p.add_argument("--num-frames", type=positive_int, default=TRAINED_VIDEO[0],
+                   help="video frames: 4k+1 (Wan VAE time stride 4); the default is what the built-in model was "
+                   "trained on")
+    p.add_argument("--height", type=positive_int, default=TRAINED_VIDEO[1], help="pixels, multiple of 16 (VAE 8 x patch 2)")
+    p.add_argument("--width", type=positive_int, default=TRAINED_VIDEO[2], help="pixels, multiple of 16 (VAE 8 x patch 2)")
     p.add_argument("--num-inference-steps", type=positive_int, default=10, help="denoising (Euler) steps")
-    p.add_argument("--seed", type=nonnegative_int, default=0, help="noise and random text embeddings")
+    p.add_argument("--seed", type=nonnegative_int, default=0, help="the initial noise")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: bf16 on CUDA, fp32 on CPU")
-    p.add_argument("--guidance-scale", type=float, default=5.0, help="classifier-free guidance; 1 turns it off")
+    p.add_argument("--guidance-scale", type=float, default=None,
+                   help=f"classifier-free guidance; 1 turns it off (default: {BUILTIN_GUIDANCE:g} for the built-in "
+                   "model, 5 with --model-path)")
     p.add_argument("--shift", type=float, default=5.0, help="flow-matching sigma shift (built-in model)")
-    p.add_argument("--output", default=None, metavar="FILE",
-                   help="write the video: .mp4 or .gif (needs imageio[, imageio-ffmpeg]: pip install "
-                   "'usp-attn[video]') or .npz (video uint8 [F, H, W, 3], plus latents for the built-in model). "
-                   "The built-in model has no VAE: its video is a linear map of the latents to RGB")
+    p.add_argument("--output", default="video.gif", metavar="FILE",
+                   help="the video, written by rank 0 after the summary: .gif (needs Pillow), .mp4 (needs the video "
+                   "extra: pip install 'usp-attn[video]'), .png (an image pipeline's picture; of a video, the first "
+                   "frame), .npz (video uint8 [F, H, W, 3], the built-in model's latents and the run's settings), "
+                   "or none. Checked before any work")
     p.add_argument("--fps", type=positive_int, default=16, help="frame rate of .mp4/.gif output")
     p.add_argument("--verify", action="store_true",
                    help="built-in model only: rank 0 reruns the same steps on the full sequence without sequence "
                    "parallelism and the run fails (exit 1) unless the results agree: fp32 within 1e-4 relative; "
-                   "fp16/bf16 no further from an fp32 rerun than 2x the one-process low-precision rerun is")
-    p.add_argument("--prompt", default="a red panda drinking tea in a garden", help="--model-path only")
-    p.add_argument("--negative-prompt", default="", help="--model-path only")
+                   "fp16/bf16 no further from an fp32 rerun than 2x the one-process low-precision rerun is. The "
+                   "rerun's video is written beside --output (video.gif -> video_one_process.gif)")
+    p.add_argument("--prompt", default=None,
+                   help=f"what to draw. Built-in model (default {DEFAULT_PROMPT!r}): a colour, a shape and a direction "
+                   "from its vocabulary, other words ignored. --model-path: any text (default 'a red panda drinking "
+                   "tea in a garden')")
+    p.add_argument("--negative-prompt", default="",
+                   help="classifier-free guidance steers away from it; empty: unconditional")
     model = p.add_argument_group("built-in model (ignored with --model-path)")
-    model.add_argument("--hidden-size", type=positive_int, default=TinyDiTConfig.hidden_size)
+    model.add_argument("--hidden-size", type=positive_int, default=TinyDiTConfig.hidden_size,
+                       help="model width; other values than the default (and other --num-heads, --num-layers) get "
+                       "random weights instead of the trained ones: for speed tests, the video is noise")
     model.add_argument("--num-heads", type=positive_int, default=TinyDiTConfig.num_heads,
-                       help="need not divide --ulysses-degree: USPAttention pads heads")
-    model.add_argument("--num-layers", type=positive_int, default=TinyDiTConfig.num_layers)
+                       help="attention heads; need not be divisible by --ulysses-degree (USPAttention pads heads)")
+    model.add_argument("--num-layers", type=positive_int, default=TinyDiTConfig.num_layers,
+                       help="transformer blocks")
     p.add_argument("-v", "--verbose", action="store_true", help="show usp_attn's INFO log messages (rank 0)")
     return p
 
@@ -133,10 +150,10 @@ def check_args(args, world_size: int) -> list[str]:
             problems.append(f"the video has {tokens} tokens, fewer than the {world_size} ranks; make it larger")
     if args.guidance_scale < 1.0:
         problems.append(f"--guidance-scale must be >= 1 (1 = no guidance), got {args.guidance_scale}")
-    if args.output is not None:
-        problems += check_output(args.output)
+    rank_zero = int(os.environ.get("RANK", "0")) == 0  # the rank that writes the output
+    problems += check_output(args.output, writes=rank_zero, verify=args.verify and args.model_path is None)
     if args.model_path is None:
-        problems += builtin_config(args).problems()
+        problems += builtin_problems(args)
     else:
         problems += check_model_path(args)
     return problems
@@ -145,6 +162,10 @@ def check_args(args, world_size: int) -> list[str]:
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.model_path is not None and args.prompt is None:
+        args.prompt = "a red panda drinking tea in a garden"
+    if args.guidance_scale is None:
+        args.guidance_scale = 5.0 if args.model_path is not None else BUILTIN_GUIDANCE
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     problems = check_args(args, world)
     if problems:  # every rank finds the same problems from the same arguments: all exit, none hangs
@@ -169,16 +190,16 @@ def main(argv=None) -> int:
         run = run_builtin if args.model_path is None else run_model_path
         result = run(args, state, device, dtype, rank)
         result["wall"] = time.perf_counter() - t_start
-        if rank == 0:
-            if args.output is not None:
-                video = result.get("video")
-                if video is None:
-                    video = latents_to_video(result["latents"][0], args.num_frames, args.height, args.width,
-                                             seed=WEIGHT_SEED + 1)
-                write_output(args.output, video, result.get("latents"), args, str(state.backend))
-            print_summary(args, state, dtype, result)
         verdict = result.get("verify")
-        return 0 if verdict is None or verdict["passed"] else 1
+        status = 0 if verdict is None or verdict["passed"] else 1
+        if rank == 0:
+            print_summary(args, state, dtype, result)  # first: a failing write loses neither summary nor verdict
+            try:
+                write_outputs(args, result, str(state.backend))
+            except OSError as exc:
+                print(f"{parser.prog}: error: could not write --output {args.output!r}: {exc}", file=sys.stderr)
+                status = 1
+        return status
     finally:
         usp_attn.destroy_sequence_parallel()
 

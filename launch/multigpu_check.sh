@@ -1,24 +1,26 @@
 #!/usr/bin/env bash
-# Issue 6 on one N-GPU machine, in one call (about 6 min on 8 x H200; stops itself before 9 min):
+# Check an N-GPU machine in one call (about 6 min on 2 x H200; stops itself before 9 min), every
+# measurement through the benchmark suite (benchmarks/run.py, parts named below):
 #   1. environment (GPUs, links, versions); carried wheels (.whl/) installed into /tmp/site
-#   2. NCCL layout tests: benchmarks/nccl_layouts.py, every layout of every SP group size dividing N
-#   3. P4 + P5: benchmarks/multigpu_scaling.py on k = 1, 2, 4, 8 GPUs (k <= N; N itself too):
-#      attention layer at Wan 14B 720p, built-in DiT step, diffusers Wan transformer; yunchang and
-#      diffusers context parallel on the same shapes and layouts
-#   4. communication: benchmarks/comm_bandwidth.py (all-to-all, ring hop, NCCL probes) on N GPUs
-#   5. torchrun --nproc-per-node N launch/generate.py --verify: Ulysses-N, ring-N, a mixed UxR; bf16 and fp32
-#   6. benchmarks/multigpu_report.py: summary.md + results.json
+#   2. layout-tests: the sequence-parallel test scenarios on NCCL, every layout of every group size
+#   3. scaling (P4): the attention layer at Wan 14B 720p on 1, 2, 4, 8 GPUs (groups side by side), every layout
+#   4. peers (P5): yunchang and diffusers context parallel against USPAttention, same shards and layout
+#   5. model-step: the built-in DiT (P4) and the diffusers Wan transformer (P5: vs enable_parallelism)
+#   6. communication: all-to-all, ring hop and NCCL probes vs link bandwidth
+#   7. torchrun --nproc-per-node N launch/generate.py --verify: Ulysses-N, ring-N, a mixed UxR; bf16 and fp32
+#   8. benchmarks/report.py: summary.md, results.json, summary.png
 # Output (all under $OUT, else ./out/multigpu): multigpu.log (everything printed), env.txt, summary.md,
-# results.json. Each step has its own time limit, a failing step is reported and the next one runs;
-# exit status 1 if any step failed.
+# results.json, summary.png. Each step has its own time limit, a failing step is reported and the next one
+# runs; exit status 1 if any step failed.
 #
 # Usage (repository root or anywhere):
 #   bash launch/multigpu_check.sh [N]                 # N GPUs (default: all visible)
 #   bash launch/multigpu_check.sh --cpu-dry-run [N]   # every step on CPU with gloo at toy sizes, N processes
 #                                                     # (default 4): catches typos before a GPU call
-# The dry run runs the same commands with fewer repetitions: P4/P5 on k = 1 and N only, and
-# generate.py on Ulysses-N (bf16) and ring-N (fp32) only, so it stays well under a minute on 2 cores.
+# The dry run runs generate.py on Ulysses-N (bf16) and ring-N (fp32) only, so it stays within about a
+# minute on 2 cores.
 set -uo pipefail
+shopt -s nullglob  # no result files yet: an empty list, not the pattern itself
 # NVLink multicast stays off (KINDS.md: using it can take the host's shared GPUs out of service).
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export PYTHONUNBUFFERED=1
@@ -78,13 +80,12 @@ export PYTHONPATH=$REPO${PYTHONPATH:+:$PYTHONPATH}  # usp_attn, benchmarks and t
 
 # ---- time limits (seconds) -------------------------------------------------------------------------
 if [ $DRY = 1 ]; then
-    BUDGET=300; T_ENV=60; T_NCCL=120; T_SCALE=120; SCALE_BUDGET=60; T_COMM=60; T_GEN=60; SCALE_FLAG=--cpu-dry-run
+    BUDGET=300; T_ENV=60; T_PART=90; PART_BUDGET=60; T_GEN=60; SUITE_FLAGS=(--dry-run)
     GEN_ARGS=(--num-frames 5 --height 64 --width 64 --num-inference-steps 2 --hidden-size 64 --num-heads 4
               --num-layers 1)
 else
-    BUDGET=${MULTIGPU_BUDGET_S:-530}; T_ENV=60; T_NCCL=150; T_SCALE=170; SCALE_BUDGET=110; T_COMM=90; T_GEN=75
-    SCALE_FLAG=
-    GEN_ARGS=(--num-inference-steps 6)  # the built-in model at its defaults (4800 tokens, 12 heads, 2 blocks)
+    BUDGET=${MULTIGPU_BUDGET_S:-530}; T_ENV=60; T_PART=110; PART_BUDGET=80; T_GEN=60; SUITE_FLAGS=()
+    GEN_ARGS=(--num-inference-steps 6)  # the built-in model at its defaults
 fi
 t0=$SECONDS
 FAILED=0
@@ -116,8 +117,8 @@ run_step() {
 }
 
 report() {
-    "$PY" benchmarks/multigpu_report.py "$WORK" --markdown "$OUTDIR/summary.md" --json "$OUTDIR/results.json" \
-        >/dev/null || echo "WARNING: the report failed"
+    "$PY" benchmarks/report.py "$WORK"/*.json --steps "$WORK/steps.tsv" --logs "$WORK/generate_*.log" \
+        --markdown "$OUTDIR/summary.md" --json "$OUTDIR/results.json" "$@" >/dev/null
 }
 
 # ---- 1. environment ----------------------------------------------------------------------------------
@@ -157,30 +158,14 @@ export -f env_info
 export N DRY PY
 run_step "environment" "$T_ENV" bash -c 'set -o pipefail; env_info 2>&1 | tee "$0"' "$OUTDIR/env.txt"
 
-# ---- 2. NCCL layout tests ----------------------------------------------------------------------------
-run_step "nccl layouts" "$T_NCCL" "${TORCHRUN[@]}" --nproc-per-node "$N" benchmarks/nccl_layouts.py \
-    --json "$WORK/nccl_layouts.json"
-report
-
-# ---- 3. P4 + P5 per GPU count ------------------------------------------------------------------------
-KS=()
-for k in 1 2 4 8; do
-    [ "$k" -le "$N" ] && KS+=("$k")
-done
-[[ " ${KS[*]} " == *" $N "* ]] || KS+=("$N")
-[ $DRY = 1 ] && KS=(1 "$N") && [ "$N" = 1 ] && KS=(1)
-for k in "${KS[@]}"; do
-    run_step "scaling k=$k" "$T_SCALE" "${TORCHRUN[@]}" --nproc-per-node "$k" benchmarks/multigpu_scaling.py \
-        $SCALE_FLAG --budget-s "$SCALE_BUDGET" --json "$WORK/scaling_k$k.json"
-    report
+# ---- 2-6. the suite's multi-GPU parts, one torchrun each (a hang costs one step) -------------------------
+for part in layout-tests scaling peers model-step communication; do
+    run_step "$part" "$T_PART" "${TORCHRUN[@]}" --nproc-per-node "$N" benchmarks/run.py --parts "$part" \
+        ${SUITE_FLAGS[@]+"${SUITE_FLAGS[@]}"} --budget-s "$PART_BUDGET" --json "$WORK/$part.json"
+    report || echo "WARNING: the report failed"
 done
 
-# ---- 4. communication --------------------------------------------------------------------------------
-run_step "communication" "$T_COMM" "${TORCHRUN[@]}" --nproc-per-node "$N" benchmarks/comm_bandwidth.py \
-    $SCALE_FLAG --json "$WORK/comm.json"
-report
-
-# ---- 5. the main job with --verify -------------------------------------------------------------------
+# ---- 7. the main job with --verify -------------------------------------------------------------------
 mixed=""
 for ((r = 2; r < N; r++)); do  # the most square U x R with U >= R > 1
     if [ $((N % r)) -eq 0 ] && [ $((N / r)) -ge "$r" ]; then mixed="$((N / r)) $r"; fi
@@ -194,14 +179,14 @@ for item in "${RUNS[@]}"; do
     log="$WORK/generate_${1}x${2}_${3}.log"
     run_step "generate ${1}x${2} $3" "$T_GEN" bash -c 'log=$0; set -o pipefail; "$@" 2>&1 | tee "$log"' "$log" \
         "${TORCHRUN[@]}" --nproc-per-node "$N" launch/generate.py --ulysses-degree "$1" --ring-degree "$2" \
-        --dtype "$3" --verify "${GEN_ARGS[@]}"
+        --dtype "$3" --verify --output none "${GEN_ARGS[@]}"
 done
 
-# ---- 6. report ---------------------------------------------------------------------------------------
+# ---- 8. report ---------------------------------------------------------------------------------------
 echo
 echo "=== [$((SECONDS - t0)) s] report"
-"$PY" benchmarks/multigpu_report.py "$WORK" --markdown "$OUTDIR/summary.md" --json "$OUTDIR/results.json" \
-    || { echo "ERROR: the report failed"; FAILED=1; }
+report --plot "$OUTDIR/summary.png" || { echo "ERROR: the report failed"; FAILED=1; }
+cat "$OUTDIR/summary.md"
 echo "=== [$((SECONDS - t0)) s] done: $([ $FAILED = 0 ] && echo 'every step passed' || echo 'SOME STEPS FAILED');" \
-    "output in $OUTDIR (multigpu.log, env.txt, summary.md, results.json)"
+    "output in $OUTDIR (multigpu.log, env.txt, summary.md, results.json, summary.png)"
 exit $FAILED

@@ -1,8 +1,7 @@
-"""What generate.py shows and writes: progress bar, summary table, accuracy check, output files."""
+"""What generate.py shows: progress bar, summary table, the --verify judgement (files: job_output.py)."""
 
 from __future__ import annotations
 
-import os
 import resource
 import sys
 import time
@@ -10,12 +9,7 @@ import time
 import torch
 import torch.distributed as dist
 
-__all__ = [
-    "FP32_TOLERANCE", "OUTPUT_KINDS", "Progress", "check_output", "judge", "low_precision_bound", "peak_memory",
-    "print_summary", "relative_error", "write_output",
-]
-
-OUTPUT_KINDS = {".npz": None, ".gif": ("imageio",), ".mp4": ("imageio", "imageio_ffmpeg"), ".png": ("imageio",)}
+__all__ = ["FP32_TOLERANCE", "Progress", "judge", "low_precision_bound", "peak_memory", "print_summary", "relative_error"]
 
 # How --verify judges the sequence-parallel result P against one-process reruns of the same
 # steps (same weights, inputs and kernel; no sequence parallelism):
@@ -111,52 +105,6 @@ def peak_memory(device: torch.device) -> tuple[str, float]:
     return what, t.item()
 
 
-def check_output(path: str) -> list[str]:
-    """Problems with ``--output`` (extension, optional packages, directory), before any work is done."""
-    ext = os.path.splitext(path)[1].lower()
-    if ext not in OUTPUT_KINDS:
-        return [f"--output {path!r}: unknown extension {ext!r}; use one of {', '.join(OUTPUT_KINDS)}"]
-    problems = []
-    for module in OUTPUT_KINDS[ext] or ("numpy",):
-        try:
-            __import__(module)
-        except ImportError:
-            hint = "pip install numpy" if module == "numpy" else "pip install 'usp-attn[video]' (imageio, imageio-ffmpeg)"
-            problems.append(f"--output {path!r} needs the {module} package, which is not installed: {hint}; "
-                            "or write .npz")
-    parent = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(parent):
-        problems.append(f"--output {path!r}: directory {parent} does not exist")
-    return problems
-
-
-def write_output(path: str, video: torch.Tensor, latents, args, backend: str) -> None:
-    """Write ``video`` (uint8 ``[F, H, W, 3]``) as .npz / .gif / .mp4 (rank 0 only)."""
-    import numpy as np
-
-    ext = os.path.splitext(path)[1].lower()
-    frames = video.cpu().numpy()
-    if ext == ".npz":
-        extra = {} if latents is None else {"latents": latents[0].float().cpu().numpy()}
-        np.savez_compressed(
-            path, video=frames, seed=args.seed, ulysses_degree=args.ulysses_degree, ring_degree=args.ring_degree,
-            num_inference_steps=args.num_inference_steps, attention_backend=backend, **extra,
-        )
-    elif ext == ".gif":
-        import imageio.v3 as iio
-
-        iio.imwrite(path, frames, extension=".gif", duration=1000 / args.fps, loop=0)
-    elif ext == ".png":  # an image pipeline's picture; of a video, the first frame
-        import imageio.v3 as iio
-
-        iio.imwrite(path, frames[0], extension=".png")
-    else:
-        import imageio.v2 as imageio
-
-        imageio.mimwrite(path, list(frames), fps=args.fps, format="FFMPEG", macro_block_size=1)
-    print(f"wrote {path} ({frames.shape[0]} frames, {frames.shape[2]}x{frames.shape[1]})", flush=True)
-
-
 def _mib(n: float) -> str:
     return f"{n / 2**20:.0f} MiB"
 
@@ -165,7 +113,9 @@ def print_summary(args, state, dtype, result: dict) -> None:
     """The closing table (rank 0)."""
     times = result["step_times"]
     steady = times[1:] or times
-    rows = [
+    rows = [("prompt", repr(args.prompt))] if args.prompt else []
+    rows += [("weights", result["weights"])] if result.get("weights") else []
+    rows += [
         ("tokens", f"{result['tokens']} per sample x batch {result['batch']}"
                    + (" (CFG)" if result["batch"] == 2 else "")),
         ("layout", f"Ulysses {state.ulysses_degree} x ring {state.ring_degree}"),

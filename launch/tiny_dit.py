@@ -3,11 +3,21 @@
 Same structure as Wan 2.x (facts from its public architecture; our own code):
 
     latents [B, C, F, H, W] --3D patchify (1, 2, 2)--> tokens [B, S, dim], S = F * H/2 * W/2
-    timestep -> sinusoidal embedding -> MLP -> 6 adaLN modulation vectors per block
+    + absolute position: fixed sinusoids of each token's (frame, row, column) through a linear layer
+    timestep -> sinusoidal embedding -> MLP (+ the pooled text) -> 6 adaLN modulation vectors per block
     N blocks:  x += gate * SelfAttn(norm(x) * (1 + scale) + shift)     (q/k RMSNorm, 3D rotary)
                x += CrossAttn(norm(x), text)                           (text full on every rank)
                x += gate * FFN(norm(x) * (1 + scale) + shift)
-    head: norm + modulation + linear -> unpatchify -> velocity [B, C, F, H, W]
+    head: norm + modulation + linear -> unpatchify -> clean latents x0 -> velocity (latents - x0) / sigma
+
+Three changes from Wan, all for a model trained for minutes on a CPU (launch/train_builtin.py): an
+absolute position embedding (Wan places things from its 3D rotary embedding alone, which only
+encodes relative positions, learning absolute ones from the grid's edges over a long training); the
+pooled text added to the timestep embedding (as Flux and SD3 do), so every token's modulation
+carries the prompt, not only what cross-attention fetches; and the network predicts the clean
+latents, turned into the velocity the sampler takes (Wan predicts the velocity directly, which at
+high noise means reproducing the input noise exactly: hard for a small network). An Euler step with
+this velocity moves the latents straight towards the predicted clean ones, so it stays bounded.
 
 Sequence parallelism (``sequence_parallel=True`` and an initialised usp_attn state):
 the token sequence and the rotary tables are split with ``shard_sequence`` after the
@@ -28,7 +38,10 @@ from torch import nn
 
 from usp_attn import LocalAttention, USPAttention, gather_sequence, get_sequence_parallel_state, shard_sequence
 
-__all__ = ["TinyDiTConfig", "TinyWanDiT", "rope_axis_dims", "rope_tables"]
+__all__ = ["TinyDiTConfig", "TinyWanDiT", "rope_axis_dims", "rope_tables", "position_features"]
+
+POSITION_FREQUENCIES = 8  # per axis; features: (sin, cos) x 8 x (frame, row, column) = 48
+SIGMA_MIN = 1e-3  # the sampler never asks at noise level 0; the bound only keeps the division finite
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,12 +49,12 @@ class TinyDiTConfig:
     """Shape of the built-in model. ``head_size = hidden_size // num_heads``."""
 
     in_channels: int = 16  # Wan 2.1 VAE latent channels
-    hidden_size: int = 384
-    num_heads: int = 12
+    hidden_size: int = 128
+    num_heads: int = 4
     num_layers: int = 2
-    ffn_size: int = 1024
-    text_dim: int = 128
-    text_length: int = 32
+    ffn_size: int = 512
+    text_dim: int = 32  # moving_shapes.encode_prompts: one token per prompt attribute
+    text_length: int = 3
     freq_dim: int = 256
     patch_size: tuple[int, int, int] = (1, 2, 2)
     rope_theta: float = 10000.0
@@ -85,6 +98,15 @@ def rope_tables(grid: tuple[int, int, int], head_size: int, theta: float, device
         angles.append(ang.view(shape).expand(*grid, dim // 2))
     table = torch.cat(angles, dim=-1).reshape(-1, head_size // 2)
     return table.cos().float(), table.sin().float()
+
+
+def position_features(grid: tuple[int, int, int], device=None) -> torch.Tensor:
+    """Fixed sinusoids of each token's (frame, row, column) index: ``[F * H * W, 48]`` float32, tokens
+    in the patchify order. Frequencies 100^(-i/8) rad per token, i = 0..7, per axis."""
+    freqs = 100.0 ** (-torch.arange(POSITION_FREQUENCIES, dtype=torch.float64, device=device) / POSITION_FREQUENCIES)
+    axes = torch.meshgrid(*(torch.arange(n, dtype=torch.float64, device=device) for n in grid), indexing="ij")
+    angles = torch.cat([torch.outer(a.reshape(-1), freqs) for a in axes], dim=1)  # [S, 3 * 8]
+    return torch.cat([angles.sin(), angles.cos()], dim=1).float()
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -162,8 +184,10 @@ class TinyWanDiT(nn.Module):
         self.cfg, self.sequence_parallel = cfg, sequence_parallel
         dim, patch_dim = cfg.hidden_size, cfg.in_channels * math.prod(cfg.patch_size)
         self.patch_embedding = nn.Linear(patch_dim, dim)
+        self.position_embedding = nn.Linear(6 * POSITION_FREQUENCIES, dim)
         self.text_embedding = nn.Sequential(nn.Linear(cfg.text_dim, dim), nn.GELU(approximate="tanh"), nn.Linear(dim, dim))
         self.time_embedding = nn.Sequential(nn.Linear(cfg.freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+        self.text_pooling = nn.Linear(dim, dim)
         self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
         self.blocks = nn.ModuleList(Block(cfg, sequence_parallel) for _ in range(cfg.num_layers))
         self.head_norm = nn.LayerNorm(dim, cfg.eps, elementwise_affine=False)
@@ -226,22 +250,27 @@ class TinyWanDiT(nn.Module):
     def forward(self, latents: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         """latents ``[B, C, F, H, W]``, timestep ``[B]``, text ``[B, L, text_dim]``; full on every rank.
 
-        Returns the velocity ``[B, C, F, H, W]`` in the parameters' dtype, full on every rank.
+        Returns the velocity ``[B, C, F, H, W]`` in the parameters' dtype, full on every rank: the
+        network predicts the clean latents x0 and returns ``(latents - x0) / sigma``, sigma = timestep / 1000.
         """
         dtype = self.patch_embedding.weight.dtype
         grid = self.token_grid(latents.shape)
         x = self.patch_embedding(self.patchify(latents.to(dtype)))  # [B, S, dim]
+        x = x + self.position_embedding(position_features(grid, device=x.device).to(dtype))
         rope = rope_tables(grid, self.cfg.head_size, self.cfg.rope_theta, device=x.device)
         state = get_sequence_parallel_state() if self.sequence_parallel else None
         if state is not None:
             x = shard_sequence(x, dim=1, state=state)
             rope = tuple(shard_sequence(t, dim=0, state=state, record_length=False) for t in rope)
-        emb = self.time_embedding(self.timestep_features(timestep).to(dtype))  # [B, dim]
+        context = self.text_embedding(text.to(dtype))  # [B, L, dim]
+        emb = self.time_embedding(self.timestep_features(timestep).to(dtype)) + self.text_pooling(context.mean(1))
         mod = self.time_projection(emb).unflatten(1, (6, -1))  # [B, 6, dim]
-        context = self.text_embedding(text.to(dtype))
         for block in self.blocks:
             x = block(x, mod, context, rope)
         if state is not None:
             x = gather_sequence(x, dim=1, state=state)
         shift, scale = (self.head_modulation + emb.unsqueeze(1)).unsqueeze(2).unbind(1)
-        return self.unpatchify(self.head(self.head_norm(x) * (1 + scale) + shift), grid)
+        clean = self.unpatchify(self.head(self.head_norm(x) * (1 + scale) + shift), grid).float()
+        # The network predicts the clean latents; the velocity follows from x_s = (1 - s) x0 + s noise.
+        sigma = (timestep.float() / 1000).clamp_min(SIGMA_MIN).view(-1, 1, 1, 1, 1)
+        return ((latents.float() - clean) / sigma).to(dtype)

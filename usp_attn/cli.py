@@ -70,7 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--kv-heads", type=positive_int, default=None, metavar="N", help="with --shape: kv heads (GQA)")
     info.add_argument("--causal", action="store_true", help="with --shape: causal attention")
     info.add_argument("--json", action="store_true", help="print the same information as JSON")
-    info.add_argument("-v", "--verbose", action="store_true", help="show usp_attn INFO log messages on stderr")
+    # -v after the subcommand too (usp-attn info -v); SUPPRESS keeps a -v given before it
+    info.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                      help="show usp_attn INFO log messages on stderr")
     info.set_defaults(handler=_run_info)
     return parser
 

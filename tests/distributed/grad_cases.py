@@ -304,8 +304,8 @@ def dit_training_step(ulysses: int, ring: int) -> dict:
 
 
 def training_benchmark_dry_run() -> list:
-    """benchmarks/training.py's step rows on CPU (tiny DiT): the script runs and its SP rows'
-    gradients match the one-process step."""
+    """The suite's training-step rows on CPU (tiny DiT): they run and their SP rows' gradients
+    match the one-process step."""
     from benchmarks import training
 
     import tiny_dit  # on sys.path through benchmarks.training
@@ -313,6 +313,6 @@ def training_benchmark_dry_run() -> list:
     cfg = tiny_dit.TinyDiTConfig(hidden_size=48, num_heads=6, num_layers=1, ffn_size=96, text_dim=16,
                                  text_length=5, freq_dim=32)
     rows = training.training_step_rows(cfg, (1, 16, 3, 4, 6), torch.device("cpu"), torch.float32, warmup=0, reps=1)
-    assert [row["row"] for row in rows] == ["1 GPU", f"Ulysses-{dist.get_world_size()}", f"ring-{dist.get_world_size()}"]
-    assert all(row["max_param_grad_rel_err"] <= GRAD_RTOL and row["ms_per_step"] > 0 for row in rows), rows
+    assert [row["what"] for row in rows] == ["1 GPU", f"Ulysses-{dist.get_world_size()}", f"ring-{dist.get_world_size()}"]
+    assert all(row["max_param_grad_rel_err"] <= GRAD_RTOL and row["ms"] > 0 for row in rows), rows
     return rows

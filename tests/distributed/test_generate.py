@@ -1,11 +1,12 @@
 """launch/generate.py end to end: the real command under torchrun on 4 CPU ranks (gloo), one plain
-``python`` run, bad arguments, the .npz output, and a check that --verify can fail.
+``python`` run, bad arguments, the output files, and a check that --verify can fail.
 
-The model is tiny (70 tokens: 2 latent frames x 5 x 7 patches, split 18/18/17/17 over 4 ranks;
-6 heads, which U=4 does not divide, so Ulysses pads heads) so each torchrun stays within a few
-seconds on 2 cores. fp32 throughout: the sequence-parallel run and the one-process run do the same
-math in a different summation order, so they agree to ~1e-6 relative; 1e-4 is the bound
-generate.py itself applies (run_report.FP32_TOLERANCE).
+Most runs use a tiny random-weight model (70 tokens: 2 latent frames x 5 x 7 patches, split
+18/18/17/17 over 4 ranks; 6 heads, which U=4 does not divide, so Ulysses pads heads) so each
+torchrun stays within a few seconds on 2 cores. fp32 throughout: the sequence-parallel run and the
+one-process run do the same math in a different summation order, so they agree to ~1e-6 relative;
+1e-4 is the bound generate.py itself applies (run_report.FP32_TOLERANCE). The main job itself (the
+trained model at its defaults) is checked to draw what its prompt asks for.
 """
 
 from __future__ import annotations
@@ -29,7 +30,9 @@ GENERATE = LAUNCH / "generate.py"
 sys.path.insert(0, str(LAUNCH))  # generate.py imports its siblings (tiny_dit, flow_match, run_report)
 
 import generate  # noqa: E402
+import job_output  # noqa: E402
 from flow_match import latents_to_video  # noqa: E402
+from moving_shapes import BACKGROUND, COLOURS  # noqa: E402
 from run_report import FP32_TOLERANCE, low_precision_bound  # noqa: E402
 
 from tests.helpers.multiproc import run_in_group  # noqa: E402
@@ -105,7 +108,7 @@ def test_single_process_npz_content(single_process):
     assert int(data["seed"]) == 7 and int(data["num_inference_steps"]) == 3
     assert str(data["attention_backend"]) == "torch_sdpa"
     # The video is the documented stand-in decode of the stored latents, and is not blank.
-    expected = latents_to_video(torch.from_numpy(data["latents"]), *VIDEO_SHAPE[:3], seed=generate.WEIGHT_SEED + 1)
+    expected = latents_to_video(torch.from_numpy(data["latents"]), *VIDEO_SHAPE[:3])
     np.testing.assert_array_equal(data["video"], expected.numpy())
     assert len(np.unique(data["video"])) > 50
 
@@ -142,10 +145,13 @@ def test_unknown_backend_fails_while_parsing():
         (["--num-frames", "6"], "--num-frames 6 must be 4k+1"),
         (["--height", "100"], "--height 100 must be a multiple of 16"),
         (["--width", "8"], "--width 8 must be a multiple of 16"),
-        (["--num-heads", "7"], "--hidden-size 384 must be divisible by --num-heads 7"),
+        (["--num-heads", "7"], "--hidden-size 128 must be divisible by --num-heads 7"),
         (["--hidden-size", "36", "--num-heads", "9"], "head size --hidden-size/--num-heads = 4 must be even and >= 6"),
         (["--output", "video.avi"], "unknown extension '.avi'"),
         (["--output", "/no/such/dir/video.npz"], "directory /no/such/dir does not exist"),
+        (["--output", "/proc/video.gif"], "cannot write to directory /proc"),
+        (["--output", "/tmp"], "unknown extension ''"),
+        (["--prompt", "a red blue circle"], "--prompt 'a red blue circle' names more than one colour: red, blue"),
         (["--guidance-scale", "0.5"], "--guidance-scale must be >= 1"),
         (["--model-path", "/no/such/model", "--verify"], "--verify needs the built-in model"),
         (["--model-path", "./not/a hub id"], "neither a directory nor a hub id"),
@@ -175,25 +181,28 @@ def test_sequence_parallel_degrees_checked_against_world(monkeypatch, capsys):
 
 
 # ---- --verify has teeth -----------------------------------------------------------------------
-def _sabotaged_rope_error(u: int, r: int) -> dict:
+def _sabotaged_rope_error(u: int, r: int, trained: bool) -> dict:
     """Relative error of the final latents vs the one-process fp32 model: correct, with the classic bug
     (each rank rotates its shard with positions starting at 0 instead of its global positions), and
-    the bf16 rounding floor that sets --verify's bound for bf16 runs."""
+    the bf16 rounding floor that sets --verify's bound for bf16 runs. ``trained``: the main job's model
+    (trained weights, its video size, a prompt); else the tiny random-weight model of the other tests."""
     sys.path.insert(0, str(LAUNCH))
+    import builtin_job
     import tiny_dit
     from flow_match import denoise, flow_match_sigmas
+    from moving_shapes import Prompt, encode_prompts, parse_prompt
 
     import usp_attn
 
     usp_attn.init_sequence_parallel(u, r)
     try:
-        cfg = tiny_dit.TinyDiTConfig(hidden_size=96, num_heads=6, num_layers=2)
-        par = tiny_dit.TinyWanDiT(cfg).init_weights(generate.WEIGHT_SEED)
+        cfg = tiny_dit.TinyDiTConfig() if trained else tiny_dit.TinyDiTConfig(hidden_size=96, num_heads=6)
+        par = builtin_job.build_model(cfg)[0]
         ref = tiny_dit.TinyWanDiT(cfg, sequence_parallel=False)
         ref.load_state_dict(par.state_dict())
         gen = torch.Generator().manual_seed(7)
-        noise = torch.randn(1, *LATENT_SHAPE, generator=gen)
-        text, negative = torch.randn(2, 1, cfg.text_length, cfg.text_dim, generator=gen)
+        noise = torch.randn(1, *((16, 5, 16, 16) if trained else LATENT_SHAPE), generator=gen)
+        text, negative = encode_prompts([parse_prompt("a white triangle moving left"), Prompt()], cfg.text_dim)[:, None]
         run = functools.partial(denoise, noise=noise, text=text, negative_text=negative,
                                 sigmas=flow_match_sigmas(3), guidance_scale=5.0)
         want = run(ref)
@@ -220,8 +229,9 @@ def _sabotaged_rope_error(u: int, r: int) -> dict:
         usp_attn.destroy_sequence_parallel()
 
 
-def test_verify_detects_wrong_rotary_positions():
-    results = run_in_group(2, _sabotaged_rope_error, 1, 2, timeout=120)
+@pytest.mark.parametrize("trained", [True, False], ids=["trained", "random"])
+def test_verify_detects_wrong_rotary_positions(trained):
+    results = run_in_group(2, _sabotaged_rope_error, 1, 2, trained, timeout=120)
     for res in results:
         assert res["correct"] <= FP32_TOL, res
         # The bug fails the fp32 check, and the bf16 one, each by a wide margin.
@@ -230,7 +240,8 @@ def test_verify_detects_wrong_rotary_positions():
 
 
 def test_bf16_run_is_judged_against_fp32_rerun():
-    proc = torchrun(4, *TINY, "--ulysses-degree", "2", "--ring-degree", "2", "--dtype", "bf16", "--verify")
+    proc = torchrun(4, *TINY, "--ulysses-degree", "2", "--ring-degree", "2", "--dtype", "bf16", "--verify",
+                    "--output", "none")
     assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
     assert "| verify  " in proc.stdout and "PASS" in proc.stdout, proc.stdout
     errors = verify_rows(proc.stdout)
@@ -304,17 +315,114 @@ def test_model_path_refuses_a_directory_without_a_supported_transformer(tmp_path
 @pytest.mark.parametrize("ext", [".gif", ".mp4"])
 def test_video_output_written_or_missing_package_named(ext, tmp_path, capsys):
     out = tmp_path / f"video{ext}"
-    needed = ["imageio"] + (["imageio_ffmpeg"] if ext == ".mp4" else [])
+    needed = job_output.WRITERS[ext][0]
     missing = [m for m in needed if importlib.util.find_spec(m) is None]
     if missing:
         assert generate.main([*TINY, "--output", str(out)]) == 2
         err = capsys.readouterr().err
-        assert f"needs the {missing[0]} package" in err and "usp-attn[video]" in err and "or write .npz" in err, err
+        assert f"needs the {missing[0]} package" in err and "or write .npz" in err, err
         assert not out.exists()
         return
     proc = python(*TINY, "--output", str(out))
     assert proc.returncode == 0, proc.stderr
+    frames = read_video(out)
+    assert frames.shape[1:] == VIDEO_SHAPE[1:] and frames.std() > 5
+
+
+def read_video(path: Path) -> np.ndarray:
+    """uint8 ``[F, H, W, 3]`` of a .gif (Pillow) or .mp4 (imageio)."""
+    if path.suffix == ".gif":
+        from PIL import Image, ImageSequence
+
+        with Image.open(path) as im:
+            return np.stack([np.asarray(f.convert("RGB")) for f in ImageSequence.Iterator(im)])
     import imageio.v3 as iio
 
-    frames = iio.imread(out, index=None)
-    assert frames.shape[1:] == VIDEO_SHAPE[1:] and frames.std() > 5
+    return iio.imread(path, index=None)
+
+
+# ---- --output is checked before any work, and written after the summary -----------------------------
+def test_output_that_is_a_directory_fails_before_any_work(tmp_path, capsys):
+    (tmp_path / "video.gif").mkdir()
+    (tmp_path / "clip_one_process.gif").mkdir()  # where --verify would write the one-process video
+    for output in ("video.gif", "clip.gif"):
+        assert generate.main([*TINY, "--output", str(tmp_path / output), "--verify"]) == 2
+        err = capsys.readouterr().err
+        assert "is a directory; give a file name" in err, err
+
+
+def test_missing_writer_is_named_before_any_work(monkeypatch, tmp_path, capsys):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(job_output.importlib.util, "find_spec", lambda name, *a: None if name == "PIL" else real(name, *a))
+    assert generate.main([*TINY, "--output", str(tmp_path / "v.gif")]) == 2
+    err = capsys.readouterr().err
+    assert "needs the PIL package, which is not installed: pip install pillow" in err, err
+    assert generate.main([*TINY, "--output", "none", "--num-inference-steps", "1"]) == 0  # none: nothing to write
+
+
+def test_only_the_writing_rank_checks_the_directory(monkeypatch):
+    assert job_output.check_output("/no/such/dir/v.gif", writes=False) == []
+    assert job_output.check_output("/no/such/dir/v.avi", writes=False)  # the format: on every rank
+
+
+def test_summary_and_verdict_come_before_the_file(monkeypatch, tmp_path, capsys):
+    """A write that fails after all checks (disk full, say) loses neither the summary nor the verdict."""
+    def disk_full(path, *args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(job_output, "write_video", disk_full)
+    assert generate.main([*TINY, "--output", str(tmp_path / "v.npz"), "--verify"]) == 1
+    out, err = capsys.readouterr()
+    assert "| verify  " in out and "PASS" in out and "| time per step" in out, out
+    assert "could not write --output" in err and "No space left on device" in err, err
+
+
+# ---- the main job: the trained model draws what the prompt asks for ---------------------------------
+def shape_track(video: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per frame: fraction of background pixels, the shape's centroid (x, y) in [0, 1], its mean colour."""
+    rgb = video.astype(np.float64) / 255
+    shape = np.abs(rgb - np.array(BACKGROUND)).max(axis=-1) > 0.25
+    h, w = shape.shape[1:]
+    ys, xs = np.mgrid[0:h, 0:w]
+    area = shape.sum(axis=(1, 2))
+    centre = np.stack([(shape * xs).sum(axis=(1, 2)) / (area * w), (shape * ys).sum(axis=(1, 2)) / (area * h)], 1)
+    colour = (rgb * shape[..., None]).sum(axis=(0, 1, 2)) / area.sum()
+    return 1 - area / (h * w), centre, colour
+
+
+def check_drawn(video: np.ndarray, colour: str, direction: tuple[float, float]) -> None:
+    background, centre, mean = shape_track(video)
+    assert background.min() > 0.8, background  # a plain background, not noise
+    assert np.abs(mean - np.array(COLOURS[colour])).max() < 0.2, (mean, colour)
+    travel = centre[-1] - centre[0]
+    along = travel @ np.array(direction)
+    assert along > 0.3, (centre[0], centre[-1], direction)  # the path is half the frame
+    assert abs(travel @ np.array(direction[::-1])) < 0.1, (centre[0], centre[-1])  # and straight
+
+
+def test_main_job_draws_the_prompt_on_four_ranks(tmp_path):
+    """The Quickstart's command (U=2 x R=2, --verify) with a prompt: the video and its one-process
+    rerun both show the prompted shape moving the prompted way, and they agree."""
+    out = tmp_path / "video.gif"
+    proc = torchrun(4, "--ulysses-degree", "2", "--ring-degree", "2", "--prompt", "a blue square moving up",
+                    "--output", str(out), "--verify")
+    check_success(proc)
+    assert "| weights " in proc.stdout and "trained" in proc.stdout
+    assert proc.stdout.index("| verify  ") < proc.stdout.index(f"wrote {out}")  # summary first, then files
+    parallel, single = read_video(out), read_video(tmp_path / "video_one_process.gif")
+    assert parallel.shape == single.shape == (17, 128, 128, 3)
+    check_drawn(parallel, "blue", (0.0, -1.0))
+    check_drawn(single, "blue", (0.0, -1.0))
+    assert np.abs(parallel.astype(int) - single.astype(int)).mean() < 1  # GIF palettes round a little
+
+
+@pytest.mark.parametrize("prompt, colour, direction", [
+    ("a red circle moving right", "red", (1.0, 0.0)),
+    ("a yellow triangle moving left", "yellow", (-1.0, 0.0)),
+    ("a green square moving down", "green", (0.0, 1.0)),
+])
+def test_prompts_give_their_colour_and_direction(prompt, colour, direction, tmp_path):
+    out = tmp_path / "video.npz"
+    proc = python("--prompt", prompt, "--seed", "3", "--output", str(out))
+    assert proc.returncode == 0, proc.stderr
+    check_drawn(load_npz(out)["video"], colour, direction)

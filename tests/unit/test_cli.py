@@ -179,6 +179,14 @@ def test_bad_arguments_exit_2(args, capsys):
     assert "error:" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("argv", [["-v", "info"], ["info", "-v"], ["info", "--verbose"]])
+def test_verbose_before_or_after_the_subcommand_shows_the_fallback_warning(argv):
+    proc = subprocess.run([sys.executable, "-m", "usp_attn", *argv, "--attention-backend", "sage_attn_3"],
+                          capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    assert "WARNING usp_attn: usp_attn: requested attention backend 'sage_attn_3' cannot run" in proc.stderr
+
+
 # ---- the real module, real platform ------------------------------------------------------
 def test_python_m_usp_attn_info_json_runs():
     proc = subprocess.run(

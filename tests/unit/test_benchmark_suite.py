@@ -1,0 +1,181 @@
+"""The benchmark suite on CPU: benchmarks/run.py's one-GPU set runs every code path at toy sizes and
+writes its report (markdown, JSON, PNG); arguments are checked; the reporter merges several runs;
+parts kept in other modules plug in; diffusers' device meshes are made once.
+
+These tests check what the suite produces, never how fast anything is.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import pathlib
+import struct
+import subprocess
+import sys
+
+import pytest
+import torch.distributed as dist
+
+from benchmarks import report, run
+from benchmarks.suite import Context, headline
+from benchmarks.timing import attention_flops
+from tests.helpers.multiproc import run_in_group
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
+RUN = REPO / "benchmarks" / "run.py"
+
+
+def suite(*args, timeout=280) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(RUN), "--dry-run", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_flops_count():
+    assert attention_flops(2, 3, 5, 7, 11) == 4 * 2 * 3 * 5 * 7 * 11
+    assert attention_flops(1, 1, 8, 8, 4, causal=True) == attention_flops(1, 1, 8, 8, 4) / 2
+
+
+def test_markdown_cells_and_columns():
+    text = report.markdown_table(["a", "b", "c"], [[1.23456, None, "x|y"], [float("nan"), 1e-6, True]])
+    assert text.splitlines() == ["| a | b | c |", "|---|---|---|", "| 1.23 | - | x\\|y |", "| - | 1.00e-06 | yes |"]
+    # one row format: columns in order of first appearance, the note last, common keys labelled
+    table = report.rows_table([{"what": "a", "note": "n", "ms": 1.0}, {"what": "b", "GB/s": 2.0}])
+    assert table.splitlines()[0] == "| what | median ms | GB/s | note |"
+
+
+def test_headline_status():
+    assert headline("P1", "x", 0.98, ">= 0.97")["status"] == "met"
+    assert headline("P2", "x", 1.05, "<= 1.03")["status"] == "NOT met"
+    assert headline("P5", "x", None, ">= 1.1")["status"] == "-"
+
+
+def test_one_gpu_set_dry_run(tmp_path):
+    """Every part of the one-GPU set runs its code paths on CPU and the report has every part."""
+    proc = suite("--parts", "one-gpu", "--out", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((tmp_path / "results.json").read_text())
+    assert list(result["parts"]) == run.ONE_GPU and result["dry_run"] and result["world"] == 1
+    assert not [name for name, e in result["parts"].items() if e.get("error")]
+    rows = {name: e["rows"] for name, e in result["parts"].items()}
+    checks = [r for r in rows["correctness"] if "result" in r]
+    assert len(checks) >= 25 and all(r["result"] == "PASS" for r in checks), checks  # incl. the meta-tensor calls
+    assert sum("on meta tensors" in r["what"] for r in checks) == 13
+    assert [r["result"] for r in rows["compile"]] == ["ok", "ok"]
+    metrics = {r["metric"] for part in rows.values() for r in part if "metric" in r}
+    assert metrics == {"P1", "P2", "P3"}
+    timed = [r for r in rows["kernels"] if r.get("ms")]
+    assert {r["what"] for r in timed} == {"cpu flash (aten)", "LocalAttention (auto)", "LocalAttention[torch_sdpa]"}
+    assert next(r for r in rows["kernels"] if r["what"] == "LocalAttention[fa]")["note"].startswith("skipped: fa needs")
+    assert all(r["tflops"] > 0 for r in timed)
+    text = (tmp_path / "report.md").read_text()
+    assert text.startswith("# usp_attn benchmarks: 1 x CPU (CPU DRY RUN")
+    assert all(f"\n## {name}\n" in text for name in run.ONE_GPU) and "\n## headline\n" in text
+    if importlib.util.find_spec("matplotlib") is not None:
+        blob = (tmp_path / "report.png").read_bytes()
+        assert blob[:8] == b"\x89PNG\r\n\x1a\n" and struct.unpack(">II", blob[16:24])[1] > 200
+
+
+def test_shape_and_reps_replace_the_part_sizes(tmp_path):
+    proc = suite("--parts", "kernels", "--shape", "1,2,64,16", "--reps", "2", "--json", str(tmp_path / "r.json"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads((tmp_path / "r.json").read_text())["parts"]["kernels"]["rows"]
+    assert {r["shape"] for r in rows} == {"1,2,64,16"}
+    assert [r["note"] for r in rows if r.get("ms")] == ["2 reps"] * 3
+    assert "| P1 | LocalAttention (auto) / fastest exact kernel (cpu flash (aten))" in proc.stdout
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--parts", "kernels,nope"], "unknown part(s) ['nope']"),
+    (["--shape", "1,2,3"], "--shape must be four positive integers"),
+    (["--reps", "0"], "--reps must be >= 1"),
+])
+def test_bad_arguments_fail_clearly(capsys, argv, message):
+    with pytest.raises(SystemExit) as exit_info:
+        run.main(argv)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_single_process_parts_refused_under_torchrun(capsys, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(SystemExit):
+        run.main(["--parts", "scaling,kernels"])
+    assert "--parts kernels: single-process parts; run them without torchrun" in capsys.readouterr().err
+
+
+def test_a_part_in_a_missing_module_says_so(monkeypatch):
+    """The hook for parts kept in modules of their own: a module not in this checkout is reported."""
+    monkeypatch.setitem(run.PARTS, "elsewhere", run.Part("benchmarks.not_written_yet:suite_rows", "any", "x"))
+    ctx = Context(device=__import__("torch").device("cpu"), dry_run=True, budget_s=10, target_s=0.1)
+    entry = run.run_part("elsewhere", ctx)
+    assert entry["rows"] == [] and entry["error"] == "not in this checkout: benchmarks.not_written_yet is missing"
+    assert report.failures({"parts": {"elsewhere": entry}}) == []  # not a failure of the run
+    # a module written to run on its own too: function(dry_run=...) -> rows
+    monkeypatch.setitem(run.PARTS, "standalone", run.Part("tests.unit.test_benchmark_suite:_standalone_rows", "any", ""))
+    assert run.run_part("standalone", ctx)["rows"] == [{"what": "x", "dry_run": True}]
+
+
+def _standalone_rows(*, dry_run: bool = False) -> list[dict]:
+    return [{"what": "x", "dry_run": dry_run}]
+
+
+def test_report_merges_runs_steps_and_logs(tmp_path):
+    def result(world, rows):
+        return {"title": f"t{world}", "command": "c", "env": {"gpu": "x"}, "world": world, "dry_run": False,
+                "parts": {"scaling": {"rows": rows, "seconds": 1.0}}}
+    (tmp_path / "a.json").write_text(json.dumps(result(1, [{"what": "USPAttention", "ms": 2.0}])))
+    (tmp_path / "b.json").write_text(json.dumps(result(2, [headline("P4", "eff", 0.95, ">= 0.90")])))
+    (tmp_path / "steps.tsv").write_text("scaling\t0\t30\t110\npeers\t124\t110\t110\nlate\t-1\t0\t0\n")
+    (tmp_path / "generate_2x1_bf16.log").write_text(
+        "| attention backend   | torch_sdpa |\n| time per step | 0.1 s |\n| verify: final latents | rel 1e-3 |\n"
+        "| verify              | PASS vs one-process fp32 rerun |\n")
+    out = tmp_path / "summary.md"
+    assert report.main([str(tmp_path / "a.json"), str(tmp_path / "b.json"), "--steps", str(tmp_path / "steps.tsv"),
+                        "--logs", str(tmp_path / "generate_*.log"), "--markdown", str(out)]) == 0
+    text = out.read_text()
+    assert text.startswith("# t2") and "## scaling (2 ranks)" in text and "## steps" in text
+    merged = report.merge([str(tmp_path / "a.json"), str(tmp_path / "b.json")])
+    assert list(merged["parts"]) == ["scaling", "scaling (2 ranks)"]
+    steps = report.steps_rows(str(tmp_path / "steps.tsv"))
+    assert [s["result"] for s in steps] == ["ok", "TIMED OUT", "skipped: no time left"]
+    gen = report.generate_rows([str(tmp_path / "generate_2x1_bf16.log")])
+    assert gen[0]["layout"] == "2x1" and gen[0]["result"] == "PASS" and gen[0]["backend"] == "torch_sdpa"
+    assert "| P4 | eff |" in text and "| met |" in text
+
+
+# ---- diffusers' device meshes ------------------------------------------------------------------------
+def _hashed_group_name_repeats() -> str:
+    """What broke diffusers' ring row: a group name derived from the live-group count repeats once a
+    group is destroyed (NCCL's split_group names mesh groups this way; gloo's local-synchronisation
+    groups too, so the collision shows on CPU)."""
+    usp_group = dist.new_group([0, 1])
+    dist.new_group([0, 1], use_local_synchronization=True)
+    dist.destroy_process_group(usp_group)
+    try:
+        dist.new_group([0, 1], use_local_synchronization=True)
+    except ValueError as exc:
+        return str(exc)
+    return "no collision"
+
+
+def test_group_names_repeat_after_a_destroy():
+    assert run_in_group(2, _hashed_group_name_repeats) == ["The specified group name has already been created, "
+                                                           "please use a different group name"] * 2
+
+
+def _meshes_made_once() -> tuple[int, int, bool]:
+    import usp_attn
+    from benchmarks import peers
+
+    first = peers.device_mesh(1, 2)
+    made = len(peers._MESHES)
+    groups = len(dist.distributed_c10d._world.pg_names)
+    usp_attn.init_sequence_parallel(2, 1)
+    usp_attn.destroy_sequence_parallel()
+    again = peers.device_mesh(2, 1), peers.device_mesh(1, 2)
+    return made, len(dist.distributed_c10d._world.pg_names) - groups, again[1] is first
+
+
+def test_every_layouts_mesh_is_made_at_first_use_and_reused():
+    """All meshes are made in a row, before usp_attn's groups come and go; later uses create none."""
+    assert run_in_group(2, _meshes_made_once) == [(2, 0, True)] * 2
