@@ -30,7 +30,7 @@ def attention_lse_fp64(q, k, v, *, scale=None, causal=False, mask=None):
     if mask is not None:
         scores = scores + reference_mask_4d(mask, batch=b, num_heads=h, s_q=s_q, s_k=s_k).to(scores.device)
     if causal:
-        above = torch.arange(s_k)[None, :] > torch.arange(s_q)[:, None]
+        above = torch.arange(s_k, device=scores.device)[None, :] > torch.arange(s_q, device=scores.device)[:, None]
         scores = scores.masked_fill(above, -math.inf)
     empty = torch.isneginf(scores).all(dim=-1, keepdim=True)
     safe = scores.masked_fill(empty, 0.0)
