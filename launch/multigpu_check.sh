@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
-# Check an N-GPU machine in one call (about 6 min on 2 x H200; stops itself before 9 min), every
+# Check an N-GPU machine in one call (about 7 min on 2 x H200; stops itself before 9 min), every
 # measurement through the benchmark suite (benchmarks/run.py, parts named below):
 #   1. environment (GPUs, links, versions); carried wheels (.whl/) installed into /tmp/site
 #   2. layout-tests: the sequence-parallel test scenarios on NCCL, every layout of every group size
 #   3. scaling (P4): the attention layer at Wan 14B 720p on 1, 2, 4, 8 GPUs (groups side by side), every layout
 #   4. peers (P5): yunchang and diffusers context parallel against USPAttention, same shards and layout
 #   5. model-step: the built-in DiT (P4) and the diffusers Wan transformer (P5: vs enable_parallelism)
-#   6. communication: all-to-all, ring hop and NCCL probes vs link bandwidth
+#   6. communication: all-to-all, ring hop and NCCL probes vs link bandwidth; then (GPU runs) safe-defaults,
+#      training-step, diffusers-families (see BENCHMARKS.md)
 #   7. torchrun --nproc-per-node N launch/generate.py --verify: Ulysses-N, ring-N, a mixed UxR; bf16 and fp32
 #   8. benchmarks/report.py: summary.md, results.json, summary.png
 # Output (all under $OUT, else ./out/multigpu): multigpu.log (everything printed), env.txt, summary.md,
@@ -159,7 +160,10 @@ export N DRY PY
 run_step "environment" "$T_ENV" bash -c 'set -o pipefail; env_info 2>&1 | tee "$0"' "$OUTDIR/env.txt"
 
 # ---- 2-6. the suite's multi-GPU parts, one torchrun each (a hang costs one step) -------------------------
-for part in layout-tests scaling peers model-step communication; do
+PARTS=(layout-tests scaling peers model-step communication safe-defaults training-step diffusers-families)
+# the last three have unit tests of their own on CPU: the dry run skips them to stay within about a minute
+[ $DRY = 1 ] && PARTS=(layout-tests scaling peers model-step communication)
+for part in "${PARTS[@]}"; do
     run_step "$part" "$T_PART" "${TORCHRUN[@]}" --nproc-per-node "$N" benchmarks/run.py --parts "$part" \
         ${SUITE_FLAGS[@]+"${SUITE_FLAGS[@]}"} --budget-s "$PART_BUDGET" --json "$WORK/$part.json"
     report || echo "WARNING: the report failed"

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# Check one GPU in one call (about 6 min on an H200), everything under $OUT (else ./out/single_gpu):
+# Check one GPU in one call (about 7 min on an H200), everything under $OUT (else ./out/single_gpu):
 #   1. carried wheels (.whl/, e.g. sageattention) installed into /tmp/site
 #   2. pytest -m gpu tests/gpu                                        -> gpu_tests.log
 #   3. benchmarks/run.py --parts one-gpu: env, ceilings, correctness, syncs, layer-overhead (P2),
-#      kernels (P1), ring-hops (P3), compile                          -> report.md, results.json, report.png
+#      kernels (P1), ring-hops (P3), compile, ring-backward, causal-balance -> report.md, results.json, report.png
 # Usage (repository root or anywhere): bash launch/single_gpu_check.sh [extra benchmarks/run.py arguments]
 #        bash launch/single_gpu_check.sh --dry-run      # the same steps on CPU at toy sizes
 # Kernel packages installed elsewhere (e.g. FlashAttention 4 under /tmp/fa4site) are used when they are on

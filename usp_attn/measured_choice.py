@@ -1,9 +1,9 @@
 """Automatic kernel choice by measurement: time every exact kernel once per shape class.
 
 Which attention kernel is fastest depends on the GPU, the library versions and the
-shape: on one H200, cuDNN attention beats FlashAttention 4 by 10 % on Flux's 4608
-tokens, and FA4 beats cuDNN by 27-34 % on Wan's 32760 (BENCHMARKS.md). A static rule
-gets such crossovers wrong somewhere, so on CUDA automatic selection measures:
+shape: on one H200 FlashAttention 4 is 7 % faster than cuDNN attention on Flux's 4608
+tokens and 19-29 % faster on 17776-118800 (BENCHMARKS.md); elsewhere the order differs.
+A static rule gets such crossovers wrong somewhere, so on CUDA automatic selection measures:
 
 1. The first call that brings a new :class:`ShapeClass` (dtype, head size, heads, kv
    heads, q/k length buckets, causal, LSE needed, gradients needed) lists the *exact*

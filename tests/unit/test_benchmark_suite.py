@@ -179,3 +179,26 @@ def _meshes_made_once() -> tuple[int, int, bool]:
 def test_every_layouts_mesh_is_made_at_first_use_and_reused():
     """All meshes are made in a row, before usp_attn's groups come and go; later uses create none."""
     assert run_in_group(2, _meshes_made_once) == [(2, 0, True)] * 2
+
+
+# ---- the safe-defaults part on two gloo ranks ---------------------------------------------------------
+def _safe_defaults_rows() -> list[dict]:
+    import torch
+
+    from benchmarks.safe_defaults import safe_defaults_part
+
+    return safe_defaults_part(Context(device=torch.device("cpu"), dry_run=True, budget_s=60, target_s=0.1))
+
+
+def test_safe_defaults_part_counts_checks_and_names_the_disagreement():
+    """validate=None checks the first call only, True every call, False none; fp64 stays fp64 through the
+    ring; a mask on one rank fails the first call on both ranks with the argument named."""
+    for rows in run_in_group(2, _safe_defaults_rows, timeout=120):
+        calls = {(r["layout"], r["what"]): r["checks"] for r in rows if "checks" in r}
+        for layout in ("ulysses2", "ring2"):
+            assert calls[(layout, "USPAttention validate=None")] == 1
+            assert calls[(layout, "USPAttention validate=True")] >= 2
+            assert calls[(layout, "USPAttention validate=False")] == 0
+        assert next(r for r in rows if r["what"].startswith("fp64"))["max_err"] < 1e-12
+        mask = next(r for r in rows if r["what"].startswith("key mask on rank 0"))
+        assert mask["note"].startswith("ValueError: attn_mask given: rank 0: True; rank 1: False"), mask
