@@ -163,9 +163,10 @@ run_step "environment" "$T_ENV" bash -c 'set -o pipefail; env_info 2>&1 | tee "$
 PARTS=(layout-tests scaling peers model-step communication safe-defaults training-step diffusers-families)
 # the last three have unit tests of their own on CPU: the dry run skips them to stay within about a minute
 [ $DRY = 1 ] && PARTS=(layout-tests scaling peers model-step communication)
-for part in "${PARTS[@]}"; do
+for i in "${!PARTS[@]}"; do
+    part=${PARTS[$i]}  # results numbered: the report lists the parts in the order they ran
     run_step "$part" "$T_PART" "${TORCHRUN[@]}" --nproc-per-node "$N" benchmarks/run.py --parts "$part" \
-        ${SUITE_FLAGS[@]+"${SUITE_FLAGS[@]}"} --budget-s "$PART_BUDGET" --json "$WORK/$part.json"
+        ${SUITE_FLAGS[@]+"${SUITE_FLAGS[@]}"} --budget-s "$PART_BUDGET" --json "$WORK/$((i + 10))_$part.json"
     report || echo "WARNING: the report failed"
 done
 

@@ -329,13 +329,17 @@ def test_video_output_written_or_missing_package_named(ext, tmp_path, capsys):
     assert frames.shape[1:] == VIDEO_SHAPE[1:] and frames.std() > 5
 
 
-def read_video(path: Path) -> np.ndarray:
-    """uint8 ``[F, H, W, 3]`` of a .gif (Pillow) or .mp4 (imageio)."""
+def read_video(path: Path, fps: int = 16) -> np.ndarray:
+    """uint8 ``[F, H, W, 3]`` of a .gif (Pillow) or .mp4 (imageio). Pillow stores a run of identical
+    frames as one frame shown for the run's time (the stand-in VAE repeats each latent frame 4x), so a
+    GIF frame counts as ``duration * fps`` frames."""
     if path.suffix == ".gif":
         from PIL import Image, ImageSequence
 
         with Image.open(path) as im:
-            return np.stack([np.asarray(f.convert("RGB")) for f in ImageSequence.Iterator(im)])
+            frames = [(np.asarray(f.convert("RGB")), round(f.info["duration"] * fps / 1000))
+                      for f in ImageSequence.Iterator(im)]
+        return np.stack([frame for frame, count in frames for _ in range(count)])
     import imageio.v3 as iio
 
     return iio.imread(path, index=None)
@@ -381,12 +385,14 @@ def test_summary_and_verdict_come_before_the_file(monkeypatch, tmp_path, capsys)
 def shape_track(video: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per frame: fraction of background pixels, the shape's centroid (x, y) in [0, 1], its mean colour."""
     rgb = video.astype(np.float64) / 255
-    shape = np.abs(rgb - np.array(BACKGROUND)).max(axis=-1) > 0.25
+    away = np.abs(rgb - np.array(BACKGROUND)).max(axis=-1)
+    shape = away > 0.25
     h, w = shape.shape[1:]
     ys, xs = np.mgrid[0:h, 0:w]
     area = shape.sum(axis=(1, 2))
     centre = np.stack([(shape * xs).sum(axis=(1, 2)) / (area * w), (shape * ys).sum(axis=(1, 2)) / (area * h)], 1)
-    colour = (rgb * shape[..., None]).sum(axis=(0, 1, 2)) / area.sum()
+    core = away > 0.5  # the colour of the shape's inside: its edges blend into the background (every
+    colour = (rgb * core[..., None]).sum(axis=(0, 1, 2)) / core.sum()  # colour is >= 0.66 from it somewhere)
     return 1 - area / (h * w), centre, colour
 
 
