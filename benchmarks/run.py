@@ -72,6 +72,8 @@ PARTS: dict[str, Part] = {
                                "diffusers model families: usp_attn vs diffusers context parallel"),
     "safe-defaults": Part("benchmarks.safe_defaults:safe_defaults_part", "any",
                           "cost of the default cross-rank checks, errors on the devices (2 ranks)"),
+    "text-padding": Part("benchmarks.text_padding:text_padding_part", "any",
+                         "joint attention with padded text: attn_mask vs replicated_key_mask"),
     "causal-balance": Part("benchmarks.causal_balance:causal_balance_part", "one", "causal ring work per rank: contiguous vs zigzag"),
 }
 #: the one-GPU set, in the order that finishes the cheap checks first
@@ -79,7 +81,7 @@ ONE_GPU = ["env", "ceilings", "correctness", "syncs", "layer-overhead", "kernels
            "ring-backward", "causal-balance"]
 #: the multi-GPU set (under torchrun)
 MULTI_GPU = ["env", "layout-tests", "scaling", "peers", "model-step", "communication", "safe-defaults",
-             "training-step", "diffusers-families"]
+             "training-step", "diffusers-families", "text-padding"]
 GROUPS = {"one-gpu": ONE_GPU, "multi-gpu": MULTI_GPU}
 
 

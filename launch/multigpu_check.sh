@@ -160,8 +160,8 @@ export N DRY PY
 run_step "environment" "$T_ENV" bash -c 'set -o pipefail; env_info 2>&1 | tee "$0"' "$OUTDIR/env.txt"
 
 # ---- 2-6. the suite's multi-GPU parts, one torchrun each (a hang costs one step) -------------------------
-PARTS=(layout-tests scaling peers model-step communication safe-defaults training-step diffusers-families)
-# the last three have unit tests of their own on CPU: the dry run skips them to stay within about a minute
+PARTS=(layout-tests scaling peers model-step communication safe-defaults training-step diffusers-families text-padding)
+# the last four have unit tests of their own on CPU: the dry run skips them to stay within about a minute
 [ $DRY = 1 ] && PARTS=(layout-tests scaling peers model-step communication)
 for i in "${!PARTS[@]}"; do
     part=${PARTS[$i]}  # results numbered: the report lists the parts in the order they ran

@@ -51,6 +51,12 @@ SCENARIOS: dict[str, dict] = {
     "zigzag_causal_fp64_masked": dict(heads=4, kv_heads=2, length=31, causal=True, balanced=True, mask="bool",
                                       dtype="float64"),
     "kv_only_fp64": dict(heads=4, kv_heads=4, length=21, prefix=1, kv_prefix=2, kv_suffix=3, dtype="float64"),
+    # replicated_key_mask: text padding only (the sharded keys all attended), as joint attention has it
+    "replicated_key_mask_bool": dict(heads=4, kv_heads=2, length=26, suffix=5, mask="replicated_bool"),
+    "replicated_key_mask_additive_kv_only": dict(heads=6, kv_heads=3, length=23, prefix=2, kv_prefix=3, kv_suffix=2,
+                                                 mask="replicated_additive"),
+    "replicated_key_mask_fp64": dict(heads=4, kv_heads=4, length=21, prefix=3, kv_suffix=2,
+                                     mask="replicated_bool", dtype="float64"),
 }
 
 
@@ -70,9 +76,13 @@ def _inputs(p: dict, seed: int = 0):
         keep = torch.rand(batch, n_k, generator=gen) > 0.35
         keep[-1] = False  # last batch row: one key near the end; earlier causal rows see none (lse -inf)
         keep[-1, n_k - 2] = True
+        if p["mask"].startswith("replicated"):  # only the replicated keys masked
+            keep[:, kv_pre + pre : kv_pre + pre + p["length"]] = True
         mask = keep
-        if p["mask"].startswith("additive"):  # a general additive bias, -inf where masked
+        if "additive" in p["mask"]:  # a general additive bias, -inf where masked
             bias = 0.5 * torch.randn(batch, n_k, generator=gen, dtype=torch.float64)
+            if p["mask"].startswith("replicated"):  # the sharded keys: attended, no bias
+                bias[:, kv_pre + pre : kv_pre + pre + p["length"]] = 0.0
             mask = torch.where(keep, bias, torch.full((), float("-inf"), dtype=torch.float64)).float()
         if p["mask"].endswith("4d"):
             mask = mask[:, None, None, :]
@@ -96,6 +106,7 @@ class _Rows:
         self.p, self.length, self.balanced = p, p["length"], p.get("balanced", False)
         self.pre, self.suf = p.get("prefix", 0), p.get("suffix", 0)
         self.k_pre = p.get("kv_prefix", 0) + self.pre
+        self.k_suf = self.suf + p.get("kv_suffix", 0)
 
     def q(self, x, dim=1):
         return _cut(x, self.pre, self.length, dim, self.balanced)
@@ -108,6 +119,10 @@ class _Rows:
 
     def mask(self, mask):
         return None if mask is None else self.k(mask, dim=mask.dim() - 1)
+
+    def replicated(self, local_mask):  # this rank's key mask -> its replicated keys' part
+        n = local_mask.shape[-1]
+        return torch.cat([local_mask[..., : self.k_pre], local_mask[..., n - self.k_suf :]], dim=-1)
 
 
 def _lse_error(got: torch.Tensor, want: torch.Tensor) -> float:
@@ -160,6 +175,8 @@ def run_parity(ulysses: int, ring: int, name: str) -> dict:
     kwargs = dict(attn_mask=rows.mask(mask), num_replicated_prefix=rows.pre, num_replicated_suffix=rows.suf,
                   num_replicated_kv_prefix=p.get("kv_prefix", 0), num_replicated_kv_suffix=p.get("kv_suffix", 0),
                   return_lse=True)
+    if p.get("mask", "").startswith("replicated"):  # the same mask, given over the replicated keys only
+        kwargs["replicated_key_mask"] = rows.replicated(kwargs.pop("attn_mask"))
     ql, kl, vl = rows.q(q).to(dtype), rows.k(k).to(dtype), rows.k(v).to(dtype)
     assert state.load_balance == rows.balanced  # recorded by shard_sequence
 
@@ -296,6 +313,13 @@ def refusals(ulysses: int, ring: int) -> dict:
         "kv_rows_without_counts": _refused(new(4, 8), x, kv, kv),
         "return_lse_not_bool": _refused(new(4, 8), x, x, x, return_lse=1),
         "load_balance_not_bool": _refused(new(4, 8), x, x, x, load_balance="zigzag"),
+        "replicated_key_mask_without_replicated_keys": _refused(new(4, 8), x, x, x,
+                                                               replicated_key_mask=torch.ones(1, 3, dtype=torch.bool)),
+        "replicated_key_mask_and_attn_mask": _refused(new(4, 8), x, kv, kv, num_replicated_kv_prefix=3,
+                                                      attn_mask=torch.ones(1, s + 3, dtype=torch.bool),
+                                                      replicated_key_mask=torch.ones(1, 3, dtype=torch.bool)),
+        "replicated_key_mask_shape": _refused(new(4, 8), x, kv, kv, num_replicated_kv_prefix=3,
+                                              replicated_key_mask=torch.ones(1, s + 3, dtype=torch.bool)),
     }
     odd = usp_attn.shard_sequence(torch.randn(1, 7, 4, 8), load_balance=False)  # contiguous sizes differ from zigzag
     messages["zigzag_with_contiguous_shards"] = _refused(new(4, 8, causal=True), odd, odd, odd, load_balance=True)

@@ -73,6 +73,9 @@ REFUSALS = {
     "return_lse_not_bool": "return_lse must be True or False, got 1",
     "load_balance_not_bool": "load_balance must be True, False or None (the layout recorded on the state), got 'z",
     "zigzag_with_contiguous_shards": "zigzag (load_balance=True) layout gives shards",
+    "replicated_key_mask_without_replicated_keys": "replicated_key_mask masks replicated keys, but this call has none",
+    "replicated_key_mask_and_attn_mask": "pass attn_mask (a mask over every key) or replicated_key_mask",
+    "replicated_key_mask_shape": "replicated_key_mask must be shaped [B, n] or [B, 1, 1, n] with B=1 and n=3",
 }
 
 

@@ -161,7 +161,14 @@ def route(active: ActiveAttention, arguments: dict) -> torch.Tensor:
             )
         layer = run.layer(heads, kv_heads, head_size, scale, causal, cross=False)
         counts = {"num_replicated_prefix": text} if position == "prefix" else {"num_replicated_suffix": text}
-        return layer(q, k, v, _key_padding(mask, batch, lk, where), seq_len=total, **counts)
+        keys = _key_padding(mask, batch, lk, where)
+        if keys is not None and run.family.text_only_masks:
+            text_keys, image_keys = (keys[:, :text], keys[:, text:]) if position == "prefix" else (
+                keys[:, s:], keys[:, :s])
+            torch._assert_async(image_keys.all(), f"{where}: the {run.family.family} plan says its joint attention "
+                                "masks text keys only (FamilyPlan.text_only_masks), but image keys are masked")
+            return layer(q, k, v, seq_len=total, replicated_key_mask=text_keys, **counts)
+        return layer(q, k, v, keys, seq_len=total, **counts)
     raise ValueError(
         f"{where}: cannot place an attention call with {lq} queries and {lk} keys in a sequence sharded to {s} "
         f"of {total} tokens on this rank (neither self-, cross- nor joint attention)"

@@ -72,6 +72,7 @@ BUILTIN_PLANS: dict = {
             "proj_out": Gather(1, 3),
         },
         joint_text="prefix",
+        text_only_masks=True,  # [encoder_hidden_states_mask, ones(image)]
     ),
     "LTXVideoTransformer3DModel": _from_diffusers(
         "LTXVideoTransformer3DModel", "LTX-Video", extra={"": {"timestep": Shard(1, 2)}}
@@ -84,6 +85,7 @@ BUILTIN_PLANS: dict = {
             "proj_out": Gather(1, 3),
         },
         joint_text="suffix",
+        text_only_masks=True,  # keys past the image tokens + the prompt's tokens masked
         local_attention=("context_embedder.token_refiner.refiner_blocks.*.attn",),
         check=_hunyuan_video_check,
     ),

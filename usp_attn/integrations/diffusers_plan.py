@@ -74,6 +74,9 @@ class FamilyPlan:
             SDPA directly); their attention is done by our processor instead.
         local_attention: module paths of attention modules that only ever see whole (replicated) tensors,
             e.g. HunyuanVideo's text refiner; they run unchanged, on every rank.
+        text_only_masks: joint attention's masks hide text keys only (the model builds them from the text
+            padding, every image key attended): the image keys then run unmasked on the fastest kernel and the
+            text keys masked (``USPAttention(..., replicated_key_mask=)``). Checked on the device, without a sync.
         check: optional ``check(model) -> None`` raising ``ValueError`` for configurations the plan does not
             cover (e.g. HunyuanVideo's token-replace image conditioning).
         source: where the plan comes from (``"usp_attn"`` or ``"diffusers _cp_plan"``), for messages.
@@ -84,6 +87,7 @@ class FamilyPlan:
     joint_text: str | None = None
     processors: Mapping[str, Callable] = dataclasses.field(default_factory=dict)
     local_attention: tuple[str, ...] = ()
+    text_only_masks: bool = False
     check: Callable | None = None
     source: str = "usp_attn"
 

@@ -96,20 +96,24 @@ def attend_with_grad(impl, q, k, v, *, mask, causal, scale, return_lse=False):
 class BlockKernels:
     """Forward and backward of one key block for a :class:`~usp_attn.LocalAttention`, both
     with the kernel chosen for the layer call (an entry of ``LocalAttention.kernel_for``:
-    ``(BackendSelection, AttentionBackend)``), so both directions run the same backend."""
+    ``(BackendSelection, AttentionBackend)``), so both directions run the same backend.
+    ``masked_kernel``: the kernel of the blocks that carry a key mask, when the others carry
+    none (replicated text keys masked, sharded keys not: the fast kernels take no mask)."""
 
-    def __init__(self, local, kernel) -> None:
-        self.local, self.kernel = local, kernel
+    def __init__(self, local, kernel, masked_kernel=None) -> None:
+        self.local, self.kernel, self.masked_kernel = local, kernel, masked_kernel or kernel
 
     @property
     def impl(self) -> AttentionBackend:
         return self.kernel[1]
 
     def attend(self, q, k, v, *, mask=None, causal=False, return_lse=False):
-        return self.local.attend(q, k, v, mask=mask, causal=causal, return_lse=return_lse, kernel=self.kernel)
+        kernel = self.kernel if mask is None else self.masked_kernel
+        return self.local.attend(q, k, v, mask=mask, causal=causal, return_lse=return_lse, kernel=kernel)
 
     def backward(self, q, k, v, out, dout, lse, *, mask=None, causal=False, dlse=None):
         """One block's ``dq, dk, dv`` (see :meth:`AttentionBackend.backward`; ``dlse``: the
         gradient of the row's LSE, see :func:`block_backward`)."""
-        return block_backward(self.impl.backward, q, k, v, out, dout, lse, dlse, causal=causal,
+        impl = self.impl if mask is None else self.masked_kernel[1]
+        return block_backward(impl.backward, q, k, v, out, dout, lse, dlse, causal=causal,
                               softmax_scale=self.local.softmax_scale, attn_mask=mask)

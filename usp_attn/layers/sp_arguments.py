@@ -27,7 +27,7 @@ import dataclasses
 
 import torch
 
-__all__ = ["ReplicatedRows", "check_key_mask", "check_load_balance"]
+__all__ = ["ReplicatedRows", "check_key_mask", "check_load_balance", "check_replicated_key_mask"]
 
 _MASK_FORMS = (
     "a key mask shaped [B, S_local_k] or [B, 1, 1, S_local_k] (S_local_k = k's rows on this rank), "
@@ -119,14 +119,41 @@ def check_key_mask(attn_mask, q: torch.Tensor, k: torch.Tensor, grad: bool) -> t
             "cannot be split with the keys (every rank would need every query row against every key), so "
             "they are accepted only with skip_sequence_parallel=True or on a single rank"
         )
+    return _mask_values(mask, q, grad, "attn_mask", _MASK_FORMS)
+
+
+def check_replicated_key_mask(mask, q: torch.Tensor, rows: ReplicatedRows, attn_mask, grad: bool):
+    """``replicated_key_mask`` as ``[B, n]`` over the ``n`` replicated keys (prefix rows, then suffix
+    rows), bool or additive in q's dtype; None if not given."""
+    if mask is None:
+        return None
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"replicated_key_mask must be a torch.Tensor or None, got {type(mask).__name__}")
+    if attn_mask is not None:
+        raise ValueError("pass attn_mask (a mask over every key) or replicated_key_mask (over the replicated keys "
+                         "only, every sharded key attended), not both")
+    n = rows.key_prefix + rows.key_suffix
+    if n == 0:
+        raise ValueError("replicated_key_mask masks replicated keys, but this call has none; pass "
+                         "num_replicated_prefix/suffix or num_replicated_kv_prefix/suffix")
+    batch, shape = q.shape[0], tuple(mask.shape)
+    if shape not in ((batch, n), (batch, 1, 1, n)):
+        raise ValueError(f"replicated_key_mask must be shaped [B, n] or [B, 1, 1, n] with B={batch} and n={n} "
+                         f"replicated keys ({rows.key_prefix} before the shard, then {rows.key_suffix} after it), "
+                         f"got {list(shape)}")
+    forms = "bool (True = attend) or additive float (0 = attend, -inf = masked)"
+    return _mask_values(mask.reshape(batch, n), q, grad, "replicated_key_mask", forms)
+
+
+def _mask_values(mask: torch.Tensor, q: torch.Tensor, grad: bool, name: str, forms: str) -> torch.Tensor:
     if mask.dtype != torch.bool and not mask.is_floating_point():
-        raise TypeError(f"attn_mask must be {_MASK_FORMS}; got dtype {mask.dtype}")
+        raise TypeError(f"{name} must be {forms}; got dtype {mask.dtype}")
     if mask.device != q.device:
-        raise ValueError(f"attn_mask is on {mask.device} but q is on {q.device}")
+        raise ValueError(f"{name} is on {mask.device} but q is on {q.device}")
     if mask.is_floating_point():
         if grad and mask.requires_grad:
-            raise ValueError("attn_mask requires grad, but attention masks get no gradient here; pass "
-                             "attn_mask.detach()")
+            raise ValueError(f"{name} requires grad, but attention masks get no gradient here; pass "
+                             f"{name}.detach()")
         mask = mask.to(q.dtype)
     return mask
 

@@ -40,8 +40,9 @@ from usp_attn.layers.attention_grad import BlockKernels, check_backward
 from usp_attn.layers.heads import HeadPlan
 from usp_attn.layers.local import LocalAttention
 from usp_attn.layers.ring import key_mask_4d, ring_attention
+from usp_attn.layers.replicated_keys import attend_with_masked_replicated_keys
 from usp_attn.layers.ring_grad import RingPlan, ring_attention_with_grad
-from usp_attn.layers.sp_arguments import ReplicatedRows, check_key_mask, check_load_balance
+from usp_attn.layers.sp_arguments import ReplicatedRows, check_key_mask, check_load_balance, check_replicated_key_mask
 from usp_attn.layers.ulysses_steps import UlyssesSteps
 from usp_attn.layers.validation import check_group_device, check_qkv, check_return_lse
 from usp_attn.selector import AttentionBackendUnavailableError
@@ -69,6 +70,11 @@ class USPAttention(nn.Module):
         attn_mask: optional key mask over k's rows, ``[B, S_local_k]`` or ``[B, 1, 1, S_local_k]``,
         bool (True = attend) or additive float (0 / -inf; any finite bias is added). Per-query
         forms are accepted only with ``skip_sequence_parallel`` or on a single rank.
+        replicated_key_mask: instead of ``attn_mask``, a key mask over the replicated keys only,
+        ``[B, n]`` or ``[B, 1, 1, n]`` with ``n`` = replicated k rows (prefix rows, then suffix
+        rows), bool or additive; every sharded key is attended. For text padding in joint
+        attention: the sharded keys then run on the fastest kernel (FA4 and cuDNN take no
+        mask) and only the replicated keys on a masked one, merged by LSE (exact).
         seq_len: global length of the sharded part (default: the length recorded by
         :func:`~usp_attn.shard_sequence`; if none was recorded, lengths are exchanged).
         return_lse: also return the log-sum-exp ``[B, H, q rows]`` (fp32; fp64 for fp64 inputs)
@@ -159,6 +165,7 @@ class USPAttention(nn.Module):
         num_replicated_kv_prefix: int = 0,
         num_replicated_kv_suffix: int = 0,
         load_balance: bool | None = None,
+        replicated_key_mask: torch.Tensor | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         state = self.state
         rows = ReplicatedRows(num_replicated_prefix, num_replicated_suffix, num_replicated_kv_prefix,
@@ -171,6 +178,9 @@ class USPAttention(nn.Module):
                 rows.check_rows(q.shape[1], None if self.skip_sequence_parallel else k.shape[1], self.causal)
             elif rows.any:
                 rows.check_counts(self.causal)
+            if replicated_key_mask is not None and shaped:  # one call: the mask over every key
+                text = check_replicated_key_mask(replicated_key_mask, q, rows, attn_mask, grad_required(q, k, v))
+                attn_mask = _full_key_mask(text, rows, k.shape[1])
             return self.local(q, k, v, attn_mask, return_lse=return_lse)
         self._check_state(state)
         layout_arg = state.load_balance if load_balance is None else load_balance
@@ -179,9 +189,9 @@ class USPAttention(nn.Module):
         # Host-only; in steady state (signature as last agreed) no check and no communication.
         signature = call_signature(q, k, v, attn_mask, rows.prefix, rows.suffix, total, return_lse=return_lse,
                                    num_replicated_kv_prefix=rows.kv_prefix, num_replicated_kv_suffix=rows.kv_suffix,
-                                   load_balance=layout_arg)
+                                   load_balance=layout_arg, replicated_key_mask=replicated_key_mask is not None)
         reason = check_reason(self, state, signature)
-        error, local_len, sizes, key_mask = None, None, None, None
+        error, local_len, sizes, key_mask, text_mask = None, None, None, None, None
         layout = "zigzag (load_balance=True)" if balanced else "contiguous"
         try:
             check_qkv(q, k, v, num_heads=self.num_heads, num_kv_heads=self.num_kv_heads,
@@ -191,6 +201,7 @@ class USPAttention(nn.Module):
             check_load_balance(load_balance)
             local_len = rows.check_rows(q.shape[1], k.shape[1], self.causal)
             key_mask = check_key_mask(attn_mask, q, k, grad_required(q, k, v))
+            text_mask = check_replicated_key_mask(replicated_key_mask, q, rows, attn_mask, grad_required(q, k, v))
             if seq_len is not None and (isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 0):
                 raise ValueError(f"seq_len must be a non-negative int or None, got {seq_len!r}")
             if total is not None:
@@ -219,14 +230,15 @@ class USPAttention(nn.Module):
                 "usp_attn.shard_sequence(x, load_balance=True)"
             )
         try:
-            return self._forward_parallel(state, q, k, v, key_mask, rows, tuple(sizes), balanced, return_lse)
+            return self._forward_parallel(state, q, k, v, key_mask, rows, tuple(sizes), balanced, return_lse,
+                                          text_mask)
         except RuntimeError as exc:  # a failed collective names the rank behind it
             named = name_failed_ranks(state, exc, "USPAttention.forward", lambda: shared_summary(self, signature))
             if named is None:
                 raise
             raise named from exc
 
-    def _forward_parallel(self, state, q, k, v, key_mask, rows, sizes, balanced, return_lse):
+    def _forward_parallel(self, state, q, k, v, key_mask, rows, sizes, balanced, return_lse, text_mask=None):
         u_deg, r_deg = state.ulysses_degree, state.ring_degree
         r_rank, world, total = state.ring_rank, state.world_size, sum(sizes)
         n_pre, n_suf = rows.prefix, rows.suffix  # q's replicated rows (k's: rows.key_prefix/suffix)
@@ -253,14 +265,26 @@ class USPAttention(nn.Module):
         else:
             q_all, k_all, v_all = q, k, v  # U == 1: the rank's rows [c_r | c_2W-1-r] are in global order
 
-        # 2. Attention over the whole sequence: one call (R == 1) or the ring (R > 1).
-        kernel = self._kernel(state, q_all, k_all, v_all, key_mask is not None, rows, sizes, return_lse)
-        if r_deg == 1:
+        # 2. Attention over the whole sequence: one call (R == 1) or the ring (R > 1). A mask on the
+        # replicated keys only: the sharded keys unmasked on the fast kernel, the replicated ones
+        # masked on a kernel that takes masks (masked calls are never measured: no collective).
+        split = text_mask is not None
+        kernel = self._kernel(state, q_all, k_all, v_all, key_mask is not None, rows, sizes, return_lse, split)
+        kernels = BlockKernels(self.local, kernel)
+        if split:
+            text_k, text_v = (_replicated(t, rows.key_prefix, seg) for t in (k_all, v_all))
+            kernels.masked_kernel = self.local.kernel_for(q_all, text_k, text_v, need_mask=True, need_lse=True)
+        if r_deg == 1 and split:
+            own = slice(rows.key_prefix, rows.key_prefix + seg)
+            result = attend_with_masked_replicated_keys(kernels, q_all, k_all[:, own], v_all[:, own], text_k, text_v,
+                                                        text_mask, return_lse=return_lse)
+        elif r_deg == 1:
             result = self.local.attend(q_all, k_all, v_all, mask=key_mask_4d(key_mask), causal=self.causal,
                                        kernel=kernel, return_lse=return_lse)
         else:
             fronts = ring_front_lengths(total, u_deg, r_deg) if zigzag else None
-            result = self._ring(state, q_all, k_all, v_all, key_mask, rows, seg, sizes, kernel, fronts, return_lse)
+            result = self._ring(state, q_all, k_all, v_all, key_mask, rows, seg, sizes, kernels, fronts, return_lse,
+                                text_mask)
         out_all, lse_all = result if return_lse else (result, None)
 
         # 3. Back to sequence shards; replicated outputs gathered over heads. The LSE goes the same way.
@@ -276,7 +300,7 @@ class USPAttention(nn.Module):
                 lse = torch.cat([text_lse[:, :n_pre].transpose(1, 2), lse, text_lse[:, n_pre:].transpose(1, 2)], 2)
         return (out, lse) if return_lse else out
 
-    def _kernel(self, state, q_all, k_all, v_all, masked, rows, sizes, return_lse):
+    def _kernel(self, state, q_all, k_all, v_all, masked, rows, sizes, return_lse, split=False):
         """The kernel for every block of this call, chosen once per shape class for the group.
 
         The class is built from the longest segment, which every SP rank knows identically,
@@ -285,39 +309,39 @@ class USPAttention(nn.Module):
         u_deg, r_deg = state.ulysses_degree, state.ring_degree
         longest = max(sum(sizes[r * u_deg : (r + 1) * u_deg]) for r in range(r_deg))
         seg = q_all.shape[1] - rows.prefix - rows.suffix
-        if r_deg == 1:
+        if r_deg == 1 and not split:
             keys = slice(None)
             lengths = (rows.prefix + longest + rows.suffix, rows.key_prefix + longest + rows.key_suffix)
-        else:  # ring blocks: this segment's queries against one segment's keys at a time
+        else:  # ring blocks (or the sharded keys apart from the replicated): one segment's keys at a time
             keys = slice(rows.key_prefix, rows.key_prefix + seg)
             lengths = (rows.prefix + longest + rows.suffix, longest)
         return self.local.kernel_for(q_all, k_all[:, keys], v_all[:, keys], causal=self.causal, need_mask=masked,
-                                     need_lse=r_deg > 1 or return_lse, lengths=lengths, group=state.sp_group)
+                                     need_lse=r_deg > 1 or return_lse or split, lengths=lengths, group=state.sp_group)
 
-    def _ring(self, state, q_all, k_all, v_all, key_mask, rows, seg, sizes, kernel, fronts, return_lse):
+    def _ring(self, state, q_all, k_all, v_all, key_mask, rows, seg, sizes, kernels, fronts, return_lse,
+              text_mask=None):
         u_deg, r_deg = state.ulysses_degree, state.ring_degree
         block_lengths = tuple(sum(sizes[r * u_deg : (r + 1) * u_deg]) for r in range(r_deg))
         k_pre = rows.key_prefix
         own = slice(k_pre, k_pre + seg)
-        text_k = text_v = text_mask = None
+        text_k = text_v = None
         if rows.key_prefix or rows.key_suffix:  # replicated K/V: attended once, here, never passed around the ring
-            text_k = torch.cat([k_all[:, :k_pre], k_all[:, k_pre + seg :]], dim=1)
-            text_v = torch.cat([v_all[:, :k_pre], v_all[:, k_pre + seg :]], dim=1)
+            text_k, text_v = _replicated(k_all, k_pre, seg), _replicated(v_all, k_pre, seg)
             if key_mask is not None:
-                text_mask = torch.cat([key_mask[:, :k_pre], key_mask[:, k_pre + seg :]], dim=1)
+                text_mask = _replicated(key_mask, k_pre, seg)
         own_mask = None if key_mask is None else key_mask[:, own]
         if grad_required(q_all, k_all, v_all):
-            check_backward(kernel[1])  # the kernel agreed for the group: the same on every rank
+            check_backward(kernels.impl)  # the kernels agreed for the group: the same on every rank
+            check_backward(kernels.masked_kernel[1])
             new_exchange = functools.partial(RingExchange, state.ring_ranks, state.ring_rank, state.ring_group,
                                              state.timeout)
-            ring = RingPlan(BlockKernels(self.local, kernel), new_exchange, state.ring_rank, block_lengths, self.causal,
-                            fronts)
+            ring = RingPlan(kernels, new_exchange, state.ring_rank, block_lengths, self.causal, fronts)
             return ring_attention_with_grad(ring, q_all, k_all[:, own], v_all[:, own], key_mask=own_mask,
                                             text_k=text_k, text_v=text_v, text_mask=text_mask, return_lse=return_lse)
         exchange = RingExchange(state.ring_ranks, state.ring_rank, state.ring_group, state.timeout)
         local_blocks = () if text_k is None else ((text_k, text_v, text_mask),)
         return ring_attention(
-            functools.partial(self.local.attend, kernel=kernel), q_all, k_all[:, own], v_all[:, own],
+            kernels.attend, q_all, k_all[:, own], v_all[:, own],
             exchange=exchange, ring_rank=state.ring_rank, block_lengths=block_lengths, causal=self.causal,
             key_mask=own_mask, local_blocks=local_blocks, return_lse=return_lse, front_lengths=fronts,
         )
@@ -355,3 +379,16 @@ class RingAttention(USPAttention):
     """:class:`USPAttention` restricted to the ring (K/V passed around the ring group; ulysses_degree must be 1)."""
 
     _required_layout = "ring"
+
+
+def _replicated(x: torch.Tensor, prefix: int, seg: int) -> torch.Tensor:
+    """The replicated rows of ``x [B, prefix + seg + suffix, ...]``: prefix rows, then suffix rows."""
+    return torch.cat([x[:, :prefix], x[:, prefix + seg :]], dim=1)
+
+
+def _full_key_mask(text_mask: torch.Tensor, rows: ReplicatedRows, num_keys: int) -> torch.Tensor:
+    """``[B, n]`` over the replicated keys -> ``[B, num_keys]`` over all keys, the others attended."""
+    keep = torch.ones if text_mask.dtype == torch.bool else torch.zeros  # bool True / additive 0: attend
+    middle = keep((), dtype=text_mask.dtype, device=text_mask.device)
+    middle = middle.expand(len(text_mask), num_keys - text_mask.shape[1])
+    return torch.cat([text_mask[:, : rows.key_prefix], middle, text_mask[:, rows.key_prefix :]], dim=1)
