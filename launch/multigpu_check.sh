@@ -81,7 +81,7 @@ export PYTHONPATH=$REPO${PYTHONPATH:+:$PYTHONPATH}  # usp_attn, benchmarks and t
 
 # ---- time limits (seconds) -------------------------------------------------------------------------
 if [ $DRY = 1 ]; then
-    BUDGET=300; T_ENV=60; T_PART=90; PART_BUDGET=60; T_GEN=60; SUITE_FLAGS=(--dry-run)
+    BUDGET=420; T_ENV=60; T_PART=90; PART_BUDGET=60; T_GEN=60; SUITE_FLAGS=(--dry-run)
     GEN_ARGS=(--num-frames 5 --height 64 --width 64 --num-inference-steps 2 --hidden-size 64 --num-heads 4
               --num-layers 1)
 else

@@ -34,9 +34,10 @@ def _rows(results: dict, part: str) -> list[dict]:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(480)  # ~140 s alone on 2 cores; 4 processes per step share them with the other test worker
 @pytest.mark.skipif(not HAVE_TORCHRUN, reason="torch.distributed.run (torchrun) is not available")
 def test_cpu_dry_run_runs_every_step(tmp_path):
-    proc = _script("--cpu-dry-run", "4", out=tmp_path, timeout=280)
+    proc = _script("--cpu-dry-run", "4", out=tmp_path, timeout=450)
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-6000:]
     assert {p.name for p in tmp_path.iterdir()} >= {"multigpu.log", "env.txt", "summary.md", "results.json"}
