@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import torch
 
-from benchmarks.kernels import CANDIDATES
+from benchmarks.kernels import CANDIDATES, by_name
 from benchmarks.suite import Context, headline, short_error, skipped
 from benchmarks.timing import attention_flops, plan_reps, random_qkv, rotation_count, tflops, time_interleaved
 
-__all__ = ["kernels_part", "GPU_SHAPES", "qkv_sets"]
+__all__ = ["kernels_part", "crossover_part", "GPU_SHAPES", "qkv_sets"]
 
 #: (B, H, S, D), bf16: Flux 1024², Wan 2.1 1.3B 480p, 14B 480p, 14B 720p, HunyuanVideo 720p, CogVideoX 5B
 GPU_SHAPES = [(1, 24, 4608, 128), (1, 12, 32760, 128), (1, 40, 32760, 128), (1, 40, 75600, 128),
@@ -71,4 +71,32 @@ def kernels_part(ctx: Context) -> list[dict]:
                                  note=f"{best} {tflops(flops, pair['kernel'].median):.3g} TFLOP/s; {reps} pairs"))
         del sets, calls
         ctx.free()
+    return rows
+
+
+#: the static rule's sweep: keys per call x (D, H), the two kernels it chooses between on Hopper
+CROSSOVER_KEYS = (1024, 2048, 3072, 4096, 5120, 6144, 8192, 12288)
+CROSSOVER_PAIR = ("cudnn", "fa4 (flash_attn.cute)")
+
+
+def crossover_part(ctx: Context) -> list[dict]:
+    """FA4 against cuDNN, interleaved call by call, over the number of keys: where the static rule
+    (``usp_attn.selector.fa_min_keys_hopper``) switches. On CPU: the CPU kernel against itself."""
+    pair = CROSSOVER_PAIR if ctx.cuda else ("cpu flash (aten)", "cpu flash (aten)")
+    keys = CROSSOVER_KEYS if ctx.cuda else (64, 128)
+    rows = []
+    for d, h in ((128, 24), (64, 48)) if ctx.cuda else ((64, 2),):
+        for s in keys:
+            label, flops = f"1,{h},{s},{d}", attention_flops(1, h, s, s, d)
+            missing = [n for n in pair if by_name(n).reason(ctx.device)]
+            if missing:
+                rows.append(skipped(" vs ".join(pair), by_name(missing[0]).reason(ctx.device), shape=label))
+                continue
+            sets = qkv_sets(ctx, (1, h, s, d), ctx.dtype or torch.bfloat16, seed=4)
+            calls = {n: (by_name(n).bind(h, d, scale=d**-0.5, causal=False), sets) for n in dict.fromkeys(pair)}
+            reps = ctx.reps or (3 if ctx.dry_run else 200 if s <= 4096 else 60)
+            timed = time_interleaved(calls, warmup=10, reps=reps, device=ctx.device)
+            speed = {n: tflops(flops, timed[n].median) for n in calls}
+            rows.append({"what": f"{pair[1]} vs {pair[0]}", "shape": label, f"{pair[0]} tflops": speed[pair[0]],
+                         f"{pair[1]} tflops": speed[pair[1]], "speed ratio": speed[pair[1]] / speed[pair[0]]})
     return rows

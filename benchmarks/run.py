@@ -54,6 +54,8 @@ PARTS: dict[str, Part] = {
     "syncs": Part("benchmarks.device_checks:syncs_part", "one", "steady-state forwards make no host sync"),
     "compile": Part("benchmarks.device_checks:compile_part", "one", "torch.compile(fullgraph=True)", inference=False),
     "kernels": Part("benchmarks.kernel_speed:kernels_part", "one", "every kernel's speed; P1 layer / fastest kernel"),
+    "crossover": Part("benchmarks.kernel_speed:crossover_part", "one",
+                      "FA4 vs cuDNN over keys per call: the static rule's threshold"),
     "layer-overhead": Part("benchmarks.layer_overhead:layer_overhead_part", "one", "P2: layer vs raw kernel time"),
     "ring-hops": Part("benchmarks.ring_hops:ring_hops_part", "one", "P3: ring per-rank work vs one call"),
     "scaling": Part("benchmarks.scaling:scaling_part", "any", "P4: attention layer on 1..N GPUs, every layout"),
@@ -78,7 +80,7 @@ PARTS: dict[str, Part] = {
 }
 #: the one-GPU set, in the order that finishes the cheap checks first
 ONE_GPU = ["env", "ceilings", "correctness", "syncs", "layer-overhead", "kernels", "ring-hops", "compile",
-           "ring-backward", "causal-balance"]
+           "ring-backward", "causal-balance", "crossover"]
 #: the multi-GPU set (under torchrun)
 MULTI_GPU = ["env", "layout-tests", "scaling", "peers", "model-step", "communication", "safe-defaults",
              "training-step", "diffusers-families", "text-padding"]

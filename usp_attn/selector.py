@@ -5,7 +5,7 @@ number of keys per call):
 
     CUDA  fa   if SM80+, fp16/bf16, and a FlashAttention generation that beats cuDNN
                here is installed: FA4/FA3 on Hopper for calls of at least
-               fa_min_keys_hopper(D) keys (6144 for D <= 64, else 12288; cuDNN wins
+               fa_min_keys_hopper(D) keys (2048 for D <= 64, else 3072; cuDNN wins
                below), FA4 on Blackwell, FA2 on SM8x.
                (FA2 on Hopper loses to cuDNN SDPA by ~1.6x, REFERENCE §5.)
           torch_sdpa otherwise (it runs cuDNN attention on Hopper).
@@ -69,10 +69,10 @@ logger = logging.getLogger("usp_attn")
 B = AttentionBackendEnum
 
 #: Static rule on Hopper: FA4/FA3 beat cuDNN attention from this many keys per call, by head
-#: size: ``(largest head size, keys)``. Measured on H200, bf16 (BENCHMARKS.md, "Local kernels"):
-#: D=64 cuDNN 417 vs FA4 401 TFLOP/s at 4096 keys, 465 vs 474 at 6144; D=128 650 vs 632 at
-#: 8192, 654 vs 661 at 12288.
-FA_MIN_KEYS_HOPPER: tuple[tuple[int, int], ...] = ((64, 6144), (256, 12288))
+#: size: ``(largest head size, keys)``. Measured on H200, bf16, the calls back to back as in a
+#: model (BENCHMARKS.md, "static rule"): FA4 / cuDNN time ratio D=64 (H=48) 0.45 at 1024 keys,
+#: 1.11 at 2048; D=128 (H=24) 0.96 at 2048, 1.05 at 3072, 1.07-1.10 from 4096.
+FA_MIN_KEYS_HOPPER: tuple[tuple[int, int], ...] = ((64, 2048), (256, 3072))
 
 
 def fa_min_keys_hopper(head_size: int) -> int:

@@ -227,12 +227,12 @@ def test_info_names_the_fa_generation_version_head_sizes_and_unusable_packages(c
 
 
 def test_info_shape_without_cuda_says_why_nothing_was_measured(capsys):
-    info = run_json(capsys, H200_FA4, "--shape", "1,24,4608,128")
+    info = run_json(capsys, H200_FA4, "--shape", "1,24,2048,128")
     m = info["measurement"]
     assert m["error"] == "measuring needs a CUDA GPU"
     assert m["candidates"] == ["fa4", "cudnn", "flash", "efficient"]
-    assert m["static"] == "torch_sdpa"  # 4608 keys: below the Hopper threshold, cuDNN
-    info = run_json(capsys, H200_FA4, "--shape", "1,24,32760,128")
+    assert m["static"] == "torch_sdpa"  # 2048 keys: below the Hopper threshold, cuDNN
+    info = run_json(capsys, H200_FA4, "--shape", "1,24,4608,128")
     assert info["measurement"]["static"] == "fa (fa4)"
 
 

@@ -78,14 +78,14 @@ def test_cuda_sm90_with_fa3_uses_fa(packages):
 def test_cuda_sm90_static_rule_by_number_of_keys(packages, generation):
     """Static rule on Hopper (measured on H200): cuDNN below fa_min_keys_hopper(D) keys, FA4/FA3 from there."""
     p = cuda((9, 0), *packages)
-    assert (fa_min_keys_hopper(64), fa_min_keys_hopper(128), fa_min_keys_hopper(256)) == (6144, 12288, 12288)
+    assert (fa_min_keys_hopper(64), fa_min_keys_hopper(128), fa_min_keys_hopper(256)) == (2048, 3072, 3072)
     for d in (64, 128):
         long = auto(p, num_keys=fa_min_keys_hopper(d), head_size=d)
         assert long.backend is B.FA and long.impl.generation == generation
         short = auto(p, num_keys=fa_min_keys_hopper(d) - 1, head_size=d)
         assert short.backend is B.TORCH_SDPA and short.impl.kernel is None  # aten cuDNN, decided per call
-    assert auto(p, num_keys=8192, head_size=64).backend is B.FA
-    assert auto(p, num_keys=8192, head_size=128).backend is B.TORCH_SDPA
+    assert auto(p, num_keys=2560, head_size=64).backend is B.FA
+    assert auto(p, num_keys=2560, head_size=128).backend is B.TORCH_SDPA
     assert auto(p).backend is B.FA  # length unknown: the long-sequence choice
     # Blackwell and Ampere do not depend on the length
     assert auto(cuda((10, 0), "flash_attn.cute"), num_keys=64).backend is B.FA
