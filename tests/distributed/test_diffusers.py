@@ -32,7 +32,7 @@ import pytest
 import torch
 
 from tests.distributed import diffusers_models as models
-from tests.helpers.multiproc import run_cases
+from tests.helpers.multiproc import runs_per_world
 from tests.helpers.state import reset_usp_attn_state
 
 HAVE_DIFFUSERS = importlib.util.find_spec("diffusers") is not None
@@ -230,13 +230,7 @@ def _setup() -> None:
     torch.set_num_threads(1)  # up to 4 ranks share 2 cores
 
 
-_runs: dict[int, object] = {}
-
-
-def _run(world: int):
-    if world not in _runs:  # one spawned group per world size runs all of its cases
-        _runs[world] = run_cases(world, _cases(world), setup=_setup, timeout=280)
-    return _runs[world]
+_run = runs_per_world(_cases, setup=_setup, timeout=280)
 
 
 # ---- tests ---------------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ import functools
 import pytest
 
 from tests.distributed import sp_cases
-from tests.helpers.multiproc import run_cases
+from tests.helpers.multiproc import run_cases, runs_per_world
 from tests.helpers.state import reset_usp_attn_state
 
 WORLD_SIZES = (1, 2, 4, 8)
@@ -28,14 +28,7 @@ def _setup() -> None:
     reset_usp_attn_state()
 
 
-_runs: dict[int, object] = {}
-
-
-def _run(world: int):
-    # One spawned group per world size runs all its cases (spawning costs seconds, a case milliseconds).
-    if world not in _runs:
-        _runs[world] = run_cases(world, _cases(world), setup=_setup, timeout=300)
-    return _runs[world]
+_run = runs_per_world(_cases, setup=_setup, timeout=300)
 
 
 def _params():

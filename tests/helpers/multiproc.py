@@ -49,7 +49,7 @@ from typing import Any, Callable, Sequence
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-__all__ = ["GroupError", "GroupRun", "CaseOutcome", "case_name", "run_cases", "run_in_group"]
+__all__ = ["GroupError", "GroupRun", "CaseOutcome", "case_name", "run_cases", "run_in_group", "runs_per_world"]
 
 _HOST = "127.0.0.1"
 
@@ -118,6 +118,19 @@ def run_in_group(world_size: int, fn: Callable, *args, timeout: float = 120.0, *
     """Run ``fn(*args, **kwargs)`` once on each rank of a fresh gloo group; return per-rank results."""
     case = functools.partial(fn, *args, **kwargs)
     return run_cases(world_size, [case], timeout=timeout).check(case)
+
+
+def runs_per_world(cases_for: Callable[[int], list], *, setup=None, timeout: float = 300.0) -> Callable:
+    """``run(world)``: one spawned group per world size runs all of ``cases_for(world)`` at the first
+    call, later calls return that run (spawning costs seconds, a case milliseconds)."""
+    runs: dict[int, Any] = {}
+
+    def run(world: int):
+        if world not in runs:
+            runs[world] = run_cases(world, cases_for(world), setup=setup, timeout=timeout)
+        return runs[world]
+
+    return run
 
 
 def run_cases(

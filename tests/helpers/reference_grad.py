@@ -9,32 +9,14 @@ gradients are exactly 0 instead of NaN.
 
 from __future__ import annotations
 
-import math
-
-import torch
-
-from tests.helpers.reference import reference_mask_4d
+from tests.helpers.reference_lse import attention_lse_fp64
 
 __all__ = ["attention_fp64", "reference_grads"]
 
 
 def attention_fp64(q, k, v, *, scale=None, causal=False, mask=None):
     """Differentiable fp64 attention: q ``[B, S_q, H, D]``, k/v ``[B, S_k, H_kv, D]`` (float64)."""
-    b, s_q, h, d = q.shape
-    s_k, h_kv = k.shape[1], k.shape[2]
-    scale = d**-0.5 if scale is None else float(scale)
-    qt = q.permute(0, 2, 1, 3)
-    kt = k.repeat_interleave(h // h_kv, dim=2).permute(0, 2, 1, 3)
-    vt = v.repeat_interleave(h // h_kv, dim=2).permute(0, 2, 1, 3)
-    scores = torch.matmul(qt, kt.transpose(-1, -2)) * scale
-    if mask is not None:
-        scores = scores + reference_mask_4d(mask, batch=b, num_heads=h, s_q=s_q, s_k=s_k).to(scores.device)
-    if causal:
-        above = torch.arange(s_k, device=q.device)[None, :] > torch.arange(s_q, device=q.device)[:, None]
-        scores = scores.masked_fill(above, -math.inf)
-    empty = torch.isneginf(scores).all(dim=-1, keepdim=True)
-    probs = torch.softmax(scores.masked_fill(empty, 0.0), dim=-1).masked_fill(empty, 0.0)
-    return torch.matmul(probs, vt).permute(0, 2, 1, 3)
+    return attention_lse_fp64(q, k, v, scale=scale, causal=causal, mask=mask)[0]
 
 
 def reference_grads(q, k, v, dout, **kwargs):

@@ -1,7 +1,8 @@
 """fp64 attention that returns a differentiable log-sum-exp: the reference for ``return_lse=True``.
 
-Same semantics as :func:`tests.helpers.reference_grad.attention_fp64` (``[B, S, H, D]``, GQA by
-``h // (H // H_kv)``, any mask form, top-left causal); ``lse [B, H, S_q]`` is the natural log of
+Same semantics as :func:`tests.helpers.reference.reference_attention` (``[B, S, H, D]``, GQA by
+``h // (H // H_kv)``, any mask form, top-left causal), differentiable (``reference_grad.attention_fp64``
+is its output); ``lse [B, H, S_q]`` is the natural log of
 each row's softmax denominator over the scaled, masked scores. Rows with no visible key give
 out 0 and lse -inf, and no gradient flows through them (the gradient of -inf is undefined: the
 tests put no loss weight there).
