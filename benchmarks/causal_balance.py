@@ -6,8 +6,8 @@ work; with ``shard_sequence(..., load_balance=True)`` (usp_attn/distributed/zigz
 rank does the same.
 
 For each shape ``(B, H, S, D)``, ring degree R and layout, every ring rank's forward is run on
-this one GPU: ``usp_attn.layers.ring.ring_attention`` (exactly what ``RingAttention`` runs per
-rank, with the layout's per-hop kernel calls from ``usp_attn.layers.ring_blocks``) over the
+this one GPU: ``usp_attn.ring.forward.ring_attention`` (exactly what ``RingAttention`` runs per
+rank, with the layout's per-hop kernel calls from ``usp_attn.ring.plan``) over the
 rank's queries, with the other ranks' K/V blocks handed over from memory instead of received
 (no communication). Every call uses one kernel, chosen once per (shape, R) like the layer does.
 Columns per (shape, R, layout):
@@ -37,9 +37,10 @@ from benchmarks.suite import Context
 from benchmarks.timing import time_interleaved
 from usp_attn import LocalAttention
 from usp_attn.distributed.state import shard_sizes
-from usp_attn.distributed.zigzag import rank_chunks, ring_front_lengths, shard_zigzag, to_global_order, zigzag_sizes
-from usp_attn.layers.ring import ring_attention
-from usp_attn.layers.ring_blocks import RingLayout, pairs_attended
+from usp_attn.distributed.zigzag import rank_chunks, shard_zigzag, to_global_order, zigzag_sizes
+from usp_attn.ring.plan import ring_front_lengths
+from usp_attn.ring.forward import ring_attention
+from usp_attn.ring.plan import RingLayout, pairs_attended
 
 WAN_SHAPES = [(1, 12, 32760, 128), (1, 40, 75600, 128)]  # Wan 1.3B 480p, Wan 14B 720p
 DRY_SHAPES = [(1, 2, 200, 16)]

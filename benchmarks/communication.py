@@ -15,8 +15,8 @@ import datetime
 import torch
 import torch.distributed as dist
 
-from usp_attn.distributed.ring_comm import RingExchange
-from usp_attn.distributed.ulysses_comm import heads_to_sequence, sequence_to_heads
+from usp_attn.ring.exchange import RingExchange
+from usp_attn.ulysses.comm import heads_to_sequence, sequence_to_heads
 
 from benchmarks.suite import Context
 from benchmarks.timing import time_fn

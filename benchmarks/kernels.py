@@ -1,4 +1,6 @@
-"""The attention candidates the kernels part times and the correctness part checks: one entry each.
+"""The attention candidates the kernels part times: one entry each (tests/gpu/test_gpu_candidates.py
+checks every one against an fp64 reference, tests/unit/test_benchmark_suite.py their CUDA calls on meta
+tensors).
 
 A candidate is a raw kernel or a usp_attn layer. ``cand.bind(heads, head_size, scale=, causal=)``
 gives ``call(q, k, v)`` on q ``[B, S_q, H, D]`` and k, v ``[B, S_k, H, D]`` (any strides with a
@@ -127,16 +129,12 @@ class Candidate:
     availability: Callable[[torch.device], str | None]
     exact: bool = True  # False: lossy (Sage quantises Q, K to INT8); never "the fastest exact kernel"
     layer: bool = False  # a usp_attn layer, rated against the fastest exact raw kernel (P1)
-    meta_checkable: bool = False  # aten ops accept meta tensors: the CPU dry run checks these calls
+    meta_checkable: bool = False  # aten ops accept meta tensors: a CPU test checks these calls
     mutates_k: bool = False  # writes to its k argument (Sage 1's smooth_k): give it a k of its own
 
     def reason(self, device: torch.device | str) -> str | None:
         """Why this candidate cannot run on ``device``, or None."""
         return self.availability(torch.device(device))
-
-    def call(self, q, k, v, *, scale: float, causal: bool = False):
-        """One call on q, k, v ``[B, S, H, D]`` (builds the layer each time: for checks, not timing)."""
-        return self.bind(q.shape[2], q.shape[3], scale=scale, causal=causal)(q, k, v)
 
 
 def raw(name: str, fn: Callable, returns_lse: bool, availability, **kw) -> Candidate:

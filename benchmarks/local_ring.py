@@ -1,6 +1,7 @@
-"""Drive ``usp_attn``'s ring loop on one device, to measure (and check) the per-rank work of a ring.
+"""Drive ``usp_attn``'s ring loop on one device, to measure the per-rank work of a ring (tests/gpu check
+one rank's output through the same exchange).
 
-``usp_attn.layers.ring.ring_attention`` is exactly the code ``RingAttention`` (and ``USPAttention``
+``usp_attn.ring.forward.ring_attention`` is exactly the code ``RingAttention`` (and ``USPAttention``
 with ring_degree > 1) runs on each rank; it gets its K/V blocks from an exchange object with
 ``start(outgoing, incoming_like)`` / ``wait() -> [tensors]``. :class:`LocalRingExchange` hands over
 the next block from memory instead of receiving it: the attention and merge work per hop are
@@ -14,7 +15,7 @@ import contextlib
 
 import torch
 
-from usp_attn.layers.ring import ring_attention
+from usp_attn.ring.forward import ring_attention
 
 __all__ = ["LocalRingExchange", "split_blocks", "run_local_ring", "merge_variant"]
 
@@ -58,8 +59,8 @@ def run_local_ring(attend, q: torch.Tensor, blocks: list, lengths: tuple[int, ..
 @contextlib.contextmanager
 def merge_variant(fused: bool):
     """Inside the block, ring merges use the fused Triton kernel (``fused=True``, where it can run) or the
-    unfused torch ops, by swapping ``usp_attn.layers.merge.fused_merge_available`` for the duration."""
-    from usp_attn.layers import merge
+    unfused torch ops, by swapping ``usp_attn.ring.merge.fused_merge_available`` for the duration."""
+    from usp_attn.ring import merge
 
     original = merge.fused_merge_available
     merge.fused_merge_available = original if fused else (lambda device: False)

@@ -1,6 +1,6 @@
 """Part "model-step": whole transformer forwards, usp_attn against one GPU and against diffusers.
 
-dit: one denoising step of the built-in video DiT (launch/tiny_dit.py, random weights) per group
+dit: one denoising step of the built-in video DiT (launch.tiny_dit, random weights) per group
 size and layout, groups side by side as in the scaling part (k = 1: the one-GPU time). wan: a
 diffusers ``WanTransformer3DModel`` without sequence parallelism, then per layout of the world with
 usp_attn's ``enable_sequence_parallel`` and with diffusers' ``enable_parallelism`` on the same weights
@@ -10,9 +10,6 @@ the slowest rank's median; rel_err: against the model without sequence paralleli
 
 from __future__ import annotations
 
-import pathlib
-import sys
-
 import torch
 import torch.distributed as dist
 
@@ -20,10 +17,11 @@ from benchmarks.peers import PeerUnavailable, cp_config, device_mesh, diffusers_
 from benchmarks.suite import (Context, group_sizes, headline, layout_name, layouts_of, rel_err, sequence_parallel,
                               short_error, skipped)
 from benchmarks.timing import time_fn
+from launch.flow_match import latent_grid
+from launch.tiny_dit import TinyDiTConfig, TinyWanDiT
 
 __all__ = ["model_step_part", "build_wan"]
 
-LAUNCH = pathlib.Path(__file__).resolve().parents[1] / "launch"
 WAN_14B = dict(patch_size=(1, 2, 2), num_attention_heads=40, attention_head_dim=128, in_channels=16, out_channels=16,
                text_dim=4096, freq_dim=256, ffn_dim=13824, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
                eps=1e-6, rope_max_seq_len=1024)
@@ -58,9 +56,6 @@ def build_wan(shape: dict, num_layers: int, device: torch.device, dtype: torch.d
 
 
 def dit_rows(ctx: Context, cfg: dict) -> list[dict]:
-    from flow_match import latent_grid  # launch/
-    from tiny_dit import TinyDiTConfig, TinyWanDiT
-
     dit = TinyDiTConfig(**cfg["dit"])
     torch.manual_seed(0)  # same weights on every rank
     with torch.device(ctx.device):
@@ -93,7 +88,6 @@ def dit_rows(ctx: Context, cfg: dict) -> list[dict]:
 
 
 def wan_rows(ctx: Context, cfg: dict) -> list[dict]:
-    from flow_match import latent_grid  # launch/
     from usp_attn.integrations.diffusers import disable_sequence_parallel, enable_sequence_parallel
 
     for u, r in layouts_of(ctx.world) if ctx.world > 1 else []:
@@ -161,8 +155,6 @@ def diffusers_cp_rows(ctx: Context, cfg: dict, build, inputs, reference, u, r, w
 
 
 def model_step_part(ctx: Context) -> list[dict]:
-    if str(LAUNCH) not in sys.path:
-        sys.path.insert(0, str(LAUNCH))
     cfg = ctx.sizes(GPU, CPU)
     rows = dit_rows(ctx, cfg)
     ctx.free()

@@ -1,6 +1,6 @@
 """Part "ring-hops" (P3): one rank's ring work on one GPU against one call over all keys.
 
-``usp_attn.layers.ring.ring_attention`` (what ``RingAttention`` runs on each rank) over R contiguous
+``usp_attn.ring.forward.ring_attention`` (what ``RingAttention`` runs on each rank) over R contiguous
 K/V blocks, fed by ``benchmarks/local_ring.py``'s in-memory exchange instead of the network: the
 same attention and merge calls, no communication. Queries: the rank's own S/R rows (the P3 row)
 and, for information, all S rows. One call = the automatic pick's raw kernel on the same queries

@@ -5,12 +5,16 @@
     torchrun --nproc-per-node N benchmarks/run.py --parts scaling,peers --json FILE
     python benchmarks/run.py --dry-run --parts kernels      # CPU, toy sizes: every code path
     python benchmarks/run.py --help                         # every part
+    python -m benchmarks.run ...                            # the same, from the repository root
 
 A part is ``fn(ctx) -> list[dict]`` (benchmarks/suite.py). "one" parts run in a single process,
 "any" parts also under torchrun (every rank takes part). Without a GPU, or with --dry-run, parts
 run on the CPU at toy sizes (gloo between ranks). An error in a part is reported and the next part
 runs; rank 0 prints each part as it finishes and rewrites the JSON after each, so a run cut off
-still reports. Exit status 1 if a part failed or a check row says FAIL/ERROR.
+still reports. Exit status 1 if a part failed.
+
+Parts measure; whether the code is right is the tests' business (GPU checks: ``pytest -m gpu tests/gpu``
+and ``pytest -m multigpu tests/gpu``; launch/single_gpu_check.sh and launch/multigpu_check.sh run both).
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ import time
 import traceback
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # run as a script: benchmarks, tests and usp_attn from this checkout
+if str(REPO) not in sys.path:  # run as a script (not -m): the packages benchmarks, launch and usp_attn of this checkout
     sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
@@ -50,9 +54,8 @@ class Part:
 PARTS: dict[str, Part] = {
     "env": Part("benchmarks.environment:env_part", "any", "device, versions, usp_attn's automatic picks"),
     "ceilings": Part("benchmarks.environment:ceilings_part", "one", "bf16 matmul and device copy, measured here"),
-    "correctness": Part("benchmarks.correctness:correctness_part", "one", "every kernel and layer vs fp64"),
-    "syncs": Part("benchmarks.device_checks:syncs_part", "one", "steady-state forwards make no host sync"),
-    "compile": Part("benchmarks.device_checks:compile_part", "one", "torch.compile(fullgraph=True)", inference=False),
+    "compile": Part("benchmarks.compile_speed:compile_part", "one",
+                    "torch.compile(fullgraph=True): compile time, eager vs compiled call", inference=False),
     "kernels": Part("benchmarks.kernel_speed:kernels_part", "one", "every kernel's speed; P1 layer / fastest kernel"),
     "crossover": Part("benchmarks.kernel_speed:crossover_part", "one",
                       "FA4 vs cuDNN over keys per call: the static rule's threshold"),
@@ -62,7 +65,6 @@ PARTS: dict[str, Part] = {
     "peers": Part("benchmarks.peers:peers_part", "any", "P5: yunchang, diffusers CP attention vs ours"),
     "model-step": Part("benchmarks.model_step:model_step_part", "any", "built-in DiT and diffusers Wan forwards"),
     "communication": Part("benchmarks.communication:communication_part", "any", "transfers vs link bandwidth"),
-    "layout-tests": Part("benchmarks.layout_tests:layout_tests_part", "any", "SP test scenarios on the devices"),
     # Parts kept in modules of their own: function(ctx) -> list of row dicts, or function(dry_run=...) for a
     # module also run on its own (the process group is up either way). A module not in this checkout makes
     # its part say so instead of failing the run.
@@ -73,17 +75,17 @@ PARTS: dict[str, Part] = {
     "diffusers-families": Part("benchmarks.diffusers_families:rows", "any",
                                "diffusers model families: usp_attn vs diffusers context parallel"),
     "safe-defaults": Part("benchmarks.safe_defaults:safe_defaults_part", "any",
-                          "cost of the default cross-rank checks, errors on the devices (2 ranks)"),
+                          "cost of the default cross-rank argument checks (2 ranks)"),
     "text-padding": Part("benchmarks.text_padding:text_padding_part", "any",
                          "joint attention with padded text: attn_mask vs replicated_key_mask"),
     "causal-balance": Part("benchmarks.causal_balance:causal_balance_part", "one", "causal ring work per rank: contiguous vs zigzag"),
 }
-#: the one-GPU set, in the order that finishes the cheap checks first
-ONE_GPU = ["env", "ceilings", "correctness", "syncs", "layer-overhead", "kernels", "ring-hops", "compile",
-           "ring-backward", "causal-balance", "crossover"]
+#: the one-GPU set, the short parts first
+ONE_GPU = ["env", "ceilings", "layer-overhead", "kernels", "ring-hops", "compile", "ring-backward", "causal-balance",
+           "crossover"]
 #: the multi-GPU set (under torchrun)
-MULTI_GPU = ["env", "layout-tests", "scaling", "peers", "model-step", "communication", "safe-defaults",
-             "training-step", "diffusers-families", "text-padding"]
+MULTI_GPU = ["env", "scaling", "peers", "model-step", "communication", "safe-defaults", "training-step",
+             "diffusers-families", "text-padding"]
 GROUPS = {"one-gpu": ONE_GPU, "multi-gpu": MULTI_GPU}
 
 

@@ -8,11 +8,11 @@ autograd code (``ring_attention_with_grad``: R block forwards merged by LSE, the
 backwards with the global LSE and the dK/dV accumulators passed on). The transfers are
 replaced by an in-memory hand-over (the other ranks' blocks are already on this GPU), so the
 row measures the per-rank compute of a ring, not its links. ``efficiency`` = (full / R) /
-ring: 1.0 means the ring's split costs nothing. Each row also checks rank 0's output and
-dq rows against the full call (relative error, bf16 ~1e-2).
+ring: 1.0 means the ring's split costs nothing. Each row also reports the relative error of
+rank 0's output and dq rows against the full call (bf16 ~1e-2).
 
 Part ``training-step`` (two GPUs, under torchrun): the
-built-in DiT (``launch/tiny_dit.py``) forward + MSE loss + backward per step, on one GPU
+built-in DiT (``launch.tiny_dit``) forward + MSE loss + backward per step, on one GPU
 (each rank alone), Ulysses-2 and ring-2; the sequence-parallel steps include the
 all-reduce (mean) of the parameter gradients that makes them the one-GPU gradients, and
 the rows report the largest relative parameter-gradient difference to the one-GPU step.
@@ -26,23 +26,18 @@ With ``--dry-run`` both run on CPU at tiny shapes (gloo under torchrun).
 from __future__ import annotations
 
 import datetime
-import pathlib
-import sys
 
 import torch
 import torch.distributed as dist
 
-LAUNCH = pathlib.Path(__file__).resolve().parents[1] / "launch"
-if str(LAUNCH) not in sys.path:  # the built-in DiT (launch/tiny_dit.py)
-    sys.path.insert(0, str(LAUNCH))
-
-import usp_attn  # noqa: E402
-from benchmarks.suite import Context, rel_err, skipped  # noqa: E402
-from benchmarks.timing import time_fn  # noqa: E402
-from usp_attn.backends.sdpa import cuda_subkernel  # noqa: E402
-from usp_attn.distributed.state import shard_sizes  # noqa: E402
-from usp_attn.layers.attention_grad import BlockKernels  # noqa: E402
-from usp_attn.layers.ring_grad import RingPlan, ring_attention_with_grad  # noqa: E402
+import usp_attn
+from benchmarks.suite import Context, rel_err, skipped
+from benchmarks.timing import time_fn
+from launch import tiny_dit
+from usp_attn.backends.sdpa import cuda_subkernel
+from usp_attn.distributed.state import shard_sizes
+from usp_attn.kernels import BlockKernels
+from usp_attn.ring.backward import RingPlan, ring_attention_with_grad
 
 WAN_SHAPES = [(1, 12, 32760, 128), (1, 40, 32760, 128), (1, 40, 75600, 128)]
 DRY_SHAPES = [(1, 4, 96, 16)]
@@ -156,8 +151,6 @@ def _model_inputs(cfg, latent_shape, device, dtype):
 
 def training_step_rows(cfg, latent_shape, device, dtype, *, warmup=2, reps=5, timeout_s=600) -> list[dict]:
     """Every rank of the (already initialised) default group takes part; returns rank 0's rows."""
-    import tiny_dit
-
     world = dist.get_world_size()
     latents, timestep, text, target = _model_inputs(cfg, latent_shape, device, dtype)
     tokens = latent_shape[2] * (latent_shape[3] // cfg.patch_size[1]) * (latent_shape[4] // cfg.patch_size[2])
@@ -212,8 +205,6 @@ def ring_backward_part(ctx: Context) -> list[dict]:
 
 
 def training_step_part(ctx: Context) -> list[dict]:
-    import tiny_dit
-
     if ctx.world < 2:
         return [skipped("training step", "needs 2 or more ranks (torchrun)")]
     if ctx.cuda:  # Wan 2.1 1.3B 480p token count (81 frames, 480 x 832), a 4-layer DiT with 128-dim heads

@@ -42,7 +42,9 @@ def builtin_problems(args) -> list[str]:
         try:
             parse_prompt(text)
         except ValueError as exc:
-            problems.append(f"{flag} {exc} (the built-in model knows {vocabulary_text()}; other words are ignored)")
+            problems.append(f"{flag} {exc}. The built-in model knows {vocabulary_text()}; "
+                            "write the prompt with these (e.g. 'a red circle moving right'), or give free text to "
+                            "a diffusers pipeline with --model-path")
     return problems
 
 

@@ -15,6 +15,8 @@ import pathlib
 
 import torch
 
+from safe_files import new_file
+
 __all__ = ["WEIGHTS_PATH", "TRAINED_VIDEO", "save_weights", "load_weights", "has_trained_shape"]
 
 WEIGHTS_PATH = pathlib.Path(__file__).resolve().parent / "weights" / "moving_shapes.pt"
@@ -22,13 +24,14 @@ WEIGHTS_PATH = pathlib.Path(__file__).resolve().parent / "weights" / "moving_sha
 TRAINED_VIDEO = (17, 128, 128)
 
 
-def save_weights(model: torch.nn.Module, info: dict, path: str | os.PathLike) -> int:
-    """Write ``model``'s parameters in fp16 with ``info``; returns the file size in bytes."""
-    path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+def save_weights(model: torch.nn.Module, info: dict, path: str | os.PathLike, *, overwrite: bool = False) -> int:
+    """Write ``model``'s parameters in fp16 with ``info`` to a new file at ``path`` in an existing directory;
+    returns the file size in bytes. Raises ``FileExistsError`` if ``path`` exists (a file or a link), unless
+    ``overwrite``; a link is never followed (safe_files.new_file)."""
     state = {k: v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items()}
-    torch.save({"state_dict": state, "info": info}, path)
-    return path.stat().st_size
+    with new_file(path, replace=overwrite) as (file, _):
+        torch.save({"state_dict": state, "info": info}, file)
+    return os.stat(path).st_size
 
 
 def has_trained_shape(cfg) -> bool:

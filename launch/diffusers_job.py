@@ -29,16 +29,27 @@ TRANSFORMER_KEYS = ("transformer", "transformer_2")
 
 
 def read_model_index(path: str) -> dict | None:
-    """The directory's ``model_index.json`` (``None`` for a hub id or a directory without one)."""
+    """The directory's ``model_index.json`` (``None`` for a hub id or a directory without one).
+
+    Raises ``ValueError`` saying what is wrong when the file is not a JSON object, ``OSError`` when it cannot be read.
+    """
     index = os.path.join(path, "model_index.json")
     if not os.path.isfile(index):
         return None
-    with open(index) as f:
-        return json.load(f)
+    try:
+        with open(index, encoding="utf-8") as f:
+            data = json.load(f)
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
+        raise ValueError(f"{index} is not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{index} is not a JSON object (it holds a JSON {type(data).__name__})")
+    return data
 
 
 def _transformer_classes(index: dict) -> list[str]:
-    return [index[k][1] for k in TRANSFORMER_KEYS if isinstance(index.get(k), list) and index[k][1]]
+    """Class names of the pipeline's transformers: entries ``"transformer": [library, class name]``."""
+    entries = [index.get(k) for k in TRANSFORMER_KEYS]
+    return [e[1] for e in entries if isinstance(e, list) and len(e) > 1 and isinstance(e[1], str) and e[1]]
 
 
 def check_model_path(args) -> list[str]:
@@ -50,6 +61,13 @@ def check_model_path(args) -> list[str]:
     is_dir = os.path.isdir(path)
     if not is_dir and not HUB_ID.fullmatch(path):
         problems.append(f"--model-path {path!r} is neither a directory nor a hub id of the form org/name")
+    index = None
+    if is_dir:
+        try:
+            index = read_model_index(path)
+        except (OSError, ValueError) as exc:
+            return problems + [f"--model-path {path!r}: {exc}; a diffusers pipeline directory has a model_index.json "
+                               "holding an object that names the pipeline class and its components"]
     missing = [m for m in ("diffusers", "transformers", "accelerate") if importlib.util.find_spec(m) is None]
     if missing:  # accelerate: diffusers needs it to load the modules some models keep in fp32
         problems.append(f"--model-path needs {', '.join(missing)}; pip install 'usp-attn[diffusers]'")
@@ -59,7 +77,6 @@ def check_model_path(args) -> list[str]:
     except ImportError as exc:
         return problems + [f"--model-path needs usp_attn.integrations.diffusers ({exc})"]
     if is_dir:
-        index = read_model_index(path)
         if index is None:
             return problems + [f"--model-path {path!r} has no model_index.json: not a diffusers pipeline directory"]
         import diffusers

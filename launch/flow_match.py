@@ -11,8 +11,8 @@ from typing import Callable
 
 import torch
 
-__all__ = ["flow_match_sigmas", "denoise", "latent_grid", "rgb_to_latents", "latents_to_video", "VAE_STRIDE",
-           "LATENT_CHANNELS"]
+__all__ = ["flow_match_sigmas", "denoise", "latent_grid", "rgb_to_latents", "latents_to_video", "in_between",
+           "VAE_STRIDE", "LATENT_CHANNELS"]
 
 #: Wan 2.1 VAE compression (frames, height, width): F pixel frames = 1 + 4 (F' - 1), H = 8 H', W = 8 W'.
 VAE_STRIDE = (4, 8, 8)
@@ -89,14 +89,56 @@ def latents_to_video(latents: torch.Tensor, num_frames: int, height: int, width:
     """Stand-in VAE decoder: latents ``[16, F', H', W']`` -> uint8 RGB ``[num_frames, height, width, 3]``.
 
     The inverse of :func:`rgb_to_latents` (channels 12-15 are ignored), clamped to [-1, 1],
-    scaled up 4x bilinearly; in time the first latent frame makes the first video frame and
-    every later one the next 4 (Wan's VAE groups frames that way).
+    scaled up 4x bilinearly. In time, latent frame t is video frame 4t (Wan's VAE stride: F = 1 + 4 (F' - 1);
+    the training clips show latent frame t at time t / (F' - 1) of the path) and the 3 frames between
+    two latent frames are motion-compensated in-betweens (:func:`in_between`): repeating each latent
+    frame 4 times instead would make a moving shape jump every fourth frame.
     """
     c, f, h, w = latents.shape
     rgb = latents[:12].float().cpu().reshape(3, 2, 2, f, h, w).permute(3, 0, 4, 1, 5, 2).reshape(f, 3, 2 * h, 2 * w)
     rgb = (rgb / RGB_SCALE - RGB_SHIFT).clamp(-1, 1)
-    rgb = torch.nn.functional.interpolate(rgb, scale_factor=4, mode="bilinear", align_corners=False)
     st = VAE_STRIDE[0]
-    frames = torch.cat([rgb[:1], rgb[1:].repeat_interleave(st, dim=0)]).permute(0, 2, 3, 1)
+    centres = [_foreground_centre(frame) for frame in rgb]
+    sequence = [rgb[0]]
+    for t in range(1, f):  # at the RGB frames' quarter size: 16x less work than after the upscale
+        sequence += [in_between(rgb[t - 1], rgb[t], j / st, centres[t - 1:t + 1]) for j in range(1, st)] + [rgb[t]]
+    rgb = torch.nn.functional.interpolate(torch.stack(sequence), scale_factor=4, mode="bilinear", align_corners=False)
+    frames = rgb.permute(0, 2, 3, 1)
     assert frames.shape[:3] == (num_frames, height, width), (frames.shape, num_frames, height, width)
     return ((frames + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+
+
+def _foreground_centre(frame: torch.Tensor) -> torch.Tensor | None:
+    """Centre ``(x, y)`` in pixels of what stands out of ``frame``'s (``[3, H, W]``) background (its per-channel
+    median); ``None`` when nothing does. Weighted by how far beyond a threshold a pixel stands out, so the centre
+    moves continuously with the pixels (two nearly equal decodes get nearly equal in-betweens)."""
+    background = frame.flatten(1).median(dim=1).values.view(3, 1, 1)
+    weight = ((frame - background).abs().amax(dim=0) - 0.2).clamp_min(0)
+    mass = weight.sum()
+    if mass <= 0:
+        return None
+    ys, xs = (torch.arange(n, dtype=frame.dtype) for n in frame.shape[1:])
+    return torch.stack([(weight.sum(0) * xs).sum(), (weight.sum(1) * ys).sum()]) / mass
+
+
+def _translate(frame: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """``frame`` ``[3, H, W]`` moved by ``shift`` = ``(dx, dy)`` pixels (bilinear; edges extended)."""
+    h, w = frame.shape[1:]
+    theta = torch.tensor([[1.0, 0.0, -2 * float(shift[0]) / w], [0.0, 1.0, -2 * float(shift[1]) / h]],
+                         dtype=frame.dtype)[None]
+    grid = torch.nn.functional.affine_grid(theta, [1, *frame.shape], align_corners=False)
+    return torch.nn.functional.grid_sample(frame[None], grid, mode="bilinear", padding_mode="border",
+                                           align_corners=False)[0]
+
+
+def in_between(a: torch.Tensor, b: torch.Tensor, alpha: float, centres=None) -> torch.Tensor:
+    """The frame a fraction ``alpha`` of the way from ``a`` to ``b`` (``[3, H, W]``): each moved along the
+    displacement of their foreground centres to where it is at ``alpha``, then blended. For what the built-in
+    model draws (one shape moving in a straight line over a plain background) the shape is in one place, whole;
+    a plain cross-fade would show two half-transparent shapes. Without a foreground it is that cross-fade.
+    ``centres``: the two frames' ``_foreground_centre``, when known."""
+    ca, cb = centres if centres is not None else (_foreground_centre(a), _foreground_centre(b))
+    if ca is None or cb is None:
+        return torch.lerp(a, b, alpha)
+    move = cb - ca
+    return torch.lerp(_translate(a, alpha * move), _translate(b, (alpha - 1) * move), alpha)

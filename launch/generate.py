@@ -27,7 +27,7 @@ import torch
 
 import usp_attn
 from usp_attn.config import AttentionConfig, add_attention_args, positive_int
-from usp_attn.distributed.arguments import DEFAULT_TIMEOUT, check_timeout
+from usp_attn.arguments import DEFAULT_TIMEOUT, check_timeout
 from usp_attn.selector import AttentionBackendUnavailableError
 
 from builtin_job import BUILTIN_GUIDANCE, DEFAULT_PROMPT, builtin_problems, run_builtin
@@ -71,8 +71,33 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefa
         return super()._get_help_string(action)
 
 
+#: how long a rank other than 0 waits before exiting on a bad argument under torchrun, which stops all ranks
+#: as soon as one exits: rank 0 may still be importing torch then, and would be killed before it explains
+QUIET_RANK_WAIT = 30.0
+
+
+def _rank_zero() -> bool:
+    return os.environ.get("RANK", "0") == "0"
+
+
+class _RankZeroParser(argparse.ArgumentParser):
+    """Every rank parses the same command line and finds the same mistake, so rank 0 alone prints the usage
+    and the error (or --help); the others exit with the same status, quietly."""
+
+    def print_help(self, file=None):
+        if _rank_zero():
+            super().print_help(file)
+
+    def error(self, message):
+        if _rank_zero():
+            super().error(message)  # usage + message, exit 2
+        if "TORCHELASTIC_RUN_ID" in os.environ:  # set by torchrun: it ends this wait once rank 0 has exited
+            time.sleep(QUIET_RANK_WAIT)
+        self.exit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _RankZeroParser(
         prog="generate.py",
         description="\n\n".join(__doc__.split("\n\n")[1:]),
         formatter_class=_HelpFormatter,
@@ -112,8 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "rerun's video is written beside --output (video.gif -> video_one_process.gif)")
     p.add_argument("--prompt", default=None,
                    help=f"what to draw. Built-in model (default {DEFAULT_PROMPT!r}): a colour, a shape and a direction "
-                   "from its vocabulary, other words ignored. --model-path: any text (default 'a red panda drinking "
-                   "tea in a garden')")
+                   "from its vocabulary (other words are refused). --model-path: any text (default 'a red panda "
+                   "drinking tea in a garden')")
     p.add_argument("--negative-prompt", default="",
                    help="classifier-free guidance steers away from it; empty: unconditional")
     model = p.add_argument_group("built-in model (ignored with --model-path)")

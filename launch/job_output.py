@@ -5,6 +5,9 @@ picture; of a video, the first frame), ``.mp4`` (imageio + imageio-ffmpeg: the
 ``video`` extra), ``.npz`` (numpy: ``video`` uint8 ``[F, H, W, 3]``, the built-in model's ``latents``
 and the run's settings) or ``none``. With ``--verify`` the one-process rerun's video is written
 beside it (``video.gif`` -> ``video_one_process.gif``), so the two can be compared by eye.
+
+An existing regular file at the path is replaced; a symbolic link there is refused before any work
+and, should one appear later, replaced rather than followed (safe_files.new_file).
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ import os
 import tempfile
 
 import torch
+
+from safe_files import new_file
 
 __all__ = ["WRITERS", "check_output", "one_process_path", "write_video", "write_outputs"]
 
@@ -52,8 +57,11 @@ def check_output(path: str, *, writes: bool, verify: bool = False) -> list[str]:
     targets = [path] + ([one_process_path(path)] if verify else [])
     if not os.path.isdir(parent):
         return [f"--output {path!r}: directory {parent} does not exist"]
-    problems = [f"--output {t!r} is a directory; give a file name such as {os.path.join(t, 'video' + ext)!r}"
-                for t in targets if os.path.isdir(t)]
+    # A link would make the job write wherever it points (a dangling one: fail after the whole run).
+    problems = [f"--output {t!r} is a symbolic link (to {os.readlink(t)!r}); give the path of a new or regular "
+                "file (outputs are never written through a link)" for t in targets if os.path.islink(t)]
+    problems += [f"--output {t!r} is a directory; give a file name such as {os.path.join(t, 'video' + ext)!r}"
+                 for t in targets if os.path.isdir(t) and not os.path.islink(t)]
     try:  # the one sure test: root passes os.access() checks on folders it still cannot write
         with tempfile.NamedTemporaryFile(dir=parent, prefix=".usp_attn_write_test_"):
             pass
@@ -66,23 +74,26 @@ def write_video(path: str, video: torch.Tensor, *, fps: int, extra: dict | None 
     """Write ``video`` (uint8 ``[F, H, W, 3]``); ``extra`` arrays and settings go into an .npz too."""
     frames = video.cpu().numpy()
     ext = os.path.splitext(path)[1].lower()
-    if ext == ".gif":
-        from PIL import Image
+    with new_file(path, replace=True) as (file, name):
+        if ext == ".gif":
+            from PIL import Image
 
-        images = [Image.fromarray(f) for f in frames]
-        images[0].save(path, save_all=True, append_images=images[1:], duration=round(1000 / fps), loop=0)
-    elif ext == ".png":
-        from PIL import Image
+            images = [Image.fromarray(f) for f in frames]
+            images[0].save(file, format="GIF", save_all=True, append_images=images[1:], duration=round(1000 / fps),
+                           loop=0)
+        elif ext == ".png":
+            from PIL import Image
 
-        Image.fromarray(frames[0]).save(path)
-    elif ext == ".mp4":
-        import imageio.v2 as imageio
+            Image.fromarray(frames[0]).save(file, format="PNG")
+        elif ext == ".mp4":
+            import imageio.v2 as imageio
 
-        imageio.mimwrite(path, list(frames), fps=fps, format="FFMPEG", macro_block_size=1)
-    else:
-        import numpy as np
+            # ffmpeg needs a file name: the new file's, which only this process has created
+            imageio.mimwrite(name, list(frames), fps=fps, format="FFMPEG", macro_block_size=1)
+        else:
+            import numpy as np
 
-        np.savez_compressed(path, video=frames, **(extra or {}))
+            np.savez_compressed(file, video=frames, **(extra or {}))
     print(f"wrote {path} ({frames.shape[0]} frames, {frames.shape[2]}x{frames.shape[1]})", flush=True)
 
 

@@ -3,8 +3,10 @@
 What the built-in model (launch/tiny_dit.py) is trained on (launch/train_builtin.py), so that
 generate.py makes a video a person recognises: ``--prompt "a red circle moving right"``.
 
-Prompt vocabulary: one colour, one shape and one direction word (other words are ignored;
-a missing attribute is left to the model, the empty prompt leaves all three to it):
+Prompt vocabulary: one colour, one shape and one direction word, and the filler words of
+:data:`FILLER` ("a", "the", "moving", ...); any other word is refused, since the model would silently
+draw something the prompt did not ask for. A missing attribute is left to the model, the empty
+prompt leaves all three to it:
 
     colours     red green blue yellow white purple
     shapes      circle square triangle
@@ -21,13 +23,14 @@ Clips are rendered straight at the latent resolution through the stand-in VAE's 
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import torch
 
 from flow_match import rgb_to_latents
 
-__all__ = ["BACKGROUND", "COLOURS", "SHAPES", "DIRECTIONS", "Prompt", "parse_prompt", "encode_prompts", "render_clips",
-           "random_prompts", "vocabulary_text"]
+__all__ = ["BACKGROUND", "COLOURS", "SHAPES", "DIRECTIONS", "FILLER", "Prompt", "parse_prompt", "encode_prompts",
+           "render_clips", "random_prompts", "vocabulary_text"]
 
 COLOURS = {  # RGB in [0, 1]
     "red": (0.92, 0.16, 0.12), "green": (0.16, 0.78, 0.22), "blue": (0.18, 0.36, 0.98),
@@ -35,6 +38,10 @@ COLOURS = {  # RGB in [0, 1]
 }
 SHAPES = ("circle", "square", "triangle")
 DIRECTIONS = {"left": (-1.0, 0.0), "right": (1.0, 0.0), "up": (0.0, -1.0), "down": (0.0, 1.0)}  # (dx, dy), y down
+#: words a prompt may hold besides the vocabulary: they carry no attribute the model could draw
+FILLER = ("a", "an", "the", "one", "single", "shape", "moving", "moves", "move", "going", "goes", "heading",
+          "travelling", "traveling", "to", "towards", "toward", "and", "is", "that", "which")
+PLURALS = {"squares": "square", "circles": "circle", "triangles": "triangle"}
 #: the line each direction moves along (y for left/right, x for up/down): opposite directions on different
 #: lines, so they differ in where the shape is, not only in the order of the frames
 LANES = {"left": 0.65, "right": 0.35, "up": 0.65, "down": 0.35}
@@ -55,24 +62,33 @@ class Prompt:
 
 
 def vocabulary_text() -> str:
-    return (f"colours {', '.join(COLOURS)}; shapes {', '.join(SHAPES)}; directions {', '.join(DIRECTIONS)}")
+    return (f"colours {', '.join(COLOURS)}; shapes {', '.join(SHAPES)}; directions {', '.join(DIRECTIONS)}; "
+            f"and the words {', '.join(FILLER)}")
 
 
 def parse_prompt(text: str) -> Prompt:
-    """``"a red circle moving right"`` -> ``Prompt("red", "circle", "right")``.
+    """``"a red circle moving right"`` -> ``Prompt("red", "circle", "right")``; ``""`` -> ``Prompt()``.
 
-    Raises ``ValueError`` naming the prompt and the clash when it names two values of one attribute.
-    Words outside the vocabulary are ignored ("a", "moving", "to the", ...).
+    Raises ``ValueError`` naming the prompt and what is wrong: words outside the vocabulary and
+    :data:`FILLER`, a non-empty prompt with no colour, shape or direction, or two values of one attribute.
     """
     found: dict[str, list[str]] = {"colour": [], "shape": [], "direction": []}
-    for word in text.lower().replace(",", " ").replace(".", " ").split():
-        word = {"squares": "square", "circles": "circle", "triangles": "triangle"}.get(word, word)
-        for attr, vocab in (("colour", COLOURS), ("shape", SHAPES), ("direction", DIRECTIONS)):
-            if word in vocab and word not in found[attr]:
-                found[attr].append(word)
-    clash = [f"more than one {attr}: {', '.join(words)}" for attr, words in found.items() if len(words) > 1]
-    if clash:
-        raise ValueError(f"{text!r} names {'; '.join(clash)}")
+    unknown = []
+    for word in re.findall(r"[^\W_]+(?:'[^\W_]+)*", text.lower()):  # words: punctuation never hides one
+        word = PLURALS.get(word, word)
+        attr = next((a for a, vocab in (("colour", COLOURS), ("shape", SHAPES), ("direction", DIRECTIONS))
+                     if word in vocab), None)
+        if attr is not None and word not in found[attr]:
+            found[attr].append(word)
+        elif attr is None and word not in FILLER and word not in unknown:
+            unknown.append(word)
+    wrong = [f"more than one {attr}: {', '.join(words)}" for attr, words in found.items() if len(words) > 1]
+    if unknown:
+        wrong.append(f"words outside the vocabulary: {', '.join(unknown)}")
+    elif text.strip() and not any(found.values()):
+        wrong.append("no colour, shape or direction")
+    if wrong:
+        raise ValueError(f"{text!r} names {'; '.join(wrong)}")
     return Prompt(**{attr: words[0] if words else None for attr, words in found.items()})
 
 

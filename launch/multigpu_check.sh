@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Check an N-GPU machine in one call (about 7 min on 2 x H200; stops itself before 9 min), every
-# measurement through the benchmark suite (benchmarks/run.py, parts named below):
+# Check an N-GPU machine in one call (about 7 min on 2 x H200; stops itself before 9 min): the multi-GPU
+# tests, then every measurement through the benchmark suite (python -m benchmarks.run, parts named below):
 #   1. environment (GPUs, links, versions); carried wheels (.whl/) installed into /tmp/site
-#   2. layout-tests: the sequence-parallel test scenarios on NCCL, every layout of every group size
+#   2. pytest -m multigpu tests/gpu: the sequence-parallel test scenarios on NCCL (one process per GPU), every
+#      layout of every group size, and the safe defaults there (host syncs, fp64 ring, first-call errors)
 #   3. scaling (P4): the attention layer at Wan 14B 720p on 1, 2, 4, 8 GPUs (groups side by side), every layout
 #   4. peers (P5): yunchang and diffusers context parallel against USPAttention, same shards and layout
 #   5. model-step: the built-in DiT (P4) and the diffusers Wan transformer (P5: vs enable_parallelism)
@@ -17,7 +18,8 @@
 # Usage (repository root or anywhere):
 #   bash launch/multigpu_check.sh [N]                 # N GPUs (default: all visible)
 #   bash launch/multigpu_check.sh --cpu-dry-run [N]   # every step on CPU with gloo at toy sizes, N processes
-#                                                     # (default 4): catches typos before a GPU call
+#                                                     # (default 4): catches typos before a GPU call; the
+#                                                     # multigpu tests run on N CPU processes too
 # The dry run runs generate.py on Ulysses-N (bf16) and ring-N (fp32) only, so it stays within about a
 # minute on 2 cores.
 set -uo pipefail
@@ -77,7 +79,7 @@ if compgen -G "$REPO/.whl/*.whl" >/dev/null; then
 else
     echo "no carried wheels (.whl/): yunchang and diffusers only if this Python already has them"
 fi
-export PYTHONPATH=$REPO${PYTHONPATH:+:$PYTHONPATH}  # usp_attn, benchmarks and tests from the checkout
+export PYTHONPATH=$REPO${PYTHONPATH:+:$PYTHONPATH}  # usp_attn, benchmarks, launch and tests from the checkout
 
 # ---- time limits (seconds) -------------------------------------------------------------------------
 if [ $DRY = 1 ]; then
@@ -159,13 +161,22 @@ export -f env_info
 export N DRY PY
 run_step "environment" "$T_ENV" bash -c 'set -o pipefail; env_info 2>&1 | tee "$0"' "$OUTDIR/env.txt"
 
-# ---- 2-6. the suite's multi-GPU parts, one torchrun each (a hang costs one step) -------------------------
-PARTS=(layout-tests scaling peers model-step communication safe-defaults training-step diffusers-families text-padding)
+# ---- 2. the multi-GPU tests: pytest spawns one process per GPU (tests/gpu/multigpu.py) --------------------
+if [ $DRY = 1 ]; then
+    TEST_ENV=(USP_ATTN_MULTIGPU_CPU_RANKS="$N")  # the same cases on N CPU processes with gloo
+else
+    TEST_ENV=(USP_ATTN_TEST_GPUS="$N")
+fi
+run_step "multigpu tests" "$T_PART" env "${TEST_ENV[@]}" "$PY" -m pytest -m multigpu tests/gpu -q -rfEs \
+    -p no:cacheprovider --timeout "$T_PART"
+
+# ---- 3-6. the suite's multi-GPU parts, one torchrun each (a hang costs one step) -------------------------
+PARTS=(scaling peers model-step communication safe-defaults training-step diffusers-families text-padding)
 # the last four have unit tests of their own on CPU: the dry run skips them to stay within about a minute
-[ $DRY = 1 ] && PARTS=(layout-tests scaling peers model-step communication)
+[ $DRY = 1 ] && PARTS=(scaling peers model-step communication)
 for i in "${!PARTS[@]}"; do
     part=${PARTS[$i]}  # results numbered: the report lists the parts in the order they ran
-    run_step "$part" "$T_PART" "${TORCHRUN[@]}" --nproc-per-node "$N" benchmarks/run.py --parts "$part" \
+    run_step "$part" "$T_PART" "${TORCHRUN[@]}" --nproc-per-node "$N" -m benchmarks.run --parts "$part" \
         ${SUITE_FLAGS[@]+"${SUITE_FLAGS[@]}"} --budget-s "$PART_BUDGET" --json "$WORK/$((i + 10))_$part.json"
     report || echo "WARNING: the report failed"
 done

@@ -1,8 +1,12 @@
 #!/usr/bin/env python
 """Train the built-in video DiT on moving coloured shapes (CPU, a few minutes).
 
-    python launch/train_builtin.py                       # writes launch/weights/moving_shapes.pt
+    python launch/train_builtin.py                       # writes ./moving_shapes.pt
     python launch/train_builtin.py --steps 20 --out /tmp/w.pt   # a quick try
+    python launch/train_builtin.py --out launch/weights/moving_shapes.pt --overwrite   # replace the shipped weights
+
+It never replaces an existing file (the shipped weights included) without --overwrite, nor writes through a
+symbolic link; --out is checked before training.
 
 Data: launch/moving_shapes.py draws a clip per sample (a shape of a prompted colour moving in a
 prompted direction across a dark background), at the default video size of generate.py,
@@ -21,8 +25,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import os
 import pathlib
 import sys
+import tempfile
 import time
 
 import torch
@@ -82,21 +88,92 @@ def train(steps: int, batch: int, lr: float, seed: int, log_every: int = 50) -> 
     return ema, info
 
 
-def main(argv=None) -> int:
+DEFAULT_OUT = "moving_shapes.pt"  # in the current directory: a run never lands on the shipped weights by default
+
+
+def positive_int(text: str) -> int:
+    """argparse ``type=``: an int >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """argparse ``type=``: a finite number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive finite number, got {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a positive finite number, got {text}")
+    return value
+
+
+def out_problem(out: str, overwrite: bool) -> str | None:
+    """What would stop the weights being written to ``out``: found before training, not minutes after."""
+    path = pathlib.Path(out)
+    if path.is_symlink():
+        return (f"--out {out!r} is a symbolic link (to {os.readlink(path)!r}); give the path of a new or regular "
+                "file (weights are never written through a link)")
+    if path.is_dir():
+        return f"--out {out!r} is a directory; give a file name such as {str(path / DEFAULT_OUT)!r}"
+    parent = path.absolute().parent
+    if not parent.is_dir():
+        return f"--out {out!r}: directory {parent} does not exist; create it first"
+    if path.exists() and not overwrite:
+        shipped = " (the shipped weights, which generate.py loads)" if path.resolve() == WEIGHTS_PATH.resolve() else ""
+        return f"--out {out!r} already exists{shipped}; pass --overwrite to replace it, or choose another --out"
+    try:  # the one sure test: root passes os.access() checks on folders it still cannot write
+        with tempfile.NamedTemporaryFile(dir=parent, prefix=".train_builtin_write_test_"):
+            pass
+    except OSError as exc:
+        return f"--out {out!r}: cannot write to directory {parent}: {exc.strerror or exc}"
+    return None
+
+
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--steps", type=int, default=1000, help="optimiser steps")
-    p.add_argument("--batch", type=int, default=16, help="clips per step")
-    p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate")
+    p.add_argument("--steps", type=positive_int, default=1000, help="optimiser steps")
+    p.add_argument("--batch", type=positive_int, default=16, help="clips per step")
+    p.add_argument("--lr", type=positive_float, default=2e-3, help="peak learning rate")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--out", default=str(WEIGHTS_PATH), help="weights file to write")
-    args = p.parse_args(argv)
+    p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--out", default=DEFAULT_OUT,
+                   help=f"weights file to write (default: {DEFAULT_OUT} in the current directory); generate.py "
+                   f"loads {WEIGHTS_PATH}")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    return p
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    problem = out_problem(args.out, args.overwrite)
+    if problem:
+        parser.error(problem)
     if args.threads:
         torch.set_num_threads(args.threads)
     model, info = train(args.steps, args.batch, args.lr, args.seed)
-    size = save_weights(model, info, args.out)
-    print(f"wrote {args.out} ({size / 2**20:.2f} MiB) after {info['train_seconds']} s", flush=True)
-    return 0
+    out, status = args.out, 0
+    for attempt in range(1, 100):
+        try:
+            size = save_weights(model, info, out, overwrite=args.overwrite)
+            break
+        except FileExistsError:  # it appeared while training: keep it, and keep the minutes of training too
+            root, ext = os.path.splitext(args.out)
+            out, status = f"{root}.{attempt}{ext}", 1
+    else:
+        print(f"error: --out {args.out!r} and the names beside it exist; nothing written", file=sys.stderr)
+        return 1
+    if status:
+        print(f"error: --out {args.out!r} appeared while training and was not replaced; wrote {out} instead",
+              file=sys.stderr)
+    print(f"wrote {out} ({size / 2**20:.2f} MiB) after {info['train_seconds']} s", flush=True)
+    return status
 
 
 if __name__ == "__main__":

@@ -1,13 +1,18 @@
 """usp_attn: sequence-parallel attention (Ulysses, ring, USP) for video DiT inference.
 
-Importing this package has no side effects: no torch flags change, nothing is
-patched, no optional kernel package is imported.
+The front door: the layers, the sequence-parallel set-up, sharding helpers, backend names and
+the two ways to force one, the configuration helpers and the errors. Selection and platform
+plumbing live one level down (``usp_attn.selector``, ``usp_attn.platforms``,
+``usp_attn.measured_choice``, ``usp_attn.backends``, ``usp_attn.settings``).
+
+Importing this package has no side effects: no torch flags change, nothing is patched, no
+optional kernel package is imported.
 """
 
-from usp_attn.backends import AttentionBackendEnum, parse_attention_backend
+from usp_attn.arguments import ReplicatedRows
+from usp_attn.backends import AttentionBackendEnum
 from usp_attn.config import AttentionConfig, add_attention_args
-from usp_attn.distributed.agreement import agree_on_backend
-from usp_attn.distributed.failures import CollectiveError
+from usp_attn.distributed.guard import CollectiveError
 from usp_attn.distributed.sharding import gather_sequence, shard_sequence
 from usp_attn.distributed.state import (
     SequenceParallelState,
@@ -17,48 +22,31 @@ from usp_attn.distributed.state import (
 )
 from usp_attn.layers.local import LocalAttention
 from usp_attn.layers.usp import RingAttention, UlyssesAttention, USPAttention
-from usp_attn.measured_choice import set_kernel_choice
-from usp_attn.platforms import Platform, PlatformKind, current_platform, detect_platform, override_platform
 from usp_attn.selector import (
     AttentionBackendUnavailableError,
-    BackendSelection,
-    GroupAgreement,
-    get_attn_backend,
     global_force_attn_backend,
     global_force_attn_backend_context_manager,
-    set_cli_attention_backend,
 )
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "AttentionBackendEnum",
     "AttentionBackendUnavailableError",
     "AttentionConfig",
-    "BackendSelection",
     "CollectiveError",
-    "GroupAgreement",
     "LocalAttention",
+    "ReplicatedRows",
     "RingAttention",
     "SequenceParallelState",
     "UlyssesAttention",
     "USPAttention",
+    "add_attention_args",
     "destroy_sequence_parallel",
     "gather_sequence",
     "get_sequence_parallel_state",
-    "init_sequence_parallel",
-    "shard_sequence",
-    "Platform",
-    "PlatformKind",
-    "add_attention_args",
-    "agree_on_backend",
-    "current_platform",
-    "detect_platform",
-    "get_attn_backend",
     "global_force_attn_backend",
     "global_force_attn_backend_context_manager",
-    "override_platform",
-    "parse_attention_backend",
-    "set_cli_attention_backend",
-    "set_kernel_choice",
+    "init_sequence_parallel",
+    "shard_sequence",
 ]

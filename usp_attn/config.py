@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
+from usp_attn.arguments import check_positive_int
 from usp_attn.backends.enum import AttentionBackendEnum, parse_attention_backend
 from usp_attn.measured_choice import set_kernel_choice
 from usp_attn.selector import set_cli_attention_backend, set_strict_backend
@@ -90,9 +91,7 @@ class AttentionConfig:
         if self.kernel_choice not in (None, "measure", "static"):
             raise ValueError(f"kernel_choice must be 'measure', 'static' or None, got {self.kernel_choice!r}")
         for name in ("ulysses_degree", "ring_degree"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+            check_positive_int(name, getattr(self, name))
 
     @property
     def sequence_parallel_degree(self) -> int:

@@ -31,19 +31,31 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import hashlib
 import json
 import logging
+import math
 import os
+import stat
 import statistics
+import tempfile
+import time
 from typing import Callable, Sequence
+
+try:
+    import fcntl
+except ImportError:  # not POSIX
+    fcntl = None
 
 import torch
 import torch.distributed as dist
 
 from usp_attn.backends import BACKEND_CLASSES, AttentionBackendEnum, make_backend
 from usp_attn.platforms import Platform
-from usp_attn.selector import log_once, settings_changed
+from usp_attn.logs import log_once
+from usp_attn.selector import settings_changed
+from usp_attn.settings import SETTINGS
 
 __all__ = [
     "ShapeClass",
@@ -123,8 +135,6 @@ class Measurement:
 
 
 # ---- settings ------------------------------------------------------------------------------
-_mode: str | None = None  # None: read the environment
-_cache_path: str | None = None
 _decided: dict[tuple, Measurement] = {}
 _disk: dict | None = None
 
@@ -133,20 +143,22 @@ def set_kernel_choice(mode: str | None = None, cache_path: str | os.PathLike | N
     """``mode``: ``"measure"`` or ``"static"`` (``None``: ``USP_ATTN_KERNEL_CHOICE``, default
     measure); ``cache_path``: JSON file keeping measurements across runs (``None``:
     ``USP_ATTN_KERNEL_CACHE``, default none)."""
-    global _mode, _cache_path, _disk
+    global _disk
     if mode is not None and mode not in ("measure", "static"):
         raise ValueError(f"kernel choice must be 'measure' or 'static', got {mode!r}")
-    _mode, _cache_path, _disk = mode, (None if cache_path is None else os.fspath(cache_path)), None
-    settings_changed()  # layers cache their choices on the selector's settings version
+    SETTINGS.kernel_choice = mode
+    SETTINGS.kernel_cache = None if cache_path is None else os.fspath(cache_path)
+    _disk = None
+    settings_changed()  # layers cache their choices on the settings version
 
 
 def kernel_choice_settings() -> tuple[str, str | None]:
     """``(mode, cache path or None)`` in effect."""
-    mode = _mode or os.environ.get(CHOICE_ENV, "measure").strip().lower() or "measure"
+    mode = SETTINGS.kernel_choice or os.environ.get(CHOICE_ENV, "measure").strip().lower() or "measure"
     if mode not in ("measure", "static"):
         log_once(logging.WARNING, f"usp_attn: {CHOICE_ENV}={mode!r} is not 'measure' or 'static'; using 'static'")
         mode = "static"
-    return mode, _cache_path or os.environ.get(CACHE_ENV) or None
+    return mode, SETTINGS.kernel_cache or os.environ.get(CACHE_ENV) or None
 
 
 def clear_measurements() -> None:
@@ -155,6 +167,12 @@ def clear_measurements() -> None:
     _decided.clear()
     _disk = None
     settings_changed()
+
+
+def reset() -> None:
+    """Forget every measurement and put the default timer back (``usp_attn.settings.reset``)."""
+    set_timer(CudaEventTimer())
+    clear_measurements()
 
 
 def measuring_possible(q: torch.Tensor) -> bool:
@@ -352,48 +370,229 @@ def _entry_key(shape: ShapeClass, candidates) -> str:
     return shape.describe() + " | " + ",".join(c.kernel for c in candidates)
 
 
+#: What marks a JSON file as a kernel cache this library wrote. A file without it (a note, a
+#: binary, another program's JSON, a cache of another format version) is never used or
+#: overwritten: the path may have been mistyped, or point at something precious.
+CACHE_FORMAT = "usp_attn kernel cache"
+CACHE_VERSION = 1
+#: A cache holds a few hundred bytes per shape class; anything larger is not ours to parse.
+MAX_CACHE_BYTES = 4 << 20
+#: How long a writer waits for another process's write before giving up on writing (reading
+#: never waits: files are replaced atomically).
+LOCK_TIMEOUT_S = 10.0
+
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+
+
+class _Refused(Exception):
+    """The file at the cache path must be neither used nor written; the message says why."""
+
+    def __init__(self, why: str, kind: str = "") -> None:
+        super().__init__(why)
+        self.kind = kind  # "unsafe ", "unreadable " or "": how the log message names the file
+
+
+def _refuse(path: str, why: _Refused) -> None:
+    log_once(logging.WARNING, f"usp_attn: ignoring {why.kind}kernel cache file {path} ({why}); it is neither "
+                              "read nor written, kernels are measured without a cache file")
+
+
+def _check_ownership(info: os.stat_result, what: str) -> None:
+    """Refuse what another user could have planted or can still edit: a cached winner is used
+    without measuring, and a write through such a file could land anywhere."""
+    if not stat.S_ISREG(info.st_mode):
+        raise _Refused(f"{what} is not a regular file", "unsafe ")
+    uid = os.geteuid() if hasattr(os, "geteuid") else None
+    if uid is not None and info.st_uid != uid:
+        raise _Refused(f"{what} is owned by uid {info.st_uid}, not by this user (uid {uid})", "unsafe ")
+    if info.st_mode & 0o022:
+        raise _Refused(f"{what} is writable by group or others (mode {oct(info.st_mode & 0o777)})", "unsafe ")
+
+
+def _open_no_follow(path: str, flags: int, what: str, mode: int = 0o600) -> int:
+    try:
+        return os.open(path, flags | _NOFOLLOW, mode)
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.EMLINK) or os.path.islink(path):
+            raise _Refused(f"{what} is a symbolic link", "unsafe ") from None
+        raise
+
+
+def _read_cache_file(path: str) -> dict | None:
+    """The valid entries of the cache file at ``path`` as ``{fingerprint: {key: entry}}``;
+    ``None`` if there is no file. Raises :class:`_Refused` for a file that is not ours."""
+    try:
+        fd = _open_no_follow(path, os.O_RDONLY, "it")
+    except FileNotFoundError:
+        return None
+    try:
+        info = os.fstat(fd)  # of what was opened: no swap between a check and the open
+        _check_ownership(info, "it")
+        if info.st_size > MAX_CACHE_BYTES:
+            raise _Refused(f"it has {info.st_size} bytes, more than a kernel cache's limit of {MAX_CACHE_BYTES}")
+        chunks, size = [], 0
+        while size <= MAX_CACHE_BYTES:
+            chunk = os.read(fd, MAX_CACHE_BYTES + 1 - size)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+        if size > MAX_CACHE_BYTES:  # grew after the fstat
+            raise _Refused(f"it has more than a kernel cache's limit of {MAX_CACHE_BYTES} bytes")
+    finally:
+        os.close(fd)
+    try:
+        doc = json.loads(b"".join(chunks).decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise _Refused(f"{exc}: not JSON, so not a usp_attn kernel cache", "unreadable ") from None
+    if not isinstance(doc, dict) or doc.get("format") != CACHE_FORMAT:
+        raise _Refused(f"it has no '\"format\": \"{CACHE_FORMAT}\"' marker: it was not written by usp_attn "
+                       "(or by a release before the marker); delete it to let usp_attn write one")
+    if doc.get("version") != CACHE_VERSION:
+        raise _Refused(f"it is a kernel cache of format version {doc.get('version')!r}, this usp_attn "
+                       f"reads version {CACHE_VERSION}")
+    machines, dropped = _valid_entries(doc.get("machines"))
+    if dropped:
+        log_once(logging.WARNING, f"usp_attn: dropping {dropped} malformed entries of kernel cache file {path}; "
+                                  "their shapes are measured again and the file is rewritten without them")
+    return machines
+
+
+def _valid_entries(machines) -> tuple[dict, int]:
+    """``(the well-formed entries, how many were dropped)``: a malformed entry is dropped, so it
+    is measured again and rewritten rather than failing every run."""
+    if not isinstance(machines, dict):
+        return {}, int(machines is not None)
+    valid, dropped = {}, 0
+    for fingerprint, entries in machines.items():
+        if not isinstance(entries, dict):
+            dropped += 1
+            continue
+        for key, entry in entries.items():
+            clean = _valid_entry(entry)
+            if clean is None:
+                dropped += 1
+            else:
+                valid.setdefault(fingerprint, {})[key] = clean
+    return valid, dropped
+
+
+def _valid_entry(entry) -> dict | None:
+    if not isinstance(entry, dict) or not isinstance(entry.get("winner"), str):
+        return None
+    timings = entry.get("timings_ms", [])
+    if not isinstance(timings, list):
+        return None
+    clean = []
+    for pair in timings:
+        if not (isinstance(pair, list) and len(pair) == 2 and isinstance(pair[0], str)):
+            return None
+        ms = pair[1]
+        if ms is not None and (isinstance(ms, bool) or not isinstance(ms, (int, float)) or not math.isfinite(ms)):
+            return None
+        clean.append([pair[0], None if ms is None else float(ms)])
+    return {"winner": entry["winner"], "timings_ms": clean}
+
+
+def _document(machines: dict) -> dict:
+    return {"format": CACHE_FORMAT, "version": CACHE_VERSION, "machines": machines}
+
+
 def _load_cache_file(path: str) -> dict:
+    """This process's copy of the cache document; without the format marker (``{}``) when the
+    file is refused, which also keeps :func:`_to_cache_file` from writing it."""
     global _disk
     if _disk is None:
         try:
-            with open(path) as f:
-                _disk = json.load(f)
-            if not isinstance(_disk, dict):
-                raise ValueError("not a JSON object")
-        except FileNotFoundError:
+            _disk = _document(_read_cache_file(path) or {})
+        except _Refused as why:
+            _refuse(path, why)
             _disk = {}
-        except (OSError, ValueError) as exc:
-            log_once(logging.WARNING, f"usp_attn: ignoring unreadable kernel cache file {path} ({exc})")
+        except OSError as exc:
+            log_once(logging.WARNING, f"usp_attn: ignoring unreadable kernel cache file {path} ({exc}); "
+                                      "kernels are measured without a cache file")
             _disk = {}
     return _disk
+
+
+@contextlib.contextmanager
+def _write_lock(path: str):
+    """Exclusive among writers of ``path``: ``flock`` on ``path.lock`` (the cache file itself is
+    replaced by every write, so a lock on it would be on a file the next writer never opens)."""
+    if fcntl is None:  # no flock (Windows): concurrent writers may drop each other's entries
+        yield
+        return
+    lock = path + ".lock"
+    fd = _open_no_follow(lock, os.O_RDWR | os.O_CREAT, f"its lock file {lock}")
+    try:
+        _check_ownership(os.fstat(fd), f"its lock file {lock}")
+        deadline = time.monotonic() + LOCK_TIMEOUT_S
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{lock} stayed locked for {LOCK_TIMEOUT_S:.0f} s") from None
+                time.sleep(0.01)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _replace_file(path: str, doc: dict) -> None:
+    """Write ``doc`` to a new file under an unpredictable name, created exclusively and without
+    following links, and rename it over ``path``: a link or file planted at a guessable temporary
+    name is never written through, and readers see the old or the new file, never a part."""
+    directory, name = os.path.split(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory)  # mode 0600
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(doc, f, indent=1, sort_keys=True)
+            f.flush()
+            os.fsync(f.fileno())  # a crash must not leave an empty file, which would be refused ever after
+            os.fchmod(f.fileno(), 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 def _from_cache_file(shape, candidates, platform) -> Measurement | None:
     path = kernel_choice_settings()[1]
     if not path:
         return None
-    entry = _load_cache_file(path).get(machine_fingerprint(platform), {}).get(_entry_key(shape, candidates))
+    machines = _load_cache_file(path).get("machines", {})
+    entry = machines.get(machine_fingerprint(platform), {}).get(_entry_key(shape, candidates))
     if not entry:
         return None
     by_name = {c.kernel: c for c in candidates}
-    if entry.get("winner") not in by_name:
+    if entry["winner"] not in by_name:
         return None
-    timings = tuple((str(n), None if ms is None else float(ms)) for n, ms in entry.get("timings_ms", []))
+    timings = tuple((n, ms) for n, ms in entry["timings_ms"])
     return Measurement(by_name[entry["winner"]], timings, "cache file")
 
 
 def _to_cache_file(shape, candidates, platform, outcome: Measurement) -> None:
+    global _disk
     path = kernel_choice_settings()[1]
-    if not path:
+    if not path or _load_cache_file(path).get("format") != CACHE_FORMAT:  # none, or refused
         return
-    data = _load_cache_file(path)
-    data.setdefault(machine_fingerprint(platform), {})[_entry_key(shape, candidates)] = {
-        "winner": outcome.winner.kernel, "timings_ms": [list(t) for t in outcome.timings]}
-    tmp = f"{path}.{os.getpid()}.tmp"
+    fingerprint, key = machine_fingerprint(platform), _entry_key(shape, candidates)
+    entry = {"winner": outcome.winner.kernel, "timings_ms": [[n, ms] for n, ms in outcome.timings]}
     try:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        with open(tmp, "w") as f:
-            json.dump(data, f, indent=1, sort_keys=True)
-        os.replace(tmp, path)  # atomic: a concurrent reader sees the old or the new file
-    except OSError as exc:
+        with _write_lock(path):
+            # Read again under the lock: other processes may have added entries since our read.
+            machines = _read_cache_file(path) or {}
+            machines.setdefault(fingerprint, {})[key] = entry
+            _replace_file(path, _document(machines))
+    except _Refused as why:
+        _refuse(path, why)
+        _disk = {}
+        return
+    except (OSError, TimeoutError) as exc:
         log_once(logging.WARNING, f"usp_attn: could not write the kernel cache file {path} ({exc})")
+        return
+    _disk = _document(machines)

@@ -24,6 +24,8 @@ from typing import Iterator, Mapping
 
 import torch
 
+from usp_attn.settings import SETTINGS
+
 __all__ = [
     "PlatformKind",
     "Platform",
@@ -31,7 +33,6 @@ __all__ = [
     "detect_platform",
     "current_platform",
     "override_platform",
-    "platform_override_version",
 ]
 
 
@@ -221,15 +222,6 @@ def detect_platform() -> Platform:
     return Platform.make(PlatformKind.CPU, packages=packages, device_name="cpu")
 
 
-_override: Platform | None = None
-_override_version = 0
-
-
-def platform_override_version() -> int:
-    """Bumped whenever :func:`override_platform` enters or exits (selection caches key on it)."""
-    return _override_version
-
-
 _detected_platform: Platform | None = None
 
 
@@ -243,18 +235,18 @@ def _detected() -> Platform:
 
 def current_platform() -> Platform:
     """The platform selection uses: an override if one is active, else the detected one."""
-    return _override if _override is not None else _detected()
+    override = SETTINGS.platform_override
+    return override if override is not None else _detected()
 
 
 @contextlib.contextmanager
 def override_platform(platform: Platform | None) -> Iterator[Platform | None]:
     """Pretend to run on ``platform`` inside the block (``None`` = use detection)."""
-    global _override, _override_version
-    previous = _override
-    _override = platform
-    _override_version += 1
+    previous = SETTINGS.platform_override
+    SETTINGS.platform_override = platform
+    SETTINGS.changed()
     try:
         yield platform
     finally:
-        _override = previous
-        _override_version += 1
+        SETTINGS.platform_override = previous
+        SETTINGS.changed()

@@ -148,19 +148,19 @@ def check_schedule() -> dict:
         layer = usp_attn.USPAttention(4, 8)
         x = usp_attn.shard_sequence(_full(20))
         layer(x, x, x)
-        channel = state._channel
+        channel = state.guard._channel
         if channel is not None:
             channel.store = _CountingStore(channel.store)
-        first = state._checks
+        first = state.guard.checks
         for _ in range(3):
             layer(x, x, x)
-        steady = state._checks - first
+        steady = state.guard.checks - first
         store_ops = channel.store.calls if channel is not None else 0
         y = usp_attn.shard_sequence(_full(26))  # every rank: a new sequence length
         expected = usp_attn.shard_sequence(reference_attention(*(_full(26).double(),) * 3))
         error = (layer(y, y, y).double() - expected).abs().max().item()
         counts[str(validate)] = {"first": first, "steady": steady, "store_ops": store_ops,
-                                 "after_change": state._checks - first - steady, "error": error}
+                                 "after_change": state.guard.checks - first - steady, "error": error}
     return counts
 
 

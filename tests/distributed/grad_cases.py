@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 import usp_attn
+import usp_attn.platforms
 from tests.distributed.sp_cases import ensure_layout
 from tests.helpers.reference_grad import attention_fp64, reference_grads
 
@@ -257,8 +258,8 @@ def saved_activations_are_local(ulysses: int, ring: int) -> dict:
 def sage_without_backward_is_an_error(ulysses: int, ring: int) -> str:
     """An explicit backend without a backward: a clear error on every rank, before any collective."""
     usp_attn.destroy_sequence_parallel()
-    hopper = usp_attn.Platform.make("cuda", capability=(9, 0), packages={"sageattention": "2.1.0"})
-    with usp_attn.override_platform(hopper):
+    hopper = usp_attn.platforms.Platform.make("cuda", capability=(9, 0), packages={"sageattention": "2.1.0"})
+    with usp_attn.platforms.override_platform(hopper):
         usp_attn.init_sequence_parallel(ulysses, ring, attention_backend="sage_attn")
         try:
             x = usp_attn.shard_sequence(torch.randn(1, 16, 4, 128, dtype=torch.bfloat16)).requires_grad_()

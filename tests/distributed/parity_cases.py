@@ -29,9 +29,9 @@ import torch.distributed as dist
 import usp_attn
 from tests.distributed.sp_cases import ensure_layout
 from tests.helpers.reference_lse import attention_lse_fp64, finite
-from usp_attn.distributed.zigzag import ring_front_lengths
-from usp_attn.layers.heads import HeadPlan
-from usp_attn.layers.ring_blocks import RingLayout, pairs_attended
+from usp_attn.ring.plan import ring_front_lengths
+from usp_attn.ulysses.heads import HeadPlan
+from usp_attn.ring.plan import RingLayout, pairs_attended
 
 ATOL, LSE_ATOL, GRAD_RTOL, FP64_TOL = 2e-5, 2e-5, 2e-4, 1e-10
 
@@ -150,7 +150,7 @@ def _count_work(layer, work: list) -> None:
 
 
 def _expected_work(state, p: dict, rows: _Rows) -> int:
-    """What the ring plan (usp_attn.layers.ring_blocks) says this rank computes."""
+    """What the ring plan (usp_attn.ring.plan) says this rank computes."""
     u, r = state.ulysses_degree, state.ring_degree
     sizes = state.sizes(p["length"], rows.balanced)
     blocks = tuple(sum(sizes[g * u : (g + 1) * u]) for g in range(r))

@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 import usp_attn
+import usp_attn.platforms
 from tests.helpers.reference import reference_attention
 
 FP32_ATOL = 2e-5
@@ -217,8 +218,8 @@ def layouts(world: int) -> list[tuple[int, int]]:
 def explicit_backend_without_lse_under_ring() -> str:
     """An explicit backend that cannot return the LSE (Sage 1) under ring: a clear error, not a fallback."""
     usp_attn.destroy_sequence_parallel()
-    hopper_with_sage1 = usp_attn.Platform.make("cuda", capability=(9, 0), packages={"sageattention": "1.0.6"})
-    with usp_attn.override_platform(hopper_with_sage1):
+    hopper_with_sage1 = usp_attn.platforms.Platform.make("cuda", capability=(9, 0), packages={"sageattention": "1.0.6"})
+    with usp_attn.platforms.override_platform(hopper_with_sage1):
         usp_attn.init_sequence_parallel(1, dist.get_world_size(), attention_backend="sage_attn")
         x = usp_attn.shard_sequence(torch.randn(1, 16, 4, 128))
         try:

@@ -18,18 +18,10 @@ from tests.helpers.logs import capture_logs, messages_at
 from tests.helpers.multiproc import case_name, run_cases
 from tests.helpers.state import reset_usp_attn_state
 from usp_attn import AttentionBackendEnum as B
-from usp_attn import (
-    AttentionBackendUnavailableError,
-    AttentionConfig,
-    LocalAttention,
-    Platform,
-    agree_on_backend,
-    get_attn_backend,
-    global_force_attn_backend,
-    global_force_attn_backend_context_manager,
-    override_platform,
-    set_cli_attention_backend,
-)
+from usp_attn import AttentionBackendUnavailableError, AttentionConfig, LocalAttention, global_force_attn_backend, global_force_attn_backend_context_manager
+from usp_attn.distributed.agreement import agree_on_backend
+from usp_attn.platforms import Platform, override_platform
+from usp_attn.selector import get_attn_backend, set_cli_attention_backend
 
 WORLD = 4
 BF16, FP16, FP32 = torch.bfloat16, torch.float16, torch.float32

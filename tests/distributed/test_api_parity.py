@@ -40,7 +40,7 @@ def _params(names):
 def test_output_lse_and_gradients_match_fp64(world, u, r, name):
     results = _run(world).check(functools.partial(parity_cases.run_parity, u, r, name))
     for rank, res in enumerate(results):
-        # The kernel calls made are exactly the ring plan's (usp_attn.layers.ring_blocks).
+        # The kernel calls made are exactly the ring plan's (usp_attn.ring.plan).
         assert res["work"] == res["expected_work"], (rank, res["work"], res["expected_work"])
     # Replicated query rows' LSE: complete and bit-identical on every rank, like their output.
     assert all(np.array_equal(res["replicated_lse"], results[0]["replicated_lse"]) for res in results)

@@ -18,15 +18,22 @@ check that ignoring the text mask would change the output by > 20x the bound (me
 bf16 (flux_bf16: weights and activations in bf16): each attention output is rounded to bf16 (2^-8 relative) at
 points that differ between the runs, so outputs may differ by a few bf16 ulps of O(1) values: bound 2^-6 of the
 output scale.
+
+A zigzag layout recorded on the state by the user's own shard_sequence(x, load_balance=True) must not change how
+the model is cut (W2: the same shard sizes in another order, so a run following it would return reordered rows;
+W4 U2xR2: other sizes, so it would fail). A rank whose attention call does not fit the plan's declaration makes
+every rank raise the same error at once (WRONG_CALL_BOUND_S, against a group timeout 4x as long).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib.util
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -59,6 +66,11 @@ SCENARIOS: dict[str, tuple[str, dict]] = {
     "flux_bf16": ("flux", {"dtype": torch.bfloat16}),
 }
 BF16_RTOL_OF_MAX = 2.0**-6
+# (world, U, R) x scenario run after shard_sequence(..., load_balance=True) recorded the zigzag layout
+RECORDED_ZIGZAG = [(2, 1, 2), (4, 2, 2)]
+RECORDED_ZIGZAG_SCENARIOS = ("flux", "qwen_text_mask")  # the audit's failure and hang at U2xR2
+WRONG_CALL_TIMEOUT_S = 20.0  # SP group timeout of that case: an error that waited for it fails the bound
+WRONG_CALL_BOUND_S = 5.0
 
 
 # ---- run inside the spawned ranks ----------------------------------------------------------------------
@@ -76,7 +88,8 @@ def _hook_count(model) -> int:
     return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
 
 
-def run_scenario(ulysses: int, ring: int, name: str) -> dict:
+def run_scenario(ulysses: int, ring: int, name: str, recorded_zigzag: bool = False) -> dict:
+    import usp_attn
     from usp_attn.distributed.state import shard_sizes
     from usp_attn.integrations.diffusers import (
         disable_sequence_parallel, enable_sequence_parallel, is_sequence_parallel_enabled,
@@ -103,8 +116,12 @@ def run_scenario(ulysses: int, ring: int, name: str) -> dict:
     probe = models.first_block(model, family).register_forward_pre_hook(
         lambda mod, args, kwargs: seen.append(models.first_block_tokens(family, args, kwargs)), with_kwargs=True)
     assert is_sequence_parallel_enabled(model)
+    if recorded_zigzag:  # the user's own tensor of another length, in the zigzag layout
+        usp_attn.shard_sequence(torch.zeros(1, 12), load_balance=True)
     with torch.no_grad():
         out = model(**inputs)[0]
+    state.set_load_balance(False)
+    state.set_sequence_length(None)
         # Another instance of the same family, not enabled, is untouched while this one is enabled.
         bystander = models.build(family, HEADS[state.world_size]).to(dtype)(**inputs)[0]
     probe.remove()
@@ -156,7 +173,7 @@ def local_only_attention_is_caught(ulysses: int, ring: int) -> dict:
         layer = USPAttention(heads, head_size, num_kv_heads=kv_heads, softmax_scale=scale)  # single-rank layer
         return lambda q, k, v, mask=None, **_: layer.local(q, k, v, mask)
 
-    run.layer = shard_only
+    run.router.layer = shard_only
     with torch.no_grad():
         out = model(**inputs)[0]
     return dict(error=(out - reference).abs().max().item(), scale=reference.abs().max().item())
@@ -177,6 +194,62 @@ def unroutable_processor_is_refused(ulysses: int, ring: int) -> str:
         assert not is_sequence_parallel_enabled(model) and _hook_count(model) == hooks
         return str(exc)
     raise AssertionError("a processor without dispatch_attention_fn was accepted")
+
+
+def _outcome(fn) -> dict:
+    start = time.monotonic()
+    try:
+        with torch.no_grad():
+            fn()
+    except Exception as exc:  # noqa: BLE001 - the test asserts type and message
+        return {"type": type(exc).__name__, "message": str(exc), "seconds": time.monotonic() - start}
+    return {"type": None, "message": "", "seconds": time.monotonic() - start}
+
+
+def _without_text(module, args, kwargs):
+    """Call a cross-attention module without its encoder_hidden_states (it then attends its own tokens)."""
+    if len(args) > 1:
+        args = (args[0], None, *args[2:])
+    kwargs.pop("encoder_hidden_states", None)
+    return args, kwargs
+
+
+def wrong_call_on_one_rank(ulysses: int, ring: int) -> dict:
+    """Rank 1 alone gets an attention call that does not fit the plan's declaration: Wan's cross-attention without
+    its text, then Flux under a plan declaring its joint attention as cross-attention. Also: a plan that leaves a
+    routed attention module undeclared is refused at enable."""
+    import torch.distributed as dist
+
+    import usp_attn
+    from usp_attn.integrations.diffusers import enable_sequence_parallel, supported_models
+    from usp_attn.integrations.diffusers.families import BUILTIN_PLANS, plan_for_model
+
+    usp_attn.destroy_sequence_parallel()
+    state = usp_attn.init_sequence_parallel(ulysses, ring, timeout=WRONG_CALL_TIMEOUT_S)
+    assert "FluxTransformer2DModel" in supported_models()
+    alone = state.sp_rank == 1
+    results = {}
+    wan, inputs = models.build("wan", HEADS[2]), models.inputs("wan", GRID)
+    enable_sequence_parallel(wan)
+    if alone:  # prepended: the run's own hook sees the call as it reaches the module
+        hook = wan.blocks[0].attn2.register_forward_pre_hook(_without_text, with_kwargs=True, prepend=True)
+    results["wan"] = _outcome(lambda: wan(**inputs))
+    if alone:
+        hook.remove()
+    results["wan_after"] = _outcome(lambda: wan(**inputs))  # the same model runs once the call is right again
+
+    flux = models.build("flux", HEADS[2])
+    plan = plan_for_model(flux, BUILTIN_PLANS)
+    if alone:
+        plan = dataclasses.replace(plan, attention={**plan.attention, "transformer_blocks.*.attn": "cross"})
+    enable_sequence_parallel(flux, plan=plan)
+    results["flux"] = _outcome(lambda: flux(**models.inputs("flux", GRID)))
+
+    undeclared = dataclasses.replace(plan, attention={"transformer_blocks.*.attn": "joint"})
+    results["undeclared"] = _outcome(lambda: enable_sequence_parallel(models.build("flux", 2), plan=undeclared))
+    dist.barrier()
+    usp_attn.destroy_sequence_parallel()
+    return results
 
 
 class _SelfContainedProcessor:
@@ -216,12 +289,15 @@ def benchmark_dry_run() -> list[dict]:
 
 def _cases(world: int) -> list:
     cases = [functools.partial(run_scenario, u, r, name) for u, r in LAYOUTS[world] for name in SCENARIOS]
+    cases += [functools.partial(run_scenario, u, r, name, True) for w, u, r in RECORDED_ZIGZAG if w == world
+              for name in RECORDED_ZIGZAG_SCENARIOS]
     cases.append(functools.partial(bad_inputs_fail_on_every_rank, *LAYOUTS[world][-1]))
     if world == 2:
         cases.append(functools.partial(local_only_attention_is_caught, *LAYOUTS[world][0]))
         cases.append(functools.partial(unroutable_processor_is_refused, *LAYOUTS[world][0]))
         cases.append(single_rank_groups_are_exact)
         cases.append(benchmark_dry_run)
+        cases.append(functools.partial(wrong_call_on_one_rank, *LAYOUTS[world][0]))
     return cases
 
 
@@ -244,7 +320,18 @@ def _params():
 @requires_diffusers
 @pytest.mark.parametrize("world,u,r,name", list(_params()))
 def test_family_matches_unparallelised_model(world, u, r, name):
-    results = _run(world).check(functools.partial(run_scenario, u, r, name))
+    _check_matches(_run(world).check(functools.partial(run_scenario, u, r, name)), name)
+
+
+@requires_diffusers
+@pytest.mark.parametrize("world,u,r,name", [
+    pytest.param(w, u, r, name, id=f"W{w}-U{u}xR{r}-{name}") for w, u, r in RECORDED_ZIGZAG
+    for name in RECORDED_ZIGZAG_SCENARIOS])
+def test_recorded_zigzag_layout_does_not_change_the_run(world, u, r, name):
+    _check_matches(_run(world).check(functools.partial(run_scenario, u, r, name, True)), name)
+
+
+def _check_matches(results: list[dict], name: str) -> None:
     bf16 = SCENARIOS[name][1].get("dtype") == torch.bfloat16
     for rank, res in enumerate(results):
         tol = (BF16_RTOL_OF_MAX if bf16 else RTOL_OF_MAX) * res["scale"]
@@ -280,6 +367,59 @@ def test_processor_without_dispatch_is_refused():
     for message in _run(2).check(functools.partial(unroutable_processor_is_refused, *LAYOUTS[2][0])):
         assert "transformer_blocks.0.attn uses _SelfContainedProcessor" in message, message
         assert "FamilyPlan.processors" in message, message
+
+
+@requires_diffusers
+@pytest.mark.parametrize("model,needles", [
+    ("wan", ("blocks.0.attn2: the Wan plan declares cross attention here (FamilyPlan.attention)",
+             "without encoder_hidden_states", "that is self attention", "encoder_hidden_states given: rank 0: True; "
+             "rank 1: False")),
+    ("flux", ("transformer_blocks.0.attn: the Flux plan declares cross attention here", "that is joint attention",
+              "declared attention: rank 0: 'joint'; rank 1: 'cross'")),
+])
+def test_wrong_call_on_one_rank_fails_fast_on_every_rank(model, needles):
+    results = _run(2).check(functools.partial(wrong_call_on_one_rank, *LAYOUTS[2][0]))
+    outcomes = [res[model] for res in results]
+    for rank, res in enumerate(outcomes):
+        assert res["type"] == "ValueError", (rank, res)
+        assert res["seconds"] < WRONG_CALL_BOUND_S, (rank, res["seconds"])
+    assert outcomes[0]["message"] == outcomes[1]["message"], outcomes
+    message = outcomes[0]["message"]
+    assert "the ranks' arguments do not agree:\n  rank 1: " in message, message
+    for needle in needles:
+        assert needle in message, (needle, message)
+    if model == "wan":
+        assert all(res["wan_after"]["type"] is None for res in results), results
+
+
+@requires_diffusers
+def test_undeclared_attention_module_is_refused_at_enable():
+    for res in _run(2).check(functools.partial(wrong_call_on_one_rank, *LAYOUTS[2][0])):
+        assert res["undeclared"]["type"] == "ValueError", res["undeclared"]
+        assert ("single_transformer_blocks.0.attn: the Flux plan does not declare whether it is self-, cross- or "
+                "joint attention (FamilyPlan.attention)") in res["undeclared"]["message"], res["undeclared"]
+
+
+@requires_diffusers
+def test_plans_declare_every_routed_attention_module():
+    from usp_attn.integrations.diffusers import FamilyPlan
+    from usp_attn.integrations.diffusers.families import BUILTIN_PLANS, plan_for_model
+    from usp_attn.integrations.diffusers.run import attention_modules, find_modules
+
+    for family in models.FAMILIES:
+        model = models.build(family, 2)
+        plan = plan_for_model(model, BUILTIN_PLANS)
+        declared = {n for path in plan.attention for n, _ in find_modules(model, path)}
+        apart = {n for path in (*plan.local_attention, *plan.processors) for n, _ in find_modules(model, path)}
+        assert {n for n, _ in attention_modules(model)} - apart <= declared, family
+    # A model with only a diffusers _cp_plan: declared from its modules' own is_cross_attention.
+    wan = models.build("wan", 2)
+    assert plan_for_model(wan, {}).attention == {
+        f"blocks.{i}.{name}": kind for i in range(2) for name, kind in (("attn1", "self"), ("attn2", "cross"))}
+    with pytest.raises(ValueError, match=r"'blocks.\*.attn' is joint attention, but joint_text does not say"):
+        FamilyPlan("x", {}, attention={"blocks.*.attn": "joint"})
+    with pytest.raises(ValueError, match=r"must be one of \('self', 'cross', 'joint'\), got 'text'"):
+        FamilyPlan("x", {}, attention={"blocks.*.attn": "text"})
 
 
 @requires_diffusers

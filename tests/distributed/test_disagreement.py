@@ -4,7 +4,7 @@ Each row asserts the named error on every rank and a bound on the time it takes.
 run with a 20 s group timeout and must end within FAST_BOUND_S: the first call of a layer is
 checked through the store in milliseconds, so a regression to "wait for the timeout" fails the
 bound instead of passing slowly. Two rows can only end at the group timeout by design (a rank
-that changes its arguments alone after the first call; see usp_attn.distributed.consistency):
+that changes its arguments alone after the first call; see usp_attn.distributed.guard):
 they run with a 3 s timeout and are bounded by it plus the report grace period.
 
 One spawned group per world size runs all its cases (spawning costs seconds, a case milliseconds).
@@ -19,7 +19,7 @@ import pytest
 from tests.distributed import disagreement_cases as cases
 from tests.helpers.multiproc import case_name, run_cases
 from tests.helpers.state import reset_usp_attn_state
-from usp_attn.distributed.failures import REPORT_GRACE_S
+from usp_attn.distributed.guard import REPORT_GRACE_S
 
 P = functools.partial
 FAST_BOUND_S = 5.0  # a quarter of the group timeout; measured: 3-60 ms on 2 loaded cores

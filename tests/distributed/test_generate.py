@@ -139,6 +139,15 @@ def test_unknown_backend_fails_while_parsing():
     assert "unknown attention backend 'flashy'" in proc.stderr and "torch_sdpa" in proc.stderr, proc.stderr
 
 
+def test_bad_argument_usage_printed_once_under_torchrun():
+    proc = torchrun(2, "--num-frames", "abc")
+    output = proc.stdout + proc.stderr
+    assert proc.returncode != 0  # torchrun's own status is 1 whatever its ranks' were
+    assert output.count("usage: generate.py") == 1, output
+    assert output.count("argument --num-frames: expected a positive integer, got 'abc'") == 1, output
+    assert re.search(r"exitcode\s*:\s*2\b", proc.stderr), proc.stderr  # in torchrun's report: argparse's status
+
+
 @pytest.mark.parametrize(
     "args,message",
     [
@@ -331,7 +340,7 @@ def test_video_output_written_or_missing_package_named(ext, tmp_path, capsys):
 
 def read_video(path: Path, fps: int = 16) -> np.ndarray:
     """uint8 ``[F, H, W, 3]`` of a .gif (Pillow) or .mp4 (imageio). Pillow stores a run of identical
-    frames as one frame shown for the run's time (the stand-in VAE repeats each latent frame 4x), so a
+    frames as one frame shown for the run's time (a video that holds a picture for several frames), so a
     GIF frame counts as ``duration * fps`` frames."""
     if path.suffix == ".gif":
         from PIL import Image, ImageSequence
@@ -404,6 +413,22 @@ def check_drawn(video: np.ndarray, colour: str, direction: tuple[float, float]) 
     along = travel @ np.array(direction)
     assert along > 0.3, (centre[0], centre[-1], direction)  # the path is half the frame
     assert abs(travel @ np.array(direction[::-1])) < 0.1, (centre[0], centre[-1])  # and straight
+
+
+def test_decoded_video_moves_smoothly():
+    """Each video frame shows the shape a quarter of a latent frame's step further on, whole: no picture is
+    held for 4 frames (the stand-in VAE decodes motion-compensated in-betweens)."""
+    from moving_shapes import parse_prompt, render_clips
+
+    prompt = parse_prompt("a red circle moving right")
+    latents = render_clips([prompt], 5, 128, 128, torch.Generator().manual_seed(0))[0]
+    video = latents_to_video(latents, 17, 128, 128).numpy()
+    background, centre, _ = shape_track(video)
+    steps = np.diff(centre[:, 0])
+    assert steps.min() > 0 and steps.max() < 1.3 * steps.min(), steps
+    assert np.ptp(centre[:, 1]) < 0.01, centre
+    area = 1 - background
+    assert np.abs(area / area[::4].mean() - 1).max() < 0.15, area  # one shape in between, not two half ones
 
 
 def test_main_job_draws_the_prompt_on_four_ranks(tmp_path):

@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 import usp_attn
+import usp_attn.platforms
 from tests.distributed.sp_cases import ensure_layout
 from tests.helpers import fake_kernels
 from tests.helpers.multiproc import run_cases
@@ -24,7 +25,7 @@ from tests.helpers.state import reset_usp_attn_state
 from usp_attn import AttentionBackendEnum as B
 from usp_attn import measured_choice
 
-HOPPER_FA4 = usp_attn.Platform.make("cuda", capability=(9, 0), packages=["flash_attn.cute"], device_name="H200")
+HOPPER_FA4 = usp_attn.platforms.Platform.make("cuda", capability=(9, 0), packages=["flash_attn.cute"], device_name="H200")
 # rank r's timer would crown WINNERS[r]; only rank 0's may count
 WINNERS = ["fa4", "cudnn", "efficient", "flash"]
 KERNELS = ["fa4", "cudnn", "flash", "efficient"]
@@ -55,7 +56,7 @@ def hopper_with_fa4():
     timer = RankTimer(WINNERS[dist.get_rank()])
     previous = measured_choice.set_timer(timer)
     try:
-        with usp_attn.override_platform(HOPPER_FA4):
+        with usp_attn.platforms.override_platform(HOPPER_FA4):
             yield timer
     finally:
         measured_choice.set_timer(previous)

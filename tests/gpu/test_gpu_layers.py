@@ -1,7 +1,9 @@
 """The layers on one GPU: USPAttention at world size 1, no host syncs, torch.compile(fullgraph=True).
 
 World size 1 is all one GPU can host (NCCL refuses two ranks on one device); the
-multi-rank paths run in tests/distributed on gloo. Bounds: tests/gpu/common.py.
+multi-rank paths run in tests/distributed on gloo and in test_multigpu.py on several GPUs.
+One rank's ring compute path runs here with the in-memory exchange of benchmarks/local_ring.py.
+Bounds: tests/gpu/common.py.
 """
 
 from __future__ import annotations
@@ -10,9 +12,12 @@ import pytest
 import torch
 
 import usp_attn
+from benchmarks.local_ring import run_local_ring, split_blocks
 from tests.gpu.common import BF16, GPU, REL_TOL, key_padding_mask, make_qkv, rel_err
 from tests.helpers.reference import reference_attention
 from usp_attn import AttentionBackendEnum, LocalAttention, USPAttention, global_force_attn_backend_context_manager
+from usp_attn.backends import BACKEND_CLASSES
+from usp_attn.platforms import current_platform
 
 pytestmark = GPU
 
@@ -67,8 +72,29 @@ def _usp(q, k, v):
     return lambda: layer(q, k, v)
 
 
+def _ring4(q, k, v):
+    """One ring rank's compute path (4 blocks, LSE merges), the blocks handed over from memory."""
+    layer = LocalAttention(H, D)
+    blocks, lengths = split_blocks(k, v, 4)
+    return lambda: run_local_ring(layer.attend, q, blocks, lengths)
+
+
+def _sage(q, k, v):
+    reason = BACKEND_CLASSES[AttentionBackendEnum.SAGE_ATTN].unsupported_reason(current_platform(), D, BF16)
+    if reason:
+        pytest.skip(f"sage_attn cannot run here: {reason}")
+    layer = LocalAttention(H, D)
+
+    def call():
+        with global_force_attn_backend_context_manager(AttentionBackendEnum.SAGE_ATTN):
+            return layer(q, k, v)
+
+    return call
+
+
 SYNC_CASES = {"LocalAttention": _local, "LocalAttention.attend(return_lse=True)": _local_lse,
-              "LocalAttention, key-padding mask": _local_masked, "USPAttention world 1": _usp}
+              "LocalAttention, key-padding mask": _local_masked, "USPAttention world 1": _usp,
+              "ring_attention R=4 (in-memory exchange)": _ring4, "LocalAttention[sage_attn]": _sage}
 
 
 @pytest.mark.parametrize("case", list(SYNC_CASES))

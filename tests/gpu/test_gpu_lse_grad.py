@@ -20,7 +20,7 @@ from tests.helpers.reference_lse import attention_lse_fp64
 from usp_attn import AttentionBackendEnum, LocalAttention, global_force_attn_backend_context_manager
 from usp_attn.backends import BACKEND_CLASSES, make_backend
 from usp_attn.backends.sdpa import cuda_subkernel
-from usp_attn.layers.attention_grad import block_backward
+from usp_attn.kernels import block_backward
 from usp_attn.platforms import current_platform
 
 pytestmark = GPU

@@ -22,6 +22,7 @@ from tests.helpers.reference import reference_attention
 
 __all__ = [
     "install",
+    "check_kernel_layout",
     "fake_flash_attn2",
     "fake_flash_attn3",
     "fake_flash_attn3_beta",
@@ -48,8 +49,22 @@ def _module(name: str) -> types.ModuleType:
     return mod
 
 
+def check_kernel_layout(**tensors) -> None:
+    """What the real kernels need of their inputs' memory and do not check themselves: a
+    unit-stride last dimension (FA2/FA4 read it as such; aten's CUDA ops raise) and 16-byte
+    aligned pointers and strides (FA4's ``assumed_align=16``, the 128-bit loads of all of them)."""
+    for name, t in tensors.items():
+        assert t.stride(-1) == 1, f"{name}: the last dimension must be contiguous, strides {t.stride()}"
+        step = 16 // t.element_size()
+        if t.shape[-1] % step == 0:  # else the kernels refuse the head size anyway
+            strides = [s for s, n in zip(t.stride()[:-1], t.shape[:-1]) if n > 1]
+            aligned = t.data_ptr() % 16 == 0 and all(s % step == 0 for s in strides)
+            assert aligned, f"{name}: not 16-byte aligned (pointer {t.data_ptr()}, strides {t.stride()})"
+
+
 def _attend(q, k, v, scale, causal):
     """[B, S, H, D] in; out in q's dtype, lse [B, H, S_q] float32 (what the real kernels return)."""
+    check_kernel_layout(q=q, k=k, v=v)
     out, lse = reference_attention(q, k, v, scale=scale, causal=causal, return_lse=True)
     return out.to(q.dtype), lse.to(torch.float32)
 
@@ -192,6 +207,7 @@ def _block_backward(q, k, v, out, dout, lse, scale, causal):
     """fp64 flash-attention backward of one block; [B, S, H, D] in, grads in the inputs' dtype."""
     assert lse.dtype == torch.float32 and tuple(lse.shape) == (q.shape[0], q.shape[2], q.shape[1]), (
         f"softmax_lse must be float32 [B, H, S_q], got {lse.dtype} {tuple(lse.shape)}")
+    check_kernel_layout(q=q, k=k, v=v, out=out, dout=dout)
     h, h_kv, d = q.shape[2], k.shape[2], q.shape[3]
     scale = d**-0.5 if scale is None else scale
     qd, od, gd = (t.double().transpose(1, 2) for t in (q, out, dout))

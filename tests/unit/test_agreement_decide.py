@@ -9,14 +9,10 @@ import pytest
 import torch
 
 from usp_attn import AttentionBackendEnum as B
-from usp_attn import (
-    AttentionBackendUnavailableError,
-    Platform,
-    agree_on_backend,
-    get_attn_backend,
-    global_force_attn_backend,
-    set_cli_attention_backend,
-)
+from usp_attn import AttentionBackendUnavailableError, global_force_attn_backend
+from usp_attn.distributed.agreement import agree_on_backend
+from usp_attn.platforms import Platform
+from usp_attn.selector import get_attn_backend, set_cli_attention_backend
 from usp_attn.distributed.agreement import _decide_or_error, decide, local_report
 from usp_attn.selector import get_group_agreement
 

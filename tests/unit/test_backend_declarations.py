@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from usp_attn import AttentionBackendEnum as B
-from usp_attn import Platform
+from usp_attn.platforms import Platform
 from usp_attn.backends import BACKEND_CLASSES, backend_class, make_backend
 from usp_attn.backends.aiter import AiterBackend
 from usp_attn.backends.flash import FlashAttentionBackend, flash_generation, flash_generations

@@ -6,7 +6,7 @@ import pytest
 
 import usp_attn
 from usp_attn import AttentionBackendEnum as B
-from usp_attn import parse_attention_backend
+from usp_attn.backends import parse_attention_backend
 
 CLI_NAMES = {
     B.FA: "fa",

@@ -21,13 +21,8 @@ import torch
 from tests.helpers import fake_kernels
 from tests.helpers.reference_grad import reference_grads
 from usp_attn import AttentionBackendEnum as B
-from usp_attn import (
-    AttentionBackendUnavailableError,
-    LocalAttention,
-    Platform,
-    global_force_attn_backend,
-    override_platform,
-)
+from usp_attn import AttentionBackendUnavailableError, LocalAttention, global_force_attn_backend
+from usp_attn.platforms import Platform, override_platform
 from usp_attn.backends import make_backend, sdpa_backward
 from usp_attn.masks import normalize_mask
 

@@ -13,7 +13,8 @@ import torch
 from tests.helpers import fake_kernels
 from tests.helpers.reference import reference_attention
 from tests.unit.test_measured_choice import FakeTimer
-from usp_attn import LocalAttention, Platform, USPAttention, global_force_attn_backend, measured_choice, override_platform
+from usp_attn import LocalAttention, USPAttention, global_force_attn_backend, measured_choice
+from usp_attn.platforms import Platform, override_platform
 
 HOPPER_FA4 = Platform.make("cuda", capability=(9, 0), packages=["flash_attn.cute"], device_name="H200")
 

@@ -8,6 +8,7 @@ import pytest
 
 from usp_attn import AttentionBackendEnum as B
 from usp_attn import AttentionConfig, add_attention_args, selector
+from usp_attn.settings import SETTINGS
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -94,10 +95,10 @@ def test_apply_sets_cli_request_and_strictness():
     cfg = AttentionConfig(attention_backend="fa4", strict=True)
     assert cfg.apply() is cfg
     assert selector.get_cli_attention_backend() is B.FA
-    assert selector._strict is True
+    assert SETTINGS.strict is True
     AttentionConfig().apply()
     assert selector.get_cli_attention_backend() is None
-    assert selector._strict is False
+    assert SETTINGS.strict is False
 
 
 def test_kernel_choice_flags_reach_the_measured_choice(tmp_path):

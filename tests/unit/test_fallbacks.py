@@ -9,14 +9,9 @@ import pytest
 import torch
 
 from usp_attn import AttentionBackendEnum as B
-from usp_attn import (
-    AttentionBackendUnavailableError,
-    AttentionConfig,
-    Platform,
-    get_attn_backend,
-    global_force_attn_backend,
-    set_cli_attention_backend,
-)
+from usp_attn import AttentionBackendUnavailableError, AttentionConfig, global_force_attn_backend
+from usp_attn.platforms import Platform
+from usp_attn.selector import get_attn_backend, set_cli_attention_backend
 from usp_attn.selector import FALLBACK_CHAIN, set_strict_backend
 
 BF16, FP32 = torch.bfloat16, torch.float32
@@ -184,7 +179,9 @@ def test_chains(request_, platform, expected_path, caplog):
 
 def test_supported_set_outside_the_automatic_order_is_still_used():
     """supported={sage_attn} under auto on a machine with sageattention picks sage, not an error."""
-    from usp_attn import AttentionBackendEnum as B, Platform, get_attn_backend, override_platform
+    from usp_attn import AttentionBackendEnum as B
+    from usp_attn.platforms import Platform, override_platform
+    from usp_attn.selector import get_attn_backend
 
     hopper_with_sage = Platform.make("cuda", capability=(9, 0), packages={"sageattention": "2.2.0"})
     with override_platform(hopper_with_sage):

@@ -12,7 +12,8 @@ import torch
 from tests.helpers import fake_kernels
 from tests.helpers.reference import reference_attention
 from usp_attn import AttentionBackendEnum as B
-from usp_attn import LocalAttention, Platform, global_force_attn_backend, override_platform
+from usp_attn import LocalAttention, global_force_attn_backend
+from usp_attn.platforms import Platform, override_platform
 from usp_attn.backends import make_backend
 
 FP32, BF16 = torch.float32, torch.bfloat16

@@ -25,7 +25,8 @@ import torch
 from tests.helpers import fake_kernels
 from tests.helpers.reference import reference_attention
 from usp_attn import AttentionBackendEnum as B
-from usp_attn import LocalAttention, Platform, override_platform
+from usp_attn import LocalAttention
+from usp_attn.platforms import Platform, override_platform
 from usp_attn.masks import normalize_mask
 
 BF16, FP16, FP32, FP64 = torch.bfloat16, torch.float16, torch.float32, torch.float64

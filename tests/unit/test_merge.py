@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from tests.helpers.reference import reference_attention
-from usp_attn.layers import merge_triton
-from usp_attn.layers.merge import PartialAttention
+from usp_attn.ring import merge_triton
+from usp_attn.ring.merge import PartialAttention
 
 BOUNDS = [(0, 3), (3, 8), (8, 15), (15, 20)]
 

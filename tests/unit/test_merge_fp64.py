@@ -7,7 +7,7 @@ import torch
 
 from tests.helpers.reference import reference_attention
 from usp_attn.backends.sdpa import TorchSDPABackend
-from usp_attn.layers.merge import PartialAttention
+from usp_attn.ring.merge import PartialAttention
 from usp_attn.platforms import Platform
 
 BOUNDS = [(0, 7), (7, 13), (13, 24)]

@@ -1,6 +1,7 @@
 """launch/multigpu_check.sh before any multi-GPU machine: its CPU dry run runs every step with gloo at
-toy sizes and passes, so the first GPU call cannot fail on a typo; plus the layout-test verdicts,
-which the dry run cannot make fail.
+toy sizes and passes, so the first GPU call cannot fail on a typo; the multi-GPU tests
+(tests/gpu/test_multigpu.py) pass on CPU processes with gloo; plus the layout verdicts, which a
+passing run cannot make fail.
 
 These tests check what the script produces, never how fast anything is.
 """
@@ -11,12 +12,13 @@ import importlib.util
 import json
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
 import pytest
 
-from benchmarks.layout_tests import CASES, judge
+from tests.gpu.multigpu_cases import SCENARIOS, judge
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "launch" / "multigpu_check.sh"
@@ -46,19 +48,17 @@ def test_cpu_dry_run_runs_every_step(tmp_path):
     summary = (tmp_path / "summary.md").read_text()
     assert summary.startswith("# usp_attn benchmarks: 4 x CPU (CPU DRY RUN")
     results = json.loads((tmp_path / "results.json").read_text())
-    assert list(results["parts"]) == ["steps", "main job", "layout-tests", "scaling", "peers", "model-step",
-                                      "communication"]
+    assert list(results["parts"]) == ["steps", "main job", "scaling", "peers", "model-step", "communication"]
     assert not [n for n, e in results["parts"].items() if e.get("error")]
 
     steps = _rows(results, "steps")
-    assert [s["what"] for s in steps] == ["environment", "layout-tests", "scaling", "peers", "model-step",
+    assert [s["what"] for s in steps] == ["environment", "multigpu tests", "scaling", "peers", "model-step",
                                           "communication", "generate 4x1 bf16", "generate 1x4 fp32"]
     assert all(s["exit"] == 0 and s["result"] == "ok" for s in steps), steps
 
-    layouts = _rows(results, "layout-tests")
-    assert [(r["gpus"], r["layout"]) for r in layouts] == [(1, "1x1"), (2, "2x1"), (2, "1x2"), (4, "4x1"), (4, "2x2"),
-                                                          (4, "1x4")]
-    assert all(r["passed"] == f"{len(CASES)}/{len(CASES)}" and r["result"] == "PASS" for r in layouts), layouts
+    # the multi-GPU tests on 4 CPU ranks: every scenario in the 6 layouts of groups of 1, 2 and 4, the safe
+    # defaults (5 tests; the one about CPU tensors under NCCL skipped)
+    assert _pytest_counts((tmp_path / "multigpu.log").read_text()) == {"passed": 6 * len(SCENARIOS) + 4, "skipped": 1}
 
     gen = _rows(results, "main job")
     assert [(r["layout"], r["dtype"]) for r in gen] == [("1x4", "fp32"), ("4x1", "bf16")]
@@ -104,6 +104,24 @@ def test_cpu_dry_run_runs_every_step(tmp_path):
             assert (pattern, d) in patterns
     assert all(r["ms"] > 0 and r["GB/s"] > 0 for r in comm)
     assert "\n## headline\n" in summary and "| P4 |" in summary
+
+
+def _pytest_counts(log: str) -> dict[str, int]:
+    """Passed, failed, skipped, errors of pytest's last summary line in ``log`` (deselected left out)."""
+    summary = [line for line in log.splitlines() if re.search(r"\d+ (passed|failed|skipped|error)", line)][-1]
+    return {word: int(n) for n, word in re.findall(r"(\d+) (\w+)", summary)
+            if word in ("passed", "failed", "skipped", "error", "errors")}
+
+
+def test_multigpu_tests_pass_on_two_cpu_ranks():
+    """tests/gpu/test_multigpu.py with gloo on 2 CPU processes (what --cpu-dry-run N does with N): every
+    scenario in layouts 1x1, 2x1 and 1x2; no host sync is checked there, the rest of the safe defaults is."""
+    env = dict(os.environ, USP_ATTN_MULTIGPU_CPU_RANKS="2", OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-m", "multigpu", "tests/gpu/test_multigpu.py", "-q",
+                           "-p", "no:cacheprovider", "-p", "no:xdist"], capture_output=True, text=True,
+                          timeout=280, env=env, cwd=REPO)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
+    assert _pytest_counts(proc.stdout) == {"passed": 3 * len(SCENARIOS) + 4, "skipped": 1}, proc.stdout[-2000:]
 
 
 def test_bad_arguments_fail_before_any_work(tmp_path):

@@ -9,16 +9,9 @@ import pytest
 import torch
 
 from usp_attn import AttentionBackendEnum as B
-from usp_attn import (
-    Platform,
-    PlatformKind,
-    current_platform,
-    detect_platform,
-    get_attn_backend,
-    global_force_attn_backend,
-    override_platform,
-    set_cli_attention_backend,
-)
+from usp_attn import global_force_attn_backend
+from usp_attn.platforms import Platform, PlatformKind, current_platform, detect_platform, override_platform
+from usp_attn.selector import get_attn_backend, set_cli_attention_backend
 from usp_attn.backends.flash import flash_generation
 from usp_attn.selector import fa_min_keys_hopper
 

@@ -15,7 +15,7 @@ import usp_attn
 from tests.helpers.reference import reference_attention
 from tests.helpers.reference_lse import attention_lse_fp64, finite
 from usp_attn.backends.sdpa import TorchSDPABackend
-from usp_attn.layers.attention_grad import block_backward
+from usp_attn.kernels import block_backward
 from usp_attn.platforms import current_platform
 
 GEN = torch.Generator().manual_seed(11)

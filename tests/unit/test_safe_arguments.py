@@ -15,8 +15,9 @@ import torch
 import torch.distributed as dist
 
 import usp_attn
-from usp_attn.distributed import arguments, consistency, failures
-from usp_attn.layers.validation import check_group_device
+from usp_attn import arguments
+from usp_attn.distributed import guard
+from usp_attn.arguments import check_group_device
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -121,27 +122,27 @@ def test_sp_timeout_flag_rejects(text, capsys):
 # ---- pieces of the cross-rank check --------------------------------------------------------------
 def test_signature_is_host_only_and_exact():
     q = torch.zeros(1, 5, 4, 8)
-    base = consistency.call_signature(q, q, q, None, 1, 0, 10)
-    assert base == consistency.call_signature(torch.ones(1, 5, 4, 8), q, q, None, 1, 0, 10)  # values don't matter
-    assert base != consistency.call_signature(q, q, q, None, True, 0, 10)  # True is not an agreed 1
-    assert base != consistency.call_signature(q.double(), q, q, None, 1, 0, 10)
-    assert base != consistency.call_signature(q, q, q, torch.ones(1, 5, dtype=torch.bool), 1, 0, 10)
-    assert base != consistency.call_signature(q, q, q, None, 1, 0, None)
-    assert base != consistency.call_signature(q.requires_grad_(), q, q, None, 1, 0, 10)  # training vs inference
+    base = guard.CallSignature.of(q, q, q, None, 1, 0, 10)
+    assert base == guard.CallSignature.of(torch.ones(1, 5, 4, 8), q, q, None, 1, 0, 10)  # values don't matter
+    assert base != guard.CallSignature.of(q, q, q, None, True, 0, 10)  # True is not an agreed 1
+    assert base != guard.CallSignature.of(q.double(), q, q, None, 1, 0, 10)
+    assert base != guard.CallSignature.of(q, q, q, torch.ones(1, 5, dtype=torch.bool), 1, 0, 10)
+    assert base != guard.CallSignature.of(q, q, q, None, 1, 0, None)
+    assert base != guard.CallSignature.of(q.requires_grad_(), q, q, None, 1, 0, 10)  # training vs inference
     with torch.no_grad():
-        assert base == consistency.call_signature(q, q, q, None, 1, 0, 10)
+        assert base == guard.CallSignature.of(q, q, q, None, 1, 0, 10)
 
 
 def test_disagreement_lists_errors_then_values_grouped_by_rank():
     summaries = [{"seq_len": 48, "dtype": "f32"}, {"seq_len": 49, "dtype": "f32"},
                  {"seq_len": 48, "dtype": "f32"}, {"seq_len": 49, "dtype": "f32"}]
-    lines = consistency.describe_disagreement(summaries, [None, "q has shape [1]", None, None])
+    lines = guard.describe_disagreement(summaries, [None, "q has shape [1]", None, None])
     assert lines == ["  rank 1: q has shape [1]", "  seq_len: ranks 0, 2: 48; ranks 1, 3: 49"]
-    assert consistency.describe_disagreement(summaries[:1] * 3, [None] * 3) == []
+    assert guard.describe_disagreement(summaries[:1] * 3, [None] * 3) == []
 
 
 def test_failure_lines_drop_the_source_location():
     exc = RuntimeError("[/x/gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:6554. More")
-    assert failures._first_line(exc) == "RuntimeError: Connection closed by peer [127.0.0.1]:6554. More"
-    assert failures.is_collective_failure(exc)
-    assert not failures.is_collective_failure(RuntimeError("CUDA out of memory"))
+    assert guard._first_line(exc) == "RuntimeError: Connection closed by peer [127.0.0.1]:6554. More"
+    assert guard.is_collective_failure(exc)
+    assert not guard.is_collective_failure(RuntimeError("CUDA out of memory"))

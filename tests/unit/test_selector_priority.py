@@ -7,17 +7,9 @@ import torch
 
 from tests.helpers import fake_kernels
 from usp_attn import AttentionBackendEnum as B
-from usp_attn import (
-    AttentionConfig,
-    LocalAttention,
-    Platform,
-    get_attn_backend,
-    global_force_attn_backend,
-    global_force_attn_backend_context_manager,
-    override_platform,
-    selector,
-    set_cli_attention_backend,
-)
+from usp_attn import AttentionConfig, LocalAttention, global_force_attn_backend, global_force_attn_backend_context_manager, selector
+from usp_attn.platforms import Platform, override_platform
+from usp_attn.selector import get_attn_backend, set_cli_attention_backend
 
 # A machine where fa, torch_sdpa and sage_attn can all run, and auto prefers fa (FA3 on Hopper).
 HOPPER = Platform.make("cuda", capability=(9, 0), packages=["flash_attn_interface", "sageattention"])

@@ -15,6 +15,7 @@ Shapes and dtypes of :meth:`AttentionBackend.forward`:
 
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING, ClassVar
 
 import torch
@@ -53,6 +54,29 @@ class AttentionBackend:
         self.platform = platform
         self.kernel = kernel
 
+    def __init_subclass__(cls, **kwargs) -> None:
+        # Callers hand over views of any strides (x[..., ::2], permutes, expands); the kernels
+        # read raw pointers and strides and give garbage or raw errors for some of them. Every
+        # subclass's forward/backward gets its tensors through kernel_layout() here, once, so
+        # no kernel wrapper can forget it.
+        super().__init_subclass__(**kwargs)
+        for name, wrap in (("forward", _forward_in_kernel_layout), ("backward", _backward_in_kernel_layout)):
+            method = cls.__dict__.get(name)
+            if method is not None and not getattr(method, "_in_kernel_layout", False):
+                setattr(cls, name, wrap(method))
+
+    # ---- the memory layout the kernel reads --------------------------------------------------
+    def kernel_layout(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` itself if the kernel reads its strides correctly, else a dense copy of it.
+
+        The GPU kernels (FlashAttention 2/3/4, aiter, SageAttention) need a unit-stride last
+        dimension and, as FA4 assumes outright and the others' 16-byte vector loads need, a
+        16-byte aligned data pointer and strides. Backends whose kernels need less override this.
+        """
+        if t.stride(-1) != 1 or not aligned_16(t):
+            return dense_copy(t)
+        return t
+
     # ---- declarations the selector reads -------------------------------------------------
     @classmethod
     def machine_reason(cls, platform: "Platform") -> str | None:
@@ -74,6 +98,17 @@ class AttentionBackend:
         return False
 
     @classmethod
+    def block_sparse_reason(cls, platform: "Platform") -> str | None:
+        """Why :meth:`forward_block_sparse` cannot run on ``platform``, or ``None``."""
+        return f"{cls.name} has no block-sparse kernel"
+
+    def forward_block_sparse(self, q, k, v, plan, *, softmax_scale=None):
+        """Attention over the kept 128 x 128 blocks of ``plan`` (a
+        :class:`usp_attn.sparse.attend.BlockPlan`) only. q ``[B, S_q, H, D]``, k/v ``[B, S_k,
+        H_kv, D]``; returns ``(out [B, S_q, H, D], lse [B, H, S_q] float32)``."""
+        raise NotImplementedError(self.block_sparse_reason(self.platform))
+
+    @classmethod
     def unsupported_reason(
         cls,
         platform: "Platform",
@@ -82,6 +117,7 @@ class AttentionBackend:
         *,
         need_lse: bool = False,
         need_mask: bool = False,
+        need_block_sparse: bool = False,
     ) -> str | None:
         """Why this kernel cannot serve a layer with these properties, or ``None``."""
         reason = cls.machine_reason(platform)
@@ -98,6 +134,8 @@ class AttentionBackend:
             return f"{cls.name} cannot return the log-sum-exp that ring attention needs"
         if need_mask and not cls.supports_mask:
             return f"{cls.name} does not support attention masks"
+        if need_block_sparse:
+            return cls.block_sparse_reason(platform)
         return None
 
     @classmethod
@@ -170,6 +208,46 @@ class AttentionBackend:
             query group), in the inputs' dtype.
         """
         raise NotImplementedError(f"{self.name} has no backward kernel")
+
+
+def _forward_in_kernel_layout(forward):
+    @functools.wraps(forward)
+    def wrapper(self, q, k, v, *args, **kwargs):
+        return forward(self, self.kernel_layout(q), self.kernel_layout(k), self.kernel_layout(v), *args, **kwargs)
+
+    wrapper._in_kernel_layout = True
+    return wrapper
+
+
+def _backward_in_kernel_layout(backward):
+    @functools.wraps(backward)
+    def wrapper(self, q, k, v, out, dout, *args, **kwargs):
+        layout = self.kernel_layout
+        # dout comes from autograd as whatever the loss made it: `out.sum()` gives a stride-0 expand
+        return backward(self, layout(q), layout(k), layout(v), layout(out), layout(dout), *args, **kwargs)
+
+    wrapper._in_kernel_layout = True
+    return wrapper
+
+
+def dense_copy(t: torch.Tensor) -> torch.Tensor:
+    """A fresh row-major copy: unit-stride last dimension (also when it has size 1, where
+    ``contiguous()`` keeps any stride) and an allocator-aligned pointer."""
+    return t.clone(memory_format=torch.contiguous_format)
+
+
+def aligned_16(t: torch.Tensor) -> bool:
+    """Whether ``t``'s data pointer and the strides of its non-trivial leading dimensions are
+    16-byte aligned. Rows whose length is not a multiple of 16 bytes can never be, and kernels
+    that need alignment refuse such head sizes anyway: those count as aligned, else every call
+    would copy for nothing."""
+    step = max(16 // t.element_size(), 1)
+    if t.shape[-1] % step:
+        return True
+    if any(s % step for s, n in zip(t.stride()[:-1], t.shape[:-1]) if n > 1):
+        return False
+    # fake tensors under torch.compile have no address; the kernel op re-checks with real ones
+    return torch.compiler.is_compiling() or t.data_ptr() % 16 == 0
 
 
 def expand_kv_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:

@@ -131,6 +131,30 @@ class FlashAttentionBackend(AttentionBackend):
         return True
 
     @classmethod
+    def block_sparse_reason(cls, platform):
+        if flash_generation(platform) != "fa4":
+            return "fa's block-sparse kernel is FlashAttention 4's (flash_attn.cute), which is not installed"
+        cap = platform.capability or (0, 0)
+        if cap[0] not in (9, 10, 11):
+            return f"FlashAttention 4's block sparsity runs on SM90/SM100/SM110, this GPU is {cap[0]}.{cap[1]}"
+        return None
+
+    def forward_block_sparse(self, q, k, v, plan, *, softmax_scale=None):
+        from flash_attn.cute.block_sparsity import BlockSparseTensorsTorch
+
+        batch = q.shape[0]
+        expand = (batch,) + tuple(plan.full_cnt.shape[1:])
+        empty_cnt = torch.zeros(expand, dtype=torch.int32, device=q.device)
+        blocks = BlockSparseTensorsTorch(
+            mask_block_cnt=empty_cnt, mask_block_idx=torch.zeros(expand + plan.full_idx.shape[-1:], dtype=torch.int32,
+                                                                 device=q.device),
+            full_block_cnt=plan.full_cnt.expand(expand), full_block_idx=plan.full_idx.expand(expand + plan.full_idx.shape[-1:]),
+            block_size=(plan.block, plan.block),
+        )
+        out, lse = self._function()(q, k, v, softmax_scale=softmax_scale, block_sparse_tensors=blocks, return_lse=True)
+        return out, lse
+
+    @classmethod
     def kernels(cls, platform, head_size, dtype, *, need_mask=False):
         if need_mask:
             return ()
@@ -217,7 +241,8 @@ def _compiled_op():
         def flash_attn_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, generation: str, scale: float,
                                causal: bool, return_lse: bool) -> tuple[torch.Tensor, torch.Tensor]:
             impl = make_backend(AttentionBackendEnum.FA, current_platform(), generation)
-            res = impl.call(q, k, v, causal=causal, softmax_scale=scale, return_lse=return_lse)
+            # through forward, not call: the compiled graph hands over whatever strides it has
+            res = impl.forward(q, k, v, causal=causal, softmax_scale=scale, return_lse=return_lse)
             if return_lse:
                 return res[0], res[1]
             return res, q.new_empty(0, dtype=torch.float32)

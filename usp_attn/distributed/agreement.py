@@ -25,6 +25,7 @@ import torch.distributed as dist
 
 from usp_attn.backends import BACKEND_CLASSES, AttentionBackendEnum, parse_attention_backend
 from usp_attn.platforms import Platform, current_platform
+from usp_attn.settings import SETTINGS
 from usp_attn.selector import (
     FALLBACK_CHAIN,
     AttentionBackendUnavailableError,
@@ -127,9 +128,7 @@ def agree_on_backend(
     Returns:
         The :class:`~usp_attn.selector.GroupAgreement`, identical on every rank.
     """
-    from usp_attn import selector  # read the live strict default
-
-    strict = selector._strict if strict is None else bool(strict)
+    strict = SETTINGS.strict if strict is None else bool(strict)
     if dist.is_available() and dist.is_initialized():
         rank = dist.get_rank(group)
         world = dist.get_world_size(group)

@@ -9,8 +9,6 @@ sequence-parallel group (or averaged, when every rank computed the same full los
 DDP does. With that convention:
 
     collective (forward)                       backward
-    sequence -> heads all-to-all (Ulysses)     the inverse all-to-all
-    heads -> sequence all-to-all               the forward all-to-all
     gather_sequence (all-gather)               reduce-scatter (sum, keep own rows)
     replicated outputs gathered over heads     reduce-scatter over heads in the Ulysses group
     replicated inputs (identity)               all-reduce mean over the SP group: every rank
@@ -18,6 +16,7 @@ DDP does. With that convention:
 
 The last row makes replicated tokens' gradients, like their outputs, identical on every
 rank: when every rank computes the same loss L, each copy's gradient is dL/dx itself.
+(The Ulysses all-to-alls' adjoints live beside them, in :mod:`usp_attn.ulysses.comm`.)
 Nothing here runs without gradients: the layers call these only when autograd records.
 """
 
@@ -26,69 +25,12 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from usp_attn.distributed.ulysses_comm import heads_to_sequence, sequence_to_heads
 
 __all__ = [
-    "grad_required",
-    "sequence_to_heads_with_grad",
-    "heads_to_sequence_with_grad",
     "gather_sequence_with_grad",
     "gather_replicated_with_grad",
     "share_replicated_grads",
 ]
-
-
-def grad_required(*tensors) -> bool:
-    """Whether autograd will record an op on these tensors (grad mode on, one requires grad)."""
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-
-
-class _SequenceToHeads(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, shard_lengths, group_rank, group, pad_front, pad_back, *tensors):
-        buf, ranges = sequence_to_heads(list(tensors), shard_lengths, group, pad_front=pad_front, pad_back=pad_back)
-        ctx.args = (shard_lengths, group_rank, group, pad_front, ranges, [t.shape for t in tensors])
-        return buf
-
-    @staticmethod
-    def backward(ctx, dbuf):
-        shard_lengths, group_rank, group, pad_front, ranges, shapes = ctx.args
-        world, seg = len(shard_lengths), sum(shard_lengths)
-        # Rows of rank w's shard go back to rank w, every rank's head block beside the others.
-        back = heads_to_sequence(dbuf[pad_front : pad_front + seg].transpose(0, 1), shard_lengths, group_rank, group)
-        batch, s_r, _, d = back.shape
-        back = back.view(batch, s_r, world, -1, d)
-        grads = [back[:, :, :, a:b].reshape(shape) for (a, b), shape in zip(ranges, shapes)]
-        return (None,) * 5 + tuple(grads)
-
-
-def sequence_to_heads_with_grad(tensors, shard_lengths, group, *, group_rank, pad_front=0, pad_back=0):
-    """:func:`~usp_attn.distributed.ulysses_comm.sequence_to_heads` recorded by autograd (same results)."""
-    ranges, start = [], 0
-    for t in tensors:
-        h = t.shape[2] // len(shard_lengths)
-        ranges.append((start, start + h))
-        start += h
-    buf = _SequenceToHeads.apply(tuple(shard_lengths), group_rank, group, pad_front, pad_back, *tensors)
-    return buf, ranges
-
-
-class _HeadsToSequence(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, out, shard_lengths, group_rank, group):
-        ctx.args = (shard_lengths, group)
-        return heads_to_sequence(out, shard_lengths, group_rank, group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        shard_lengths, group = ctx.args
-        buf, _ = sequence_to_heads([grad.contiguous()], shard_lengths, group)
-        return buf.transpose(0, 1), None, None, None
-
-
-def heads_to_sequence_with_grad(out, shard_lengths, group_rank, group):
-    """:func:`~usp_attn.distributed.ulysses_comm.heads_to_sequence` recorded by autograd."""
-    return _HeadsToSequence.apply(out, tuple(shard_lengths), group_rank, group)
 
 
 class _GatherSequence(torch.autograd.Function):

@@ -12,7 +12,9 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from usp_attn.distributed.collectives_grad import gather_sequence_with_grad, grad_required
+from usp_attn.arguments import check_load_balance
+from usp_attn.distributed.collectives_grad import gather_sequence_with_grad
+from usp_attn.kernels import grad_required
 from usp_attn.distributed.state import SequenceParallelState, get_sequence_parallel_state
 from usp_attn.distributed.zigzag import rank_chunks, shard_zigzag, to_global_order
 
@@ -101,9 +103,7 @@ def gather_sequence(x: torch.Tensor, dim: int = 1, state: SequenceParallelState 
 def _layout(state: SequenceParallelState, load_balance) -> bool:
     if load_balance is None:
         return state.load_balance
-    if not isinstance(load_balance, bool):
-        raise ValueError(f"load_balance must be True, False or None (the state's layout), got {load_balance!r}")
-    return load_balance
+    return check_load_balance(load_balance, none_means="the state's layout")
 
 
 def _all_gather_rows(x: torch.Tensor, dim: int, sizes: tuple[int, ...], state) -> torch.Tensor:

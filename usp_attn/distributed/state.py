@@ -29,10 +29,13 @@ import torch.distributed as dist
 
 from usp_attn.backends.enum import AttentionBackendEnum, parse_attention_backend
 from usp_attn.distributed.agreement import agree_on_backend
-from usp_attn.distributed.arguments import (  # noqa: F401 - VALIDATE_ENV, DEFAULT_TIMEOUT: documented here too
+from usp_attn.distributed.guard import CallGuard
+from usp_attn.arguments import (  # noqa: F401 - VALIDATE_ENV, DEFAULT_TIMEOUT: documented here too
     DEFAULT_TIMEOUT,
     VALIDATE_ENV,
+    check_bool,
     check_flag,
+    check_positive_int,
     check_timeout,
     validate_from_env,
 )
@@ -52,7 +55,7 @@ __all__ = [
 logger = logging.getLogger("usp_attn")
 
 # init_sequence_parallel calls so far in this process (the same on every rank): each gets
-# its own key space in the c10d store (usp_attn.distributed.rank_channel).
+# its own key space in the c10d store (usp_attn.distributed.guard).
 _generation = 0
 # (store, rank, world_size) of this process's env:// rendezvous, reused by every default
 # group it creates (see _init_default_group).
@@ -104,8 +107,7 @@ class SequenceParallelState:
     generation: int = 0
     _created_groups: list = dataclasses.field(default_factory=list, repr=False)
     _owns_default_group: bool = False
-    _channel: object = dataclasses.field(default=None, repr=False)  # RankChannel, made on first use
-    _checks: int = 0  # argument checks run so far (the same count on every rank)
+    _guard: CallGuard | None = dataclasses.field(default=None, repr=False)
     _device_mesh: object = dataclasses.field(default=None, repr=False)
 
     @property
@@ -117,6 +119,13 @@ class SequenceParallelState:
 
             self._device_mesh = build_device_mesh(self)
         return self._device_mesh
+
+    @property
+    def guard(self) -> CallGuard:
+        """The cross-rank check of this group's calls (:class:`~usp_attn.distributed.guard.CallGuard`)."""
+        if self._guard is None:
+            self._guard = CallGuard(self)
+        return self._guard
 
     @property
     def world_size(self) -> int:
@@ -140,9 +149,7 @@ class SequenceParallelState:
 
     def set_load_balance(self, load_balance: bool) -> None:
         """Record the layout of the sharded sequence (all ranks must record the same)."""
-        if not isinstance(load_balance, bool):
-            raise ValueError(f"load_balance must be True or False, got {load_balance!r}")
-        self.load_balance = load_balance
+        self.load_balance = check_bool("load_balance", load_balance)
 
     def sizes(self, total: int, load_balance: bool | None = None) -> tuple[int, ...]:
         """Every SP rank's shard length for a global length ``total`` in the given layout
@@ -158,12 +165,6 @@ _state: SequenceParallelState | None = None
 def get_sequence_parallel_state() -> SequenceParallelState | None:
     """The state built by :func:`init_sequence_parallel`, or ``None``."""
     return _state
-
-
-def _check_degree(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
 
 
 def _global_rank(value) -> int:
@@ -254,7 +255,7 @@ def init_sequence_parallel(
         timeout: bound on every collective: positive finite seconds or a timedelta
             (default :data:`DEFAULT_TIMEOUT`, 5 minutes).
         strict: fail instead of falling back if the request cannot run on every rank.
-        validate: cross-rank argument checks (see :mod:`usp_attn.distributed.consistency`):
+        validate: cross-rank argument checks (see :mod:`usp_attn.distributed.guard`):
             ``None`` = the first call of each layer and every call whose arguments changed
             (default, unless env ``USP_ATTN_VALIDATE`` is 1 = every call or 0 = never),
             ``True`` = every call, ``False`` = never.
@@ -281,8 +282,8 @@ def init_sequence_parallel(
                                      attention_backend=attention_backend, timeout=timeout, strict=strict,
                                      validate=validate)
     # Every argument is checked before any collective, so a bad one fails alike on every rank.
-    _check_degree("ulysses_degree", ulysses_degree)
-    _check_degree("ring_degree", ring_degree)
+    check_positive_int("ulysses_degree", ulysses_degree)
+    check_positive_int("ring_degree", ring_degree)
     request = parse_attention_backend(attention_backend)
     timeout = check_timeout(timeout)
     strict = check_flag("strict", strict)

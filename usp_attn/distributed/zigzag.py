@@ -35,7 +35,7 @@ Causal ring on the zigzag layout. Ring rank ``g`` holds queries ``[F_g | B_g]`` 
 
 Work per hop with equal super-chunks of ``c`` tokens: ``(2c)^2/2`` on the diagonal, ``2c * c``
 when ``j < g``, ``c * 2c`` when ``j > g``: the same ``2c^2`` on every rank at every hop
-(:mod:`usp_attn.layers.ring_blocks` turns this table into kernel calls and counts them).
+(:mod:`usp_attn.ring.plan` turns this table into kernel calls and counts them).
 """
 
 from __future__ import annotations
@@ -50,7 +50,6 @@ __all__ = [
     "gather_order",
     "to_global_order",
     "to_rank_order",
-    "ring_front_lengths",
 ]
 
 
@@ -109,10 +108,3 @@ def to_rank_order(x: torch.Tensor, pieces: list[tuple[int, int]], dim: int) -> t
         rows += [x.narrow(dim, start_a, len_a), x.narrow(dim, start_b, len_b)]
         start_a += len_a
     return torch.cat(rows, dim=dim)
-
-
-def ring_front_lengths(total: int, ulysses_degree: int, ring_degree: int) -> tuple[int, ...]:
-    """``len F_g`` for every ring rank ``g``: the early super-chunk of its segment."""
-    chunks = chunk_sizes(total, ulysses_degree * ring_degree)
-    u = ulysses_degree
-    return tuple(sum(chunks[g * u : (g + 1) * u]) for g in range(ring_degree))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 
 import torch
@@ -10,12 +11,20 @@ from torch import nn
 
 from usp_attn import measured_choice
 from usp_attn.backends import AttentionBackendEnum, expand_kv_heads
-from usp_attn.layers.attention_grad import attend_with_grad, grad_required
-from usp_attn.layers.validation import check_head_config, check_qkv, check_return_lse, check_supported_backends
+from usp_attn.kernels import attend_with_grad, grad_required
+from usp_attn.arguments import ReplicatedRows, check_head_config, check_qkv, check_return_lse, check_supported_backends
 from usp_attn.masks import normalize_mask
 from usp_attn.measured_choice import ShapeClass, exact_candidates, length_bucket
 from usp_attn.platforms import current_platform
-from usp_attn.selector import BackendSelection, get_attn_backend, get_group_agreement, log_once, settings_version
+from usp_attn.logs import log_once
+from usp_attn.sparse.attend import attend_sparse, check_sparsity
+from usp_attn.selector import (
+    AttentionBackendUnavailableError,
+    BackendSelection,
+    get_attn_backend,
+    get_group_agreement,
+    settings_version,
+)
 
 __all__ = ["LocalAttention"]
 
@@ -145,19 +154,26 @@ class LocalAttention(nn.Module):
 
     # ---- compute -------------------------------------------------------------------------
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None = None,
-                *, return_lse: bool = False):
+                *, return_lse: bool = False, sparsity=None, replicated: ReplicatedRows | None = None):
         """Attention of ``q`` over ``k``/``v``; with ``return_lse`` also the log-sum-exp.
 
         Returns ``out [B, S_q, H, D]`` in q's dtype, or ``(out, lse)``: lse ``[B, H, S_q]``, the
         natural log of each query row's softmax denominator ``sum_j exp(scale * q.k_j + mask_j)``,
         float32 (float64 for float64 inputs), ``-inf`` on rows with no key to attend. Under
         autograd the LSE is differentiable (exact gradients through the kernel's backward).
+
+        ``sparsity``: a sparse pattern (:mod:`usp_attn.sparse`; ``None`` = dense, the default),
+        lossy and opt-in. Its grid is the rows between ``replicated.prefix`` and
+        ``replicated.suffix`` (text rows, dense both ways; k/v may carry ``kv_prefix/kv_suffix``
+        rows more); no ``attn_mask``, not causal. Inference only.
         """
         check_return_lse(return_lse)
         check_qkv(
             q, k, v, num_heads=self.num_heads, num_kv_heads=self.num_kv_heads,
             head_size=self.head_size, causal=self.causal,
         )
+        if sparsity is not None or replicated is not None:
+            return self._forward_sparse(q, k, v, attn_mask, sparsity, ReplicatedRows.of(replicated), return_lse)
         mask = None
         if attn_mask is not None:
             mask = normalize_mask(
@@ -165,6 +181,37 @@ class LocalAttention(nn.Module):
                 dtype=q.dtype, device=q.device,
             )
         return self.attend(q, k, v, mask=mask, causal=self.causal, return_lse=return_lse)
+
+    def _forward_sparse(self, q, k, v, attn_mask, sparsity, rows, return_lse):
+        if sparsity is None:
+            raise ValueError("replicated= describes the text rows around a sparse pattern's grid; pass sparsity= "
+                             "too (dense attention needs no row description)")
+        if attn_mask is not None:
+            raise ValueError("attn_mask cannot be combined with sparsity= (the pattern is the mask)")
+        grid = rows.check_rows(q.shape[1], k.shape[1], False)
+        check_sparsity(sparsity, num_grid_tokens=grid, num_heads=self.num_heads, causal=self.causal,
+                       where="LocalAttention")
+        if grad_required(q, k, v):
+            raise ValueError("sparse attention is inference-only here: run it under torch.no_grad()")
+        out, lse = attend_sparse(self._attend_lse, q, k, v, sparsity, q_text=(rows.prefix, rows.suffix),
+                                 k_text=(rows.key_prefix, rows.key_suffix), q_range=(0, grid),
+                                 k_range=(0, grid), heads=range(self.num_heads), scale=self.softmax_scale,
+                                 block_kernel=self._block_kernel(q, k, v))
+        return (out, lse) if return_lse else out
+
+    def _attend_lse(self, q, k, v, *, mask=None, return_lse=True):
+        return self.attend(q, k, v, mask=mask, return_lse=return_lse)
+
+    def _block_kernel(self, q, k, v):
+        """The block-sparse forward of the backend the selector picks with block sparsity
+        required, or None (the exact masked path), for the grid part of a sparse call."""
+        try:
+            sel = get_attn_backend(self.head_size, q.dtype, self.supported_attention_backends, need_lse=True,
+                                   strict=False, need_block_sparse=True)
+        except AttentionBackendUnavailableError as exc:
+            log_once(logging.INFO, f"usp_attn: sparse patterns run on the exact masked path: {exc}")
+            return None
+        return functools.partial(sel.impl.forward_block_sparse, softmax_scale=self.softmax_scale)
 
     def attend(self, q, k, v, *, mask=None, causal=False, return_lse=False, kernel=None):
         """Run the kernel on already-validated inputs (``mask`` in normalised 4-D form).

@@ -3,17 +3,17 @@
 Data flow for one call on SP rank ``r = ring_rank * U + ulysses_rank``, with local
 shards ``q [B, n_pre + s_r + n_suf, H, D]`` and ``k, v [B, kv_pre + n_pre + s_r + n_suf +
 kv_suf, H_kv, D]`` (``n_pre``/``n_suf`` replicated tokens, identical on every rank, e.g. text;
-``kv_pre``/``kv_suf`` replicated keys/values without queries; see ``sp_arguments``):
+``kv_pre``/``kv_suf`` replicated keys/values without queries; see :mod:`usp_attn.arguments`):
 
 1. Ulysses (U > 1): one fused all-to-all turns the ``s_r`` sharded tokens of all heads
    into the whole group segment (``S_seg`` tokens) of head block ``ulysses_rank``. The
    replicated tokens skip the all-to-all: they are sliced to the same head block
    locally and written into rows reserved around the segment (no extra copy)
-   (``ulysses_steps``; causal on the zigzag layout also reorders the segment).
+   (:mod:`usp_attn.ulysses.steps`; causal on the zigzag layout also reorders the segment).
 2. Ring (R > 1): the segment's queries (and the replicated queries) attend every ring
    rank's segment K/V, passed around the ring; the replicated K/V is attended once,
    locally. R == 1: one kernel call over [replicated + segment] keys. Causal: the
-   per-hop calls of ``ring_blocks`` (contiguous or zigzag layout).
+   per-hop calls of :mod:`usp_attn.ring.plan` (contiguous or zigzag layout).
 3. Ulysses back: the inverse all-to-all returns ``[B, s_r, H, D]``; replicated-token
    outputs are all-gathered over heads (taking ring rank 0's copy, so every rank
    returns bit-identical replicated outputs). With ``return_lse`` the log-sum-exp
@@ -22,32 +22,71 @@ kv_suf, H_kv, D]`` (``n_pre``/``n_suf`` replicated tokens, identical on every ra
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from usp_attn import masks
+from usp_attn.arguments import (
+    ReplicatedRows,
+    check_group_device,
+    check_load_balance,
+    check_qkv,
+    check_return_lse,
+    check_seq_len,
+    check_shard_length,
+    check_zigzag_sizes,
+)
 from usp_attn.backends import BACKEND_CLASSES, AttentionBackendEnum
-from usp_attn.distributed.collectives_grad import gather_replicated_with_grad, grad_required, share_replicated_grads
-from usp_attn.distributed.consistency import call_signature, check_call, check_reason, shared_summary
-from usp_attn.distributed.failures import name_failed_ranks
-from usp_attn.distributed.ring_comm import RingExchange
+from usp_attn.distributed.guard import CallSignature
+from usp_attn.distributed.collectives_grad import gather_replicated_with_grad, share_replicated_grads
+from usp_attn.ring.exchange import RingExchange
 from usp_attn.distributed.sharding import exchange_lengths
 from usp_attn.distributed.state import SequenceParallelState, get_sequence_parallel_state
-from usp_attn.distributed.zigzag import rank_chunks, ring_front_lengths
-from usp_attn.layers.attention_grad import BlockKernels, check_backward
-from usp_attn.layers.heads import HeadPlan
+from usp_attn.distributed.zigzag import rank_chunks
+from usp_attn.ring.plan import ring_front_lengths
+from usp_attn.kernels import BlockKernels, check_backward, grad_required
+from usp_attn.ulysses.heads import HeadPlan
 from usp_attn.layers.local import LocalAttention
-from usp_attn.layers.ring import key_mask_4d, ring_attention
-from usp_attn.layers.replicated_keys import attend_with_masked_replicated_keys
-from usp_attn.layers.ring_grad import RingPlan, ring_attention_with_grad
-from usp_attn.layers.sp_arguments import ReplicatedRows, check_key_mask, check_load_balance, check_replicated_key_mask
-from usp_attn.layers.ulysses_steps import UlyssesSteps
-from usp_attn.layers.validation import check_group_device, check_qkv, check_return_lse
+from usp_attn.ring.forward import ring_attention
+from usp_attn.layers.replicated import attend_with_masked_replicated_keys
+from usp_attn.ring.backward import RingPlan, ring_attention_with_grad
+from usp_attn.ulysses.steps import UlyssesSteps
 from usp_attn.selector import AttentionBackendUnavailableError
+from usp_attn.sparse.attend import attend_sparse, block_plan, check_sparsity
+from usp_attn.sparse.patterns import SparsityPattern
 
 __all__ = ["USPAttention", "UlyssesAttention", "RingAttention"]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Call:
+    """One sequence-parallel call after its checks: what the steps of the forward read."""
+
+    rows: ReplicatedRows
+    sizes: tuple[int, ...]  # every SP rank's shard length, in SP-rank order
+    balanced: bool  # the zigzag layout
+    key_mask: torch.Tensor | None  # [B, S_local_k]
+    text_mask: torch.Tensor | None  # [B, replicated keys]
+    return_lse: bool
+    signature: CallSignature
+    grad: bool = False
+    sparsity: SparsityPattern | None = None
+
+    @property
+    def total(self) -> int:
+        return sum(self.sizes)
+
+    def group_sizes(self, state) -> tuple[int, ...]:
+        """The shard lengths of this rank's Ulysses group (its segment)."""
+        u, r = state.ulysses_degree, state.ring_rank
+        return self.sizes[r * u : (r + 1) * u]
+
+    def segment(self, state) -> int:
+        return sum(self.group_sizes(state))
 
 
 class USPAttention(nn.Module):
@@ -81,6 +120,8 @@ class USPAttention(nn.Module):
         of this rank's query rows, replicated rows included in their order; differentiable.
         load_balance: the layout of the shards (``None``: the one recorded on the state by
         ``shard_sequence``); ``True`` = zigzag, which balances causal work.
+        replicated: the replicated rows as one :class:`~usp_attn.ReplicatedRows` description,
+        instead of the ``num_replicated_*`` integer keywords (shorthand for the same counts).
     """
 
     #: (ulysses_degree, ring_degree) constraint checked at call time; None = any.
@@ -166,128 +207,198 @@ class USPAttention(nn.Module):
         num_replicated_kv_suffix: int = 0,
         load_balance: bool | None = None,
         replicated_key_mask: torch.Tensor | None = None,
+        replicated: ReplicatedRows | None = None,
+        sparsity: SparsityPattern | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         state = self.state
-        rows = ReplicatedRows(num_replicated_prefix, num_replicated_suffix, num_replicated_kv_prefix,
-                              num_replicated_kv_suffix)
+        rows = ReplicatedRows.of(replicated, num_replicated_prefix, num_replicated_suffix, num_replicated_kv_prefix,
+                                 num_replicated_kv_suffix)
         if self.skip_sequence_parallel or state is None or state.world_size == 1:
-            check_return_lse(return_lse)
-            check_load_balance(load_balance)
-            shaped = all(isinstance(t, torch.Tensor) and t.dim() >= 2 for t in (q, k))
-            if rows.any and shaped:  # cross-attention's k/v are complete: any row count of theirs is right
-                rows.check_rows(q.shape[1], None if self.skip_sequence_parallel else k.shape[1], self.causal)
-            elif rows.any:
-                rows.check_counts(self.causal)
-            if replicated_key_mask is not None and shaped:  # one call: the mask over every key
-                text = check_replicated_key_mask(replicated_key_mask, q, rows, attn_mask, grad_required(q, k, v))
-                attn_mask = _full_key_mask(text, rows, k.shape[1])
-            return self.local(q, k, v, attn_mask, return_lse=return_lse)
+            return self._forward_one_rank(q, k, v, attn_mask, rows, return_lse, load_balance, replicated_key_mask,
+                                          sparsity)
+        call = self._checked_call(state, q, k, v, attn_mask, rows, seq_len, return_lse, load_balance,
+                                  replicated_key_mask, sparsity)  # the same verdict on every rank
+        try:
+            if call.grad:  # training: every step below is recorded with its adjoint
+                q, k, v = self._for_training(state, call, q, k, v)
+            # 1. Ulysses: sequence shard -> head shard of the whole segment (replicated rows reserved around it).
+            ulysses = self._ulysses(state, call)
+            q_all, k_all, v_all, key_mask = ulysses.to_heads(q, k, v, call.key_mask) if ulysses else (q, k, v,
+                                                                                                       call.key_mask)
+            # 2. Attention over the whole sequence: one call (R == 1) or the ring (R > 1).
+            out_all, lse_all = self._attend(state, call, q_all, k_all, v_all, key_mask)
+            # 3. Back to sequence shards; replicated outputs gathered over heads. The LSE goes the same way.
+            return self._back(state, call, ulysses, out_all, lse_all)
+        except RuntimeError as exc:  # a failed collective names the rank behind it
+            state.guard.raise_named(exc, "USPAttention.forward", lambda: call.signature.summary(self))
+
+    def _forward_one_rank(self, q, k, v, attn_mask, rows, return_lse, load_balance, text_mask, sparsity):
+        check_return_lse(return_lse)
+        check_load_balance(load_balance)
+        if sparsity is not None:
+            if self.skip_sequence_parallel:
+                raise ValueError("sparsity= is for self-attention over the video grid; this layer is "
+                                 "skip_sequence_parallel (cross-attention)")
+            if text_mask is not None:
+                raise ValueError("sparsity= cannot be combined with replicated_key_mask")
+            return self.local(q, k, v, attn_mask, return_lse=return_lse, sparsity=sparsity, replicated=rows)
+        shaped = all(isinstance(t, torch.Tensor) and t.dim() >= 2 for t in (q, k))
+        if rows.any and shaped:  # cross-attention's k/v are complete: any row count of theirs is right
+            rows.check_rows(q.shape[1], None if self.skip_sequence_parallel else k.shape[1], self.causal)
+        elif rows.any:
+            rows.check_counts(self.causal)
+        if text_mask is not None and shaped:  # one call: the mask over every key
+            text = masks.replicated_key_mask(text_mask, q, rows, attn_mask, grad_required(q, k, v))
+            attn_mask = masks.full_key_mask(text, rows, k.shape[1])
+        return self.local(q, k, v, attn_mask, return_lse=return_lse)
+
+    def _for_training(self, state, call: _Call, q, k, v):
+        """Refuse a kernel without a backward before any collective; replicated rows' gradients
+        become their mean over the group (see distributed/collectives_grad)."""
+        need_lse = state.ring_degree > 1 or call.return_lse
+        check_backward(self.local.selection(q.dtype, need_mask=call.key_mask is not None, need_lse=need_lse).impl)
+        rows = call.rows
+        if not rows.any:
+            return q, k, v
+        k_pre, k_suf = rows.key_prefix, rows.key_suffix
+        return share_replicated_grads((q, k, v), (rows.prefix, k_pre, k_pre), (rows.suffix, k_suf, k_suf),
+                                      world=state.world_size, group=state.sp_group)
+
+    def _checked_call(self, state, q, k, v, attn_mask, rows, seq_len, return_lse, load_balance, text_mask,
+                      sparsity=None) -> _Call:
+        """Check the arguments; on a first or changed call the guard makes every rank raise the
+        same error or none. Host-only; in steady state no check and no communication."""
         self._check_state(state)
         layout_arg = state.load_balance if load_balance is None else load_balance
         balanced = layout_arg is True
         total = seq_len if seq_len is not None else state.sequence_length
-        # Host-only; in steady state (signature as last agreed) no check and no communication.
-        signature = call_signature(q, k, v, attn_mask, rows.prefix, rows.suffix, total, return_lse=return_lse,
-                                   num_replicated_kv_prefix=rows.kv_prefix, num_replicated_kv_suffix=rows.kv_suffix,
-                                   load_balance=layout_arg, replicated_key_mask=replicated_key_mask is not None)
-        reason = check_reason(self, state, signature)
-        error, local_len, sizes, key_mask, text_mask = None, None, None, None, None
-        layout = "zigzag (load_balance=True)" if balanced else "contiguous"
+        signature = CallSignature.of(q, k, v, attn_mask, rows.prefix, rows.suffix, total, return_lse=return_lse,
+                                     num_replicated_kv_prefix=rows.kv_prefix, num_replicated_kv_suffix=rows.kv_suffix,
+                                     load_balance=layout_arg, replicated_key_mask=text_mask is not None,
+                                     sparsity=sparsity)
+        agreed = self.__dict__.get("_agreed")
+        agreed = agreed[1] if agreed is not None and agreed[0] is state.guard else None
+        reason = state.guard.check_reason(agreed, signature)
+        error, local_len, sizes, key_mask = None, None, None, None
         try:
             check_qkv(q, k, v, num_heads=self.num_heads, num_kv_heads=self.num_kv_heads,
                       head_size=self.head_size, causal=False)
             check_group_device(q, state.sp_group)
             check_return_lse(return_lse)
             check_load_balance(load_balance)
+            check_seq_len(seq_len)
             local_len = rows.check_rows(q.shape[1], k.shape[1], self.causal)
-            key_mask = check_key_mask(attn_mask, q, k, grad_required(q, k, v))
-            text_mask = check_replicated_key_mask(replicated_key_mask, q, rows, attn_mask, grad_required(q, k, v))
-            if seq_len is not None and (isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 0):
-                raise ValueError(f"seq_len must be a non-negative int or None, got {seq_len!r}")
+            grad = grad_required(q, k, v)
+            key_mask = masks.sp_key_mask(attn_mask, q, k, grad)
+            text_mask = masks.replicated_key_mask(text_mask, q, rows, attn_mask, grad)
             if total is not None:
-                sizes = state.sizes(total, balanced)
-                if sizes[state.sp_rank] != local_len:
-                    raise ValueError(
-                        f"the local sequence shard has {local_len} tokens (q length {q.shape[1]} minus "
-                        f"{rows.prefix}+{rows.suffix} replicated), but seq_len={total} over {state.world_size} ranks "
-                        f"in the {layout} layout gives shards {list(sizes)}; pass the global seq_len= (and "
-                        "load_balance=) or shard with usp_attn.shard_sequence"
-                    )
+                sizes = check_shard_length(state, total, balanced, local_len, q.shape[1], rows)
+            if sparsity is not None:
+                self._check_sparse_call(sparsity, attn_mask, text_mask, balanced, grad, total, state)
         except (ValueError, TypeError) as exc:
             if reason is None:
                 raise
             error = str(exc)
         if reason is not None:  # every rank raises the same error here, or none does
-            lengths = check_call(self, state, signature, reason, error, local_len, "USPAttention.forward")
-            if sizes is None and lengths is not None:
-                sizes = tuple(lengths)
-        if sizes is None:
-            sizes = exchange_lengths(local_len, state)
-        if balanced and tuple(sizes) != state.sizes(sum(sizes), True):  # the same tuple everywhere: same verdict
+            lengths = state.guard.check(self, signature, agreed, reason, error, local_len, "USPAttention.forward")
+            if lengths is not None:
+                self.__dict__["_agreed"] = (state.guard, signature)  # nn.Module.__setattr__ is slow
+                sizes = sizes or tuple(lengths)
+        sizes = tuple(sizes or exchange_lengths(local_len, state))
+        if balanced:
+            check_zigzag_sizes(state, sizes)  # the same tuple everywhere: the same verdict
+        if sparsity is not None and total is None:  # the grid's length is only known now
+            sparsity.check(sum(sizes), self.num_heads)
+        return _Call(rows, sizes, balanced, key_mask, text_mask, return_lse, signature, grad_required(q, k, v),
+                     sparsity)
+
+    def _check_sparse_call(self, sparsity, attn_mask, text_mask, balanced, grad, total, state) -> None:
+        where = "USPAttention"
+        check_sparsity(sparsity, num_grid_tokens=total, num_heads=self.num_heads, causal=self.causal, where=where)
+        if attn_mask is not None or text_mask is not None:
+            raise ValueError(f"{where}: sparsity= cannot be combined with attn_mask or replicated_key_mask")
+        if balanced:
+            raise ValueError(f"{where}: sparsity= needs the contiguous layout; the zigzag layout (load_balance=True) "
+                             "is for causal attention")
+        if grad:
+            raise ValueError(f"{where}: sparse attention is inference-only here: run it under torch.no_grad()")
+        if sparsity.dynamic and state.ring_degree > 1:
             raise ValueError(
-                f"load_balance=True, but the ranks' shard lengths {list(sizes)} are not the zigzag layout of "
-                f"{sum(sizes)} tokens ({list(state.sizes(sum(sizes), True))}); shard with "
-                "usp_attn.shard_sequence(x, load_balance=True)"
-            )
-        try:
-            return self._forward_parallel(state, q, k, v, key_mask, rows, tuple(sizes), balanced, return_lse,
-                                          text_mask)
-        except RuntimeError as exc:  # a failed collective names the rank behind it
-            named = name_failed_ranks(state, exc, "USPAttention.forward", lambda: shared_summary(self, signature))
-            if named is None:
-                raise
-            raise named from exc
+                f"{where}: {type(sparsity).__name__} is dynamic: it chooses key blocks from the whole sequence's "
+                "pooled keys, which a ring rank does not hold (ring_degree > 1); run it with Ulysses only "
+                "(ring_degree=1), or use a static pattern such as SlidingTileSparsity under ring")
 
-    def _forward_parallel(self, state, q, k, v, key_mask, rows, sizes, balanced, return_lse, text_mask=None):
-        u_deg, r_deg = state.ulysses_degree, state.ring_degree
-        r_rank, world, total = state.ring_rank, state.world_size, sum(sizes)
-        n_pre, n_suf = rows.prefix, rows.suffix  # q's replicated rows (k's: rows.key_prefix/suffix)
-        group_sizes = sizes[r_rank * u_deg : (r_rank + 1) * u_deg]
-        seg = sum(group_sizes)
+    def _ulysses(self, state, call: _Call) -> UlyssesSteps | None:
+        u_deg = state.ulysses_degree
+        if u_deg == 1:
+            return None  # U == 1: the rank's rows (contiguous, or [c_r | c_2W-1-r] zigzag) are in global order
+        r_rank, world = state.ring_rank, state.world_size
         # Causal on the zigzag layout: the segment in global order [F_g | B_g] (see distributed/zigzag).
-        zigzag = balanced and self.causal
-        grad = grad_required(q, k, v)
-        if grad:  # training: every step below is recorded with its adjoint (collectives_grad)
-            need_lse = r_deg > 1 or return_lse
-            check_backward(self.local.selection(q.dtype, need_mask=key_mask is not None, need_lse=need_lse).impl)
-            if rows.any:
-                k_pre, k_suf = rows.key_prefix, rows.key_suffix
-                q, k, v = share_replicated_grads((q, k, v), (n_pre, k_pre, k_pre), (n_suf, k_suf, k_suf),
-                                                 world=world, group=state.sp_group)
+        zigzag = call.balanced and self.causal
+        pieces = [rank_chunks(call.total, world, r_rank * u_deg + u) for u in range(u_deg)] if zigzag else None
+        return UlyssesSteps(HeadPlan.make(self.num_heads, self.num_kv_heads, u_deg), call.group_sizes(state),
+                            state.ulysses_rank, state.ulysses_group, call.rows, pieces, call.grad)
 
-        # 1. Ulysses: sequence shard -> head shard of the whole segment (replicated rows reserved around it).
-        ulysses = None
-        if u_deg > 1:
-            pieces = [rank_chunks(total, world, r_rank * u_deg + u) for u in range(u_deg)] if zigzag else None
-            ulysses = UlyssesSteps(HeadPlan.make(self.num_heads, self.num_kv_heads, u_deg), group_sizes,
-                                   state.ulysses_rank, state.ulysses_group, rows, pieces, grad)
-            q_all, k_all, v_all, key_mask = ulysses.to_heads(q, k, v, key_mask)
-        else:
-            q_all, k_all, v_all = q, k, v  # U == 1: the rank's rows [c_r | c_2W-1-r] are in global order
-
-        # 2. Attention over the whole sequence: one call (R == 1) or the ring (R > 1). A mask on the
-        # replicated keys only: the sharded keys unmasked on the fast kernel, the replicated ones
-        # masked on a kernel that takes masks (masked calls are never measured: no collective).
-        split = text_mask is not None
-        kernel = self._kernel(state, q_all, k_all, v_all, key_mask is not None, rows, sizes, return_lse, split)
+    def _attend(self, state, call: _Call, q_all, k_all, v_all, key_mask):
+        """``(out, lse or None)`` of the rank's queries over every key. A mask on the replicated keys
+        only: the sharded keys unmasked on the fast kernel, the replicated ones masked on a kernel
+        that takes masks (masked calls are never measured: no collective)."""
+        if call.sparsity is not None:
+            return self._attend_sparse(state, call, q_all, k_all, v_all)
+        rows, seg, return_lse = call.rows, call.segment(state), call.return_lse
+        split = call.text_mask is not None
+        kernel = self._kernel(state, q_all, k_all, v_all, key_mask is not None, rows, call.sizes, return_lse, split)
         kernels = BlockKernels(self.local, kernel)
+        text_k = text_v = None
         if split:
             text_k, text_v = (_replicated(t, rows.key_prefix, seg) for t in (k_all, v_all))
             kernels.masked_kernel = self.local.kernel_for(q_all, text_k, text_v, need_mask=True, need_lse=True)
-        if r_deg == 1 and split:
+        if state.ring_degree > 1:
+            result = self._ring(state, call, q_all, k_all, v_all, key_mask, kernels)()
+        elif split:
             own = slice(rows.key_prefix, rows.key_prefix + seg)
             result = attend_with_masked_replicated_keys(kernels, q_all, k_all[:, own], v_all[:, own], text_k, text_v,
-                                                        text_mask, return_lse=return_lse)
-        elif r_deg == 1:
-            result = self.local.attend(q_all, k_all, v_all, mask=key_mask_4d(key_mask), causal=self.causal,
-                                       kernel=kernel, return_lse=return_lse)
+                                                        call.text_mask, return_lse=return_lse)
         else:
-            fronts = ring_front_lengths(total, u_deg, r_deg) if zigzag else None
-            result = self._ring(state, q_all, k_all, v_all, key_mask, rows, seg, sizes, kernels, fronts, return_lse,
-                                text_mask)
-        out_all, lse_all = result if return_lse else (result, None)
+            result = self.local.attend(q_all, k_all, v_all, mask=masks.key_mask_4d(key_mask), causal=self.causal,
+                                       kernel=kernel, return_lse=return_lse)
+        return result if return_lse else (result, None)
 
-        # 3. Back to sequence shards; replicated outputs gathered over heads. The LSE goes the same way.
+    def _attend_sparse(self, state, call: _Call, q_all, k_all, v_all):
+        """The pattern over this rank's heads: one call (R == 1) or the ring with each hop's part
+        of the pattern (a hop the pattern leaves empty makes no kernel call)."""
+        u_deg, r_deg, rows = state.ulysses_degree, state.ring_degree, call.rows
+        local_heads = q_all.shape[2]
+        first = state.ulysses_rank * local_heads if u_deg > 1 else 0
+        heads = tuple(min(h, self.num_heads - 1) for h in range(first, first + local_heads))  # padded heads: dropped
+        block_kernel = self.local._block_kernel(q_all, k_all, v_all)
+        scale = self.local.softmax_scale
+        if r_deg == 1:
+            out, lse = attend_sparse(self.local._attend_lse, q_all, k_all, v_all, call.sparsity,
+                                     q_text=(rows.prefix, rows.suffix), k_text=(rows.key_prefix, rows.key_suffix),
+                                     q_range=(0, call.total), k_range=(0, call.total), heads=heads, scale=scale,
+                                     block_kernel=block_kernel)
+            return out, (lse if call.return_lse else None)
+        lengths = tuple(sum(call.sizes[r * u_deg : (r + 1) * u_deg]) for r in range(r_deg))
+        starts = [sum(lengths[:r]) for r in range(r_deg)]
+        spans = [(s, s + n) for s, n in zip(starts, lengths)]
+        hop = _SparseHop(self.local._attend_lse, call.sparsity, rows, spans[state.ring_rank], spans, heads, scale,
+                         block_kernel, q_all.device)
+        seg, k_pre = call.segment(state), rows.key_prefix
+        own = slice(k_pre, k_pre + seg)
+        text_k = text_v = None
+        if rows.key_prefix or rows.key_suffix:  # text K/V: attended densely once, here
+            text_k, text_v = _replicated(k_all, k_pre, seg), _replicated(v_all, k_pre, seg)
+        exchange = RingExchange(state.ring_ranks, state.ring_rank, state.ring_group, state.timeout)
+        result = ring_attention(self.local.attend, q_all, k_all[:, own], v_all[:, own], exchange=exchange,
+                                ring_rank=state.ring_rank, block_lengths=lengths,
+                                local_blocks=() if text_k is None else ((text_k, text_v, None),), return_lse=True,
+                                sparse_hop=hop)
+        out, lse = result
+        return out, (lse if call.return_lse else None)
+
+    def _back(self, state, call: _Call, ulysses, out_all, lse_all):
+        n_pre, n_suf, seg = call.rows.prefix, call.rows.suffix, call.segment(state)
         out, lse = out_all[:, n_pre : n_pre + seg], None if lse_all is None else lse_all[:, :, n_pre : n_pre + seg]
         if ulysses is not None:
             out, lse = ulysses.to_sequence(out, lse)
@@ -298,7 +409,7 @@ class USPAttention(nn.Module):
                 text_lse = torch.cat([lse_all[:, :, :n_pre], lse_all[:, :, n_pre + seg :]], dim=2)
                 text_lse = self._gather_replicated(state, text_lse.transpose(1, 2).unsqueeze(-1))[..., 0]
                 lse = torch.cat([text_lse[:, :n_pre].transpose(1, 2), lse, text_lse[:, n_pre:].transpose(1, 2)], 2)
-        return (out, lse) if return_lse else out
+        return (out, lse) if call.return_lse else out
 
     def _kernel(self, state, q_all, k_all, v_all, masked, rows, sizes, return_lse, split=False):
         """The kernel for every block of this call, chosen once per shape class for the group.
@@ -318,32 +429,36 @@ class USPAttention(nn.Module):
         return self.local.kernel_for(q_all, k_all[:, keys], v_all[:, keys], causal=self.causal, need_mask=masked,
                                      need_lse=r_deg > 1 or return_lse or split, lengths=lengths, group=state.sp_group)
 
-    def _ring(self, state, q_all, k_all, v_all, key_mask, rows, seg, sizes, kernels, fronts, return_lse,
-              text_mask=None):
-        u_deg, r_deg = state.ulysses_degree, state.ring_degree
-        block_lengths = tuple(sum(sizes[r * u_deg : (r + 1) * u_deg]) for r in range(r_deg))
+    def _ring(self, state, call: _Call, q_all, k_all, v_all, key_mask, kernels):
+        """The ring for this call, ready to run: ``functools.partial`` of the forward (or the
+        autograd-recorded forward), so no frame of this method stays under the kernels."""
+        u_deg, r_deg, rows, seg = state.ulysses_degree, state.ring_degree, call.rows, call.segment(state)
+        block_lengths = tuple(sum(call.sizes[r * u_deg : (r + 1) * u_deg]) for r in range(r_deg))
+        fronts = ring_front_lengths(call.total, u_deg, r_deg) if call.balanced and self.causal else None
         k_pre = rows.key_prefix
         own = slice(k_pre, k_pre + seg)
         text_k = text_v = None
+        text_mask = call.text_mask
         if rows.key_prefix or rows.key_suffix:  # replicated K/V: attended once, here, never passed around the ring
             text_k, text_v = _replicated(k_all, k_pre, seg), _replicated(v_all, k_pre, seg)
             if key_mask is not None:
                 text_mask = _replicated(key_mask, k_pre, seg)
         own_mask = None if key_mask is None else key_mask[:, own]
-        if grad_required(q_all, k_all, v_all):
+        if call.grad:
             check_backward(kernels.impl)  # the kernels agreed for the group: the same on every rank
             check_backward(kernels.masked_kernel[1])
             new_exchange = functools.partial(RingExchange, state.ring_ranks, state.ring_rank, state.ring_group,
                                              state.timeout)
             ring = RingPlan(kernels, new_exchange, state.ring_rank, block_lengths, self.causal, fronts)
-            return ring_attention_with_grad(ring, q_all, k_all[:, own], v_all[:, own], key_mask=own_mask,
-                                            text_k=text_k, text_v=text_v, text_mask=text_mask, return_lse=return_lse)
+            return functools.partial(ring_attention_with_grad, ring, q_all, k_all[:, own], v_all[:, own],
+                                     key_mask=own_mask, text_k=text_k, text_v=text_v, text_mask=text_mask,
+                                     return_lse=call.return_lse)
         exchange = RingExchange(state.ring_ranks, state.ring_rank, state.ring_group, state.timeout)
         local_blocks = () if text_k is None else ((text_k, text_v, text_mask),)
-        return ring_attention(
-            kernels.attend, q_all, k_all[:, own], v_all[:, own],
+        return functools.partial(
+            ring_attention, kernels.attend, q_all, k_all[:, own], v_all[:, own],
             exchange=exchange, ring_rank=state.ring_rank, block_lengths=block_lengths, causal=self.causal,
-            key_mask=own_mask, local_blocks=local_blocks, return_lse=return_lse, front_lengths=fronts,
+            key_mask=own_mask, local_blocks=local_blocks, return_lse=call.return_lse, front_lengths=fronts,
         )
 
     def _gather_replicated(self, state, text_out):
@@ -381,14 +496,25 @@ class RingAttention(USPAttention):
     _required_layout = "ring"
 
 
+class _SparseHop:
+    """One ring hop's part of a sparse pattern: this rank's rows against the source's segment."""
+
+    def __init__(self, attend, pattern, rows, q_span, spans, heads, scale, block_kernel, device) -> None:
+        self.attend, self.pattern, self.q_span, self.spans = attend, pattern, q_span, spans
+        self.heads, self.scale, self.block_kernel, self.device = heads, scale, block_kernel, device
+        self.q_text = (rows.prefix, rows.suffix)  # the hop's keys are grid keys only (text keys: the local block)
+
+    def has_work(self, source: int) -> bool:
+        if any(self.q_text):  # text queries attend every key
+            return True
+        return not block_plan(self.pattern, self.q_span, self.spans[source], self.heads, self.device).empty
+
+    def __call__(self, source, q, k, v):
+        return attend_sparse(self.attend, q, k, v, self.pattern, q_text=self.q_text, k_text=(0, 0), q_range=self.q_span,
+                             k_range=self.spans[source], heads=self.heads, scale=self.scale,
+                             block_kernel=self.block_kernel)
+
+
 def _replicated(x: torch.Tensor, prefix: int, seg: int) -> torch.Tensor:
     """The replicated rows of ``x [B, prefix + seg + suffix, ...]``: prefix rows, then suffix rows."""
     return torch.cat([x[:, :prefix], x[:, prefix + seg :]], dim=1)
-
-
-def _full_key_mask(text_mask: torch.Tensor, rows: ReplicatedRows, num_keys: int) -> torch.Tensor:
-    """``[B, n]`` over the replicated keys -> ``[B, num_keys]`` over all keys, the others attended."""
-    keep = torch.ones if text_mask.dtype == torch.bool else torch.zeros  # bool True / additive 0: attend
-    middle = keep((), dtype=text_mask.dtype, device=text_mask.device)
-    middle = middle.expand(len(text_mask), num_keys - text_mask.shape[1])
-    return torch.cat([text_mask[:, : rows.key_prefix], middle, text_mask[:, rows.key_prefix :]], dim=1)

@@ -1,0 +1,197 @@
+"""One sparse attention call: grid queries against grid keys under a pattern, text rows dense.
+
+Rows of one call (the layout of :class:`usp_attn.ReplicatedRows`)::
+
+    q     [ pre | grid rows q_range | suf ]
+    k, v  [ kv_pre | pre | grid rows k_range | suf | kv_suf ]
+
+``q_range``/``k_range`` are the grid positions (in the pattern's token order) of the grid rows:
+the whole grid on one rank or after Ulysses, this rank's segment and one ring hop's segment under
+ring. Text queries attend every key densely, grid queries attend the text keys densely and the
+grid keys under the pattern; the parts are attention over disjoint key sets, so they merge
+exactly by their log-sum-exps (:func:`usp_attn.ring.merge.merge`).
+
+Two kernels run the grid part, both exact for the pattern:
+
+* **block**: a backend that visits only the kept 128 x 128 blocks (FlashAttention 4's block
+  sparsity). It needs every block either wholly kept or wholly dropped: tiles made of whole
+  128-token blocks, tokens in tile-major order. The block tensors are built once per pattern,
+  ranges and heads, on the device, and cached.
+* **masked**: the pattern's token mask, built for a chunk of query rows at a time (bounded
+  memory), on a kernel that takes masks. Every backend, every pattern and order; on CPU this
+  is what runs, and on a GPU it is the fallback (logged) when blocks are partial.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+
+import torch
+
+from usp_attn.logs import log_once
+from usp_attn.ring.merge import merge
+from usp_attn.sparse.patterns import SparsityPattern
+
+__all__ = ["BLOCK", "BlockPlan", "attend_sparse", "block_plan", "check_sparsity"]
+
+#: Rows and keys per kernel block of the block-sparse kernel (FA4's tile on SM90 and SM100).
+BLOCK = 128
+
+#: Booleans of one chunk of the masked path's token mask (64 Mi: 64 MiB).
+_MASK_ELEMENTS = 1 << 26
+
+
+def check_sparsity(pattern, *, num_grid_tokens: int | None, num_heads: int, causal: bool, where: str) -> None:
+    """A pattern a layer can run: the right type, the grid matching the rows (``None``: not known
+    yet, checked later), not causal."""
+    if not isinstance(pattern, SparsityPattern):
+        raise TypeError(f"{where}: sparsity must be a usp_attn.sparse pattern (SlidingTileSparsity, "
+                        f"TopMassSparsity) or None for dense attention, got {type(pattern).__name__}")
+    if causal:
+        raise ValueError(f"{where}: sparsity cannot be combined with causal=True (video patterns are "
+                         "bidirectional; a causal layer has no use for them)")
+    if num_grid_tokens is not None:
+        pattern.check(num_grid_tokens, num_heads)
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockPlan:
+    """The kept blocks of one (query range, key range, heads) in the layout FA4 reads.
+
+    ``full_cnt [1, Hs|1, nQb]`` int32: kept key blocks per query block; ``full_idx [1, Hs|1, nQb,
+    nKb]`` int32: their indices packed left. ``whole``: every block is wholly kept or dropped (else
+    the block kernel cannot run the pattern exactly). ``kept``: kept (query, key) pairs / all pairs.
+    """
+
+    full_cnt: torch.Tensor
+    full_idx: torch.Tensor
+    whole: bool
+    kept: float
+    empty: bool
+    block: int = BLOCK
+
+
+def _positions(span: tuple[int, int], device) -> torch.Tensor:
+    return torch.arange(span[0], span[1], dtype=torch.int64, device=device)
+
+
+@functools.lru_cache(maxsize=64)
+def _static_block_plan(pattern, q_range, k_range, heads, device) -> BlockPlan:
+    any_kept, all_kept = pattern.block_masks(_positions(q_range, device), _positions(k_range, device), heads,
+                                             (BLOCK, BLOCK))
+    return _plan_from_masks(any_kept, all_kept, pattern, q_range, k_range, heads, device)
+
+
+def _plan_from_masks(any_kept, all_kept, pattern, q_range, k_range, heads, device) -> BlockPlan:
+    if any_kept.dim() == 3:
+        any_kept, all_kept = any_kept[None], all_kept[None]
+    count = any_kept.sum(-1, dtype=torch.int32)
+    # Kept block indices packed left: a stable sort of "dropped" puts kept blocks first, in order.
+    order = torch.sort((~any_kept).to(torch.int8), dim=-1, stable=True).indices.to(torch.int32)
+    whole = bool(torch.equal(any_kept, all_kept))
+    nq, nk = q_range[1] - q_range[0], k_range[1] - k_range[0]
+    kept = _kept_pairs(pattern, q_range, k_range, heads, device) if whole else float("nan")
+    return BlockPlan(count.contiguous(), order.contiguous(), whole, kept / max(nq * nk, 1),
+                     not bool(any_kept.any()))
+
+
+def _kept_pairs(pattern, q_range, k_range, heads, device) -> float:
+    """Kept (query, key) pairs averaged over the heads, counted per block (exact for whole blocks)."""
+    any_kept, _ = pattern.block_masks(_positions(q_range, device), _positions(k_range, device), heads,
+                                      (BLOCK, BLOCK))
+    any_kept = any_kept if any_kept.dim() == 3 else any_kept[0]
+    rows = torch.full(((q_range[1] - q_range[0] + BLOCK - 1) // BLOCK,), BLOCK, dtype=torch.float64)
+    cols = torch.full(((k_range[1] - k_range[0] + BLOCK - 1) // BLOCK,), BLOCK, dtype=torch.float64)
+    if len(rows):
+        rows[-1] = (q_range[1] - q_range[0]) - BLOCK * (len(rows) - 1)
+    if len(cols):
+        cols[-1] = (k_range[1] - k_range[0]) - BLOCK * (len(cols) - 1)
+    pairs = rows[:, None] * cols[None, :]
+    return float((any_kept.cpu().to(torch.float64) * pairs).sum(dim=(-1, -2)).mean())
+
+
+def block_plan(pattern: SparsityPattern, q_range, k_range, heads, device, *, q=None, k=None, scale=None) -> BlockPlan:
+    """The kept blocks of a call (cached for static patterns; dynamic ones need ``q``, ``k``)."""
+    if not pattern.dynamic:
+        return _static_block_plan(pattern, tuple(q_range), tuple(k_range), tuple(heads), torch.device(device))
+    any_kept, all_kept = pattern.block_masks(_positions((0, q.shape[1]), device), _positions((0, k.shape[1]), device),
+                                             heads, (BLOCK, BLOCK), q=q, k=k, scale=scale)
+    return _plan_from_masks(any_kept, all_kept, None, q_range, k_range, heads, device)
+
+
+def attend_sparse(attend, q, k, v, pattern: SparsityPattern, *, q_text, k_text, q_range, k_range, heads, scale,
+                  block_kernel=None):
+    """Attention of one call under ``pattern`` (see the module doc for the rows).
+
+    Args:
+        attend: ``attend(q, k, v, mask=None, return_lse=True) -> (out, lse)`` on a kernel chosen
+            for the call (a masked one when ``mask`` is given), e.g. ``LocalAttention.attend``.
+        q: ``[B, pre + Nq + suf, H, D]``; k, v: ``[B, k_pre + Nk + k_suf, H_kv, D]``.
+        q_text, k_text: ``(rows before, rows after)`` the grid rows of q, and of k/v (text rows).
+        q_range, k_range: ``(start, stop)`` grid positions of the grid rows (``Nq``, ``Nk`` long).
+        heads: the pattern's head index of each of q's heads.
+        scale: the softmax scale.
+        block_kernel: ``block_kernel(q, k, v, plan) -> (out, lse)``, a backend's block-sparse
+            forward, or None: the masked path.
+
+    Returns:
+        ``(out [B, Sq, H, D] in q's dtype, lse [B, H, Sq] float32 (float64 for float64))``.
+    """
+    (pre, suf), (k_pre, k_suf) = q_text, k_text
+    nq, nk = q_range[1] - q_range[0], k_range[1] - k_range[0]
+    q_grid, k_grid, v_grid = q[:, pre : pre + nq], k[:, k_pre : k_pre + nk], v[:, k_pre : k_pre + nk]
+    out, lse = _grid_attention(attend, q_grid, k_grid, v_grid, pattern, tuple(q_range), tuple(k_range),
+                               tuple(heads), scale, block_kernel)
+    if k_pre or k_suf:  # grid queries x text keys: dense
+        text_k, text_v = (torch.cat([t[:, :k_pre], t[:, k_pre + nk :]], dim=1) for t in (k, v))
+        out, lse = merge(out, lse, *attend(q_grid, text_k, text_v, return_lse=True))
+    out = out.to(q.dtype)
+    if pre or suf:  # text queries x every key: dense
+        text_out, text_lse = attend(torch.cat([q[:, :pre], q[:, pre + nq :]], dim=1), k, v, return_lse=True)
+        out = torch.cat([text_out[:, :pre], out, text_out[:, pre:]], dim=1)
+        lse = torch.cat([text_lse[:, :, :pre].to(lse.dtype), lse, text_lse[:, :, pre:].to(lse.dtype)], dim=2)
+    return out, lse
+
+
+def _grid_attention(attend, q, k, v, pattern, q_range, k_range, heads, scale, block_kernel):
+    device = q.device
+    dynamic = pattern.dynamic
+    if dynamic:  # a dynamic pattern reads the heads of the q and k it is given
+        heads = tuple(range(q.shape[2]))
+    if block_kernel is not None:
+        plan = block_plan(pattern, q_range, k_range, heads, device,
+                          **({"q": q, "k": k, "scale": scale} if dynamic else {}))
+        if plan.whole:
+            if not dynamic:
+                log_once(logging.INFO, f"usp_attn: {pattern} runs on the block-sparse kernel, keeping "
+                                       f"{plan.kept:.1%} of the (query, key) pairs of the call")
+            return block_kernel(q, k, v, plan)
+        log_once(logging.WARNING, f"usp_attn: {pattern}: some 128 x 128 blocks are only partly kept (tiles not "
+                                  "made of whole 128-token blocks, or tokens not in tile-major order), which the "
+                                  "block-sparse kernel cannot run exactly; this call runs on the exact masked "
+                                  "path, which is much slower")
+    return _masked(attend, q, k, v, pattern, q_range, k_range, heads, scale)
+
+
+def _masked(attend, q, k, v, pattern, q_range, k_range, heads, scale):
+    """The exact masked path, in chunks of query rows so the token mask stays bounded."""
+    batch, nq, nk = q.shape[0], q.shape[1], k.shape[1]
+    q_pos, k_pos = _positions(q_range, q.device), _positions(k_range, q.device)
+    extra = {"q": q, "k": k, "scale": scale} if pattern.dynamic else {}
+    per_row = max(1, len(heads) * nk * (batch if pattern.dynamic else 1))
+    step = max(1, min(nq, _MASK_ELEMENTS // per_row))
+    outs, lses = [], []
+    for start in range(0, nq, step):
+        rows = slice(start, min(nq, start + step))
+        if pattern.dynamic:  # positions index the rows of the q and k passed along
+            mask = pattern.token_mask(q_pos[rows] - q_range[0], k_pos - k_range[0], heads, **extra)
+        else:
+            mask = pattern.token_mask(q_pos[rows], k_pos, heads)[None].expand(batch, -1, -1, -1)
+        out, lse = attend(q[:, rows], k, v, mask=mask, return_lse=True)
+        outs.append(out)
+        lses.append(lse)
+    if len(outs) == 1:
+        return outs[0], lses[0]
+    return torch.cat(outs, dim=1), torch.cat(lses, dim=2)
