@@ -78,6 +78,7 @@ PARTS: dict[str, Part] = {
                           "cost of the default cross-rank argument checks (2 ranks)"),
     "text-padding": Part("benchmarks.text_padding:text_padding_part", "any",
                          "joint attention with padded text: attn_mask vs replicated_key_mask"),
+    "sparse": Part("benchmarks.sparse_attention:sparse_part", "one", "sliding-tile sparse vs dense; per-rank work"),
     "causal-balance": Part("benchmarks.causal_balance:causal_balance_part", "one", "causal ring work per rank: contiguous vs zigzag"),
 }
 #: the one-GPU set, the short parts first

@@ -18,7 +18,10 @@ A static rule gets such crossovers wrong somewhere, so on CUDA automatic selecti
    quantities every rank has identically (global lengths), never from a rank's shard.
 3. The winner is cached per process (and, with a cache file, on disk, keyed by GPU,
    driver, torch, CUDA, cuDNN and kernel-package versions), so steady-state calls cost a
-   dict lookup: no timing, no collective, no host sync.
+   dict lookup: no timing, no collective, no host sync. A cached winner is used without
+   measuring, so the file is trusted only if usp_attn wrote it (a format marker), this user
+   owns it, nobody else can write it and it is no link; anything else is left untouched
+   and measured around. Writers lock, merge and replace the file atomically.
 
 Measuring is skipped (the selector's static rule runs) when it is switched off
 (:func:`set_kernel_choice` / ``USP_ATTN_KERNEL_CHOICE=static``), inside torch.compile

@@ -33,7 +33,8 @@ def _params(names):
         for u, r in sp_cases.layouts(world):
             for name in names:
                 yield pytest.param(world, u, r, name, id=f"W{world}-U{u}xR{r}-{name}",
-                                   marks=pytest.mark.xdist_group(f"parity_world{world}"))
+                                   marks=[pytest.mark.xdist_group(f"parity_world{world}"),
+                                          *([pytest.mark.slow] if world >= 4 else [])])  # 4 ranks: full lane
 
 
 @pytest.mark.parametrize("world,u,r,name", list(_params(parity_cases.SCENARIOS)))
@@ -73,7 +74,8 @@ REFUSALS = {
 
 
 @pytest.mark.parametrize("world,u,r", [
-    pytest.param(w, u, r, id=f"W{w}-U{u}xR{r}", marks=pytest.mark.xdist_group(f"parity_world{w}"))
+    pytest.param(w, u, r, id=f"W{w}-U{u}xR{r}",
+                 marks=[pytest.mark.xdist_group(f"parity_world{w}"), *([pytest.mark.slow] if w >= 4 else [])])
     for w in WORLD_SIZES for u, r in sp_cases.layouts(w)
 ])
 def test_refused_combinations_give_one_clear_error_on_every_rank(world, u, r):

@@ -86,6 +86,7 @@ def test_mask_on_one_rank_ulysses(two):
     same_error_everywhere(two.check(P(cases.mask_on_one_rank, 2, 1)), "attn_mask given: rank 0: True; rank 1: False")
 
 
+@pytest.mark.slow  # 4 ranks: the full lane; 2 ranks keep each kind of disagreement fast
 @four_ranks
 def test_mask_on_one_rank_ring4(four):
     same_error_everywhere(four.check(P(cases.mask_on_one_rank, 1, 4)),
@@ -114,6 +115,7 @@ def test_replicated_prefix_differs_two_ranks(two):
                           "num_replicated_prefix: rank 0: 0; rank 1: 2")
 
 
+@pytest.mark.slow  # 4 ranks: the full lane; 2 ranks keep each kind of disagreement fast
 @four_ranks
 @pytest.mark.parametrize("layout", [(4, 1), (2, 2)], ids=["U4", "U2xR2"])
 def test_replicated_prefix_differs_one_of_four(four, layout):
@@ -139,6 +141,7 @@ def test_fp64_ring_two(two):
     assert max(two.check(P(cases.fp64_ring, 1, 2))) < 1e-12
 
 
+@pytest.mark.slow  # 4 ranks: the full lane; 2 ranks keep each kind of disagreement fast
 @four_ranks
 def test_fp64_ring_ulysses_times_ring(four):
     assert max(four.check(P(cases.fp64_ring, 2, 2))) < 1e-12
@@ -173,6 +176,7 @@ def test_arguments_change_on_one_rank_after_first_call(two):
     assert "attn_mask given: True there, False here" in results[0]["message"]
 
 
+@pytest.mark.slow  # 4 ranks: the full lane; 2 ranks keep each kind of disagreement fast
 @four_ranks
 def test_rank_that_dies_is_named(four):
     outcome = four.outcomes[case_name(cases.rank_dies)]

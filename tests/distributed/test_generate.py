@@ -113,7 +113,9 @@ def test_single_process_npz_content(single_process):
     assert len(np.unique(data["video"])) > 50
 
 
-@pytest.mark.parametrize("u,r", [(4, 1), (2, 2), (1, 4)], ids=["U4xR1", "U2xR2", "U1xR4"])
+# U2xR2 (Ulysses and ring at once) stays in the fast lane; the pure layouts run in the full lane
+@pytest.mark.parametrize("u,r", [pytest.param(4, 1, marks=pytest.mark.slow), (2, 2),
+                                 pytest.param(1, 4, marks=pytest.mark.slow)], ids=["U4xR1", "U2xR2", "U1xR4"])
 def test_torchrun_layout_verifies(u, r, tmp_path, single_process):
     out = tmp_path / "video.npz"
     proc = torchrun(4, *TINY, "--ulysses-degree", str(u), "--ring-degree", str(r), "--output", str(out), "--verify")
@@ -126,6 +128,7 @@ def test_torchrun_layout_verifies(u, r, tmp_path, single_process):
     assert np.linalg.norm(got - want) / np.linalg.norm(want) <= FP32_TOL
 
 
+@pytest.mark.slow  # torchrun; test_sequence_parallel_degrees_checked_against_world checks the same in process
 def test_degrees_must_match_world_size():
     proc = torchrun(2, *TINY, "--ulysses-degree", "2", "--ring-degree", "2")
     assert proc.returncode != 0
@@ -133,12 +136,14 @@ def test_degrees_must_match_world_size():
     assert "attention backend" not in proc.stdout  # failed before any work
 
 
+@pytest.mark.slow  # a process of its own for one parser error
 def test_unknown_backend_fails_while_parsing():
     proc = python(*TINY, "--attention-backend", "flashy")
     assert proc.returncode == 2
     assert "unknown attention backend 'flashy'" in proc.stderr and "torch_sdpa" in proc.stderr, proc.stderr
 
 
+@pytest.mark.slow  # torchrun
 def test_bad_argument_usage_printed_once_under_torchrun():
     proc = torchrun(2, "--num-frames", "abc")
     output = proc.stdout + proc.stderr
@@ -238,7 +243,7 @@ def _sabotaged_rope_error(u: int, r: int, trained: bool) -> dict:
         usp_attn.destroy_sequence_parallel()
 
 
-@pytest.mark.parametrize("trained", [True, False], ids=["trained", "random"])
+@pytest.mark.parametrize("trained", [pytest.param(True, marks=pytest.mark.slow), False], ids=["trained", "random"])
 def test_verify_detects_wrong_rotary_positions(trained):
     results = run_in_group(2, _sabotaged_rope_error, 1, 2, trained, timeout=120)
     for res in results:
@@ -248,6 +253,7 @@ def test_verify_detects_wrong_rotary_positions(trained):
         assert bug > 100 * FP32_TOL and bug > 2 * low_precision_bound(res["bf16 rounding"]), res
 
 
+@pytest.mark.slow  # 4 ranks under torchrun
 def test_bf16_run_is_judged_against_fp32_rerun():
     proc = torchrun(4, *TINY, "--ulysses-degree", "2", "--ring-degree", "2", "--dtype", "bf16", "--verify",
                     "--output", "none")
@@ -291,6 +297,7 @@ def test_model_path_without_the_extra_says_what_is_missing(tmp_path, capsys, mon
     assert "--model-path needs" in err and "pip install 'usp-attn[diffusers]'" in err, err
 
 
+@pytest.mark.slow  # builds every family's pipeline, then torchrun; the argument checks of --model-path stay fast
 @pytest.mark.skipif(bool(_missing_for_model_path()), reason="needs the diffusers, transformers and accelerate packages")
 @pytest.mark.parametrize("family", sorted(PIPELINES))
 def test_model_path_runs_each_pipeline_family(family, tiny_pipelines, tmp_path):
@@ -431,6 +438,7 @@ def test_decoded_video_moves_smoothly():
     assert np.abs(area / area[::4].mean() - 1).max() < 0.15, area  # one shape in between, not two half ones
 
 
+@pytest.mark.slow  # 4 ranks under torchrun; one prompt runs in one process in the fast lane
 def test_main_job_draws_the_prompt_on_four_ranks(tmp_path):
     """The Quickstart's command (U=2 x R=2, --verify) with a prompt: the video and its one-process
     rerun both show the prompted shape moving the prompted way, and they agree."""
@@ -449,8 +457,8 @@ def test_main_job_draws_the_prompt_on_four_ranks(tmp_path):
 
 @pytest.mark.parametrize("prompt, colour, direction", [
     ("a red circle moving right", "red", (1.0, 0.0)),
-    ("a yellow triangle moving left", "yellow", (-1.0, 0.0)),
-    ("a green square moving down", "green", (0.0, 1.0)),
+    pytest.param("a yellow triangle moving left", "yellow", (-1.0, 0.0), marks=pytest.mark.slow),
+    pytest.param("a green square moving down", "green", (0.0, 1.0), marks=pytest.mark.slow),
 ])
 def test_prompts_give_their_colour_and_direction(prompt, colour, direction, tmp_path):
     out = tmp_path / "video.npz"

@@ -43,7 +43,8 @@ def _layout_params(names):
                 continue
             for name in names:
                 yield pytest.param(world, u, r, name, id=f"W{world}-U{u}xR{r}-{name}",
-                                   marks=pytest.mark.xdist_group(f"grad_world{world}"))
+                                   marks=[pytest.mark.xdist_group(f"grad_world{world}"),
+                                          *([pytest.mark.slow] if world >= 4 else [])])  # 4 ranks: full lane
 
 
 @pytest.mark.parametrize("world,u,r,name", list(_layout_params(grad_cases.SCENARIOS)))
@@ -66,7 +67,9 @@ def test_gradcheck_fp64(world, u, r, name):
 
 
 @pytest.mark.parametrize(
-    "world", [pytest.param(w, marks=pytest.mark.xdist_group(f"grad_world{w}")) for w in WORLD_SIZES]
+    "world", [pytest.param(w, marks=[pytest.mark.xdist_group(f"grad_world{w}"),
+                                     *([pytest.mark.slow] if w >= 4 else [])])
+              for w in WORLD_SIZES]
 )
 def test_backend_without_backward_is_an_error_on_every_rank(world):
     messages = _run(world).check(functools.partial(grad_cases.sage_without_backward_is_an_error, world // 2, 2))

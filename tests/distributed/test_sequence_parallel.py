@@ -36,8 +36,10 @@ def _params():
         for u, r in sp_cases.layouts(world):
             for name in sp_cases.SCENARIOS:
                 # xdist: keep one world size's tests on one worker, so its group is spawned once.
+                # 4 and 8 ranks: the full lane only (slow); 1 and 2 ranks keep every scenario fast.
                 yield pytest.param(world, u, r, name, id=f"W{world}-U{u}xR{r}-{name}",
-                                   marks=pytest.mark.xdist_group(f"sp_world{world}"))
+                                   marks=[pytest.mark.xdist_group(f"sp_world{world}"),
+                                          *([pytest.mark.slow] if world >= 4 else [])])
 
 
 @pytest.mark.parametrize("world,u,r,name", list(_params()))
@@ -51,7 +53,9 @@ def test_matches_fp64_reference(world, u, r, name):
 
 
 @pytest.mark.parametrize(
-    "world", [pytest.param(w, marks=pytest.mark.xdist_group(f"sp_world{w}")) for w in WORLD_SIZES]
+    "world", [pytest.param(w, marks=[pytest.mark.xdist_group(f"sp_world{w}"),
+                                     *([pytest.mark.slow] if w >= 4 else [])])
+              for w in WORLD_SIZES]
 )
 def test_cross_attention_gather_and_flavours(world):
     run = _run(world)

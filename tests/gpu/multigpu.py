@@ -97,8 +97,8 @@ def run_on_gpus(cases: Sequence[Callable], *, world: int | None = None, backend:
             else:
                 outcomes[name].errors[rank] = payload
             current.pop(rank, None)
-        elif kind == "fatal":
-            lost[rank] = rest[0]
+        elif kind == "fatal":  # could not join the group, or the group broke between cases
+            lost[rank] = f"failed outside any case:\n{rest[0]}"
         else:
             done.add(rank)
 
@@ -142,8 +142,8 @@ def run_on_gpus(cases: Sequence[Callable], *, world: int | None = None, backend:
     for rank, why in lost.items():
         where = current.get(rank) or next((n for n in names if rank not in outcomes[n].values), None)
         if where is not None:
-            outcomes[where].errors.setdefault(rank, f"rank {rank} {why}" + (
-                f" while running {where!r}" if rank in current else ""))
+            inside = f" while running {where!r}" if rank in current else ""
+            outcomes[where].errors.setdefault(rank, f"rank {rank}{inside}: {why}")
     first_failed = next((n for n in names if outcomes[n].errors), None)
     for n in names:
         for rank in range(world):

@@ -179,7 +179,8 @@ def test_bad_arguments_exit_2(args, capsys):
     assert "error:" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("argv", [["-v", "info"], ["info", "-v"], ["info", "--verbose"]])
+@pytest.mark.parametrize("argv", [["-v", "info"], pytest.param(["info", "-v"], marks=pytest.mark.slow),
+                                  pytest.param(["info", "--verbose"], marks=pytest.mark.slow)])
 def test_verbose_before_or_after_the_subcommand_shows_the_fallback_warning(argv):
     proc = subprocess.run([sys.executable, "-m", "usp_attn", *argv, "--attention-backend", "sage_attn_3"],
                           capture_output=True, text=True, timeout=120, cwd=REPO)

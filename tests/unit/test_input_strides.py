@@ -200,13 +200,14 @@ def test_package_kernels_forward_and_backward(monkeypatch, package, layout):
 def test_sage_kernels(monkeypatch, layout):
     fake_kernels.install(monkeypatch, fake_kernels.fake_sageattention(2))
     q, k, v = qkv(layout, h_kv=H)
-    out, lse = make_backend(B.SAGE_ATTN, Platform.make("cuda", capability=(9, 0), packages={"sageattention": "2.1"})
-                            ).forward(q, k, v, return_lse=True)
+    sage2 = Platform.make("cuda", capability=(9, 0), packages={"sageattention": "2.1"})
+    out, lse = make_backend(B.SAGE_ATTN, sage2).forward(q, k, v, return_lse=True)
     ref_out, ref_lse = reference_attention(q, k, v, return_lse=True)
     torch.testing.assert_close(out.double(), ref_out, **OUT_TOL[FP32])
     torch.testing.assert_close(lse.double(), ref_lse, **LSE_TOL[FP32])
     fake_kernels.install(monkeypatch, fake_kernels.fake_sageattn3())
-    out = make_backend(B.SAGE_ATTN_3, Platform.make("cuda", capability=(10, 0), packages=["sageattn3"])).forward(q, k, v)
+    sage3 = Platform.make("cuda", capability=(10, 0), packages=["sageattn3"])
+    out = make_backend(B.SAGE_ATTN_3, sage3).forward(q, k, v)
     torch.testing.assert_close(out.double(), ref_out, **OUT_TOL[FP32])
 
 
@@ -245,10 +246,16 @@ def test_a_new_backend_gets_the_same_layout():
             self.seen = [t.stride(-1) for t in (q, k, v, out, dout)]
             return q, k, v
 
+        def forward_block_sparse(self, q, k, v, plan, *, softmax_scale=None):
+            self.seen = [t.stride(-1) for t in (q, k, v)]
+            return q, None
+
     impl = Recording(CPU)
     q, k, v = qkv("channels_last", h_kv=H)
     impl.forward(q, k, v, causal=False)
     assert impl.seen == [1, 1, 1]
     impl.backward(q, k, v, q, torch.ones(()).expand(q.shape), torch.zeros(B_, H, S))
     assert impl.seen == [1] * 5
+    impl.forward_block_sparse(q, k, v, None)
+    assert impl.seen == [1, 1, 1]
     assert Recording.forward.__doc__ == "Recording.forward" and Recording.backward is not AttentionBackend.backward

@@ -51,8 +51,10 @@ def _tokens(grid, tile, order):
     """Grid coordinates of the tokens in the given order (definition of tile-major order)."""
     f_, h_, w_ = grid
     coords = [(f, y, x) for f in range(f_) for y in range(h_) for x in range(w_)]
-    if order == "tile_major":
-        coords.sort(key=lambda c: (c[0] // tile[0], c[1] // tile[1], c[2] // tile[2], c))
+    if order == "tile_major":  # full tiles first, then the partial edge tiles; each in tile order
+        def full(c):
+            return all((c[d] // tile[d] + 1) * tile[d] <= grid[d] for d in range(3))
+        coords.sort(key=lambda c: (not full(c), c[0] // tile[0], c[1] // tile[1], c[2] // tile[2], c))
     return coords
 
 

@@ -57,10 +57,11 @@ class AttentionBackend:
     def __init_subclass__(cls, **kwargs) -> None:
         # Callers hand over views of any strides (x[..., ::2], permutes, expands); the kernels
         # read raw pointers and strides and give garbage or raw errors for some of them. Every
-        # subclass's forward/backward gets its tensors through kernel_layout() here, once, so
-        # no kernel wrapper can forget it.
+        # subclass's kernel entry points get their tensors through kernel_layout() here, once,
+        # so no kernel wrapper can forget it.
         super().__init_subclass__(**kwargs)
-        for name, wrap in (("forward", _forward_in_kernel_layout), ("backward", _backward_in_kernel_layout)):
+        for name, wrap in (("forward", _forward_in_kernel_layout), ("backward", _backward_in_kernel_layout),
+                           ("forward_block_sparse", _forward_in_kernel_layout)):
             method = cls.__dict__.get(name)
             if method is not None and not getattr(method, "_in_kernel_layout", False):
                 setattr(cls, name, wrap(method))

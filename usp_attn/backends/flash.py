@@ -142,17 +142,22 @@ class FlashAttentionBackend(AttentionBackend):
     def forward_block_sparse(self, q, k, v, plan, *, softmax_scale=None):
         from flash_attn.cute.block_sparsity import BlockSparseTensorsTorch
 
-        batch = q.shape[0]
-        expand = (batch,) + tuple(plan.full_cnt.shape[1:])
-        empty_cnt = torch.zeros(expand, dtype=torch.int32, device=q.device)
+        rows = (q.shape[0],) + tuple(plan.full_cnt.shape[1:])
+        cols = rows + plan.full_idx.shape[-1:]
+        if plan.tiles is None:  # every kept block wholly kept: no mask function at all
+            partial_cnt = torch.zeros(rows, dtype=torch.int32, device=q.device)
+            partial_idx = torch.zeros(cols, dtype=torch.int32, device=q.device)
+            extra = {}
+        else:  # partly kept blocks: the pattern's tile table, read token by token inside them
+            partial_cnt, partial_idx = plan.partial_cnt.expand(rows), plan.partial_idx.expand(cols)
+            extra = {"mask_mod": _tile_table_mask_mod(), "aux_tensors": list(plan.tiles)}
         blocks = BlockSparseTensorsTorch(
-            mask_block_cnt=empty_cnt, mask_block_idx=torch.zeros(expand + plan.full_idx.shape[-1:], dtype=torch.int32,
-                                                                 device=q.device),
-            full_block_cnt=plan.full_cnt.expand(expand), full_block_idx=plan.full_idx.expand(expand + plan.full_idx.shape[-1:]),
+            mask_block_cnt=partial_cnt, mask_block_idx=partial_idx,
+            full_block_cnt=plan.full_cnt.expand(rows), full_block_idx=plan.full_idx.expand(cols),
             block_size=(plan.block, plan.block),
         )
-        out, lse = self._function()(q, k, v, softmax_scale=softmax_scale, block_sparse_tensors=blocks, return_lse=True)
-        return out, lse
+        return self._function()(q, k, v, softmax_scale=softmax_scale, block_sparse_tensors=blocks, return_lse=True,
+                                **extra)
 
     @classmethod
     def kernels(cls, platform, head_size, dtype, *, need_mask=False):
@@ -226,6 +231,27 @@ class FlashAttentionBackend(AttentionBackend):
 
 
 _op = None
+_tile_table_mask = None
+
+
+def _tile_table_mask_mod():
+    """FA4's ``mask_mod`` for partly kept blocks of a tile pattern: query ``m`` attends key ``n`` of
+    head ``h`` iff ``table[h, q_tile[m], k_tile[n]]`` (aux tensors of
+    :class:`usp_attn.sparse.attend.BlockPlan`). Made once: FA4 caches its kernels on the function."""
+    global _tile_table_mask
+    if _tile_table_mask is None:
+        import cutlass
+        import cutlass.cute as cute
+        from flash_attn.cute import utils
+
+        @cute.jit
+        def tile_table_mask(batch, head, m_idx, n_idx, seqlen_info, aux_tensors):
+            q_tile, k_tile, table = aux_tensors[0], aux_tensors[1], aux_tensors[2]
+            keep = table[head[0], q_tile[m_idx[0]], k_tile[n_idx[0]]]
+            return utils.scalar_to_ssa(keep, cutlass.Int32) != utils.scalar_to_ssa(0, cutlass.Int32)
+
+        _tile_table_mask = tile_table_mask
+    return _tile_table_mask
 
 
 def _compiled_op():

@@ -60,9 +60,12 @@ def check_sparsity(pattern, *, num_grid_tokens: int | None, num_heads: int, caus
 class BlockPlan:
     """The kept blocks of one (query range, key range, heads) in the layout FA4 reads.
 
-    ``full_cnt [1, Hs|1, nQb]`` int32: kept key blocks per query block; ``full_idx [1, Hs|1, nQb,
-    nKb]`` int32: their indices packed left. ``whole``: every block is wholly kept or dropped (else
-    the block kernel cannot run the pattern exactly). ``kept``: kept (query, key) pairs / all pairs.
+    ``full_cnt [1, Hs|1, nQb]`` int32: wholly kept key blocks per query block; ``full_idx [1, Hs|1,
+    nQb, nKb]`` int32: their indices packed left. ``partial_cnt``/``partial_idx``: the same for the
+    partly kept blocks (a sliding-tile pattern's edge tiles), which the kernel masks token by token
+    through ``tiles``: ``(query tile ids [S_q], key tile ids [S_k], table [Hs, T, T])``, int32, the
+    pattern as tiles. ``whole``: no partly kept block. ``kept``: kept (query, key) pairs / all pairs
+    (NaN when not counted). ``empty``: no kept pair at all.
     """
 
     full_cnt: torch.Tensor
@@ -71,6 +74,9 @@ class BlockPlan:
     kept: float
     empty: bool
     block: int = BLOCK
+    partial_cnt: torch.Tensor | None = None
+    partial_idx: torch.Tensor | None = None
+    tiles: tuple | None = None
 
 
 def _positions(span: tuple[int, int], device) -> torch.Tensor:
@@ -84,17 +90,36 @@ def _static_block_plan(pattern, q_range, k_range, heads, device) -> BlockPlan:
     return _plan_from_masks(any_kept, all_kept, pattern, q_range, k_range, heads, device)
 
 
+def _packed(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[..., nKb]`` bool -> (count int32 ``[...]``, indices int32 ``[..., nKb]`` packed left)."""
+    # A stable sort of "not selected" puts the selected blocks first, in index order.
+    order = torch.sort((~blocks).to(torch.int8), dim=-1, stable=True).indices.to(torch.int32)
+    return blocks.sum(-1, dtype=torch.int32).contiguous(), order.contiguous()
+
+
+def _padded_ids(ids: torch.Tensor) -> torch.Tensor:
+    """int32 tile ids padded to whole blocks: the kernel evaluates the mask function on the rows
+    of a partial last block too (their results are discarded), so those reads must stay in bounds."""
+    pad = (-ids.numel()) % BLOCK
+    return torch.cat([ids, ids.new_zeros(pad)]).to(torch.int32) if pad else ids.to(torch.int32)
+
+
 def _plan_from_masks(any_kept, all_kept, pattern, q_range, k_range, heads, device) -> BlockPlan:
     if any_kept.dim() == 3:
         any_kept, all_kept = any_kept[None], all_kept[None]
-    count = any_kept.sum(-1, dtype=torch.int32)
-    # Kept block indices packed left: a stable sort of "dropped" puts kept blocks first, in order.
-    order = torch.sort((~any_kept).to(torch.int8), dim=-1, stable=True).indices.to(torch.int32)
     whole = bool(torch.equal(any_kept, all_kept))
     nq, nk = q_range[1] - q_range[0], k_range[1] - k_range[0]
-    kept = _kept_pairs(pattern, q_range, k_range, heads, device) if whole else float("nan")
-    return BlockPlan(count.contiguous(), order.contiguous(), whole, kept / max(nq * nk, 1),
-                     not bool(any_kept.any()))
+    kept = _kept_pairs(pattern, q_range, k_range, heads, device) if whole and pattern is not None else float("nan")
+    full_cnt, full_idx = _packed(all_kept)
+    partial = dict(partial_cnt=None, partial_idx=None, tiles=None)
+    if not whole and hasattr(pattern, "tile_table"):
+        heads_dim = len(heads)  # the mask function reads the table per head
+        partial_cnt, partial_idx = _packed((any_kept & ~all_kept).expand(1, heads_dim, -1, -1))
+        full_cnt, full_idx = _packed(all_kept.expand(1, heads_dim, -1, -1))
+        ids = [_padded_ids(pattern.tile_ids(_positions(span, device))) for span in (q_range, k_range)]
+        table = pattern.tile_table(heads, device).to(torch.int32).contiguous()
+        partial = dict(partial_cnt=partial_cnt, partial_idx=partial_idx, tiles=(ids[0], ids[1], table))
+    return BlockPlan(full_cnt, full_idx, whole, kept / max(nq * nk, 1), not bool(any_kept.any()), **partial)
 
 
 def _kept_pairs(pattern, q_range, k_range, heads, device) -> float:
@@ -163,15 +188,17 @@ def _grid_attention(attend, q, k, v, pattern, q_range, k_range, heads, scale, bl
     if block_kernel is not None:
         plan = block_plan(pattern, q_range, k_range, heads, device,
                           **({"q": q, "k": k, "scale": scale} if dynamic else {}))
-        if plan.whole:
-            if not dynamic:
+        if plan.whole or plan.tiles is not None:
+            if not dynamic and plan.whole:
                 log_once(logging.INFO, f"usp_attn: {pattern} runs on the block-sparse kernel, keeping "
                                        f"{plan.kept:.1%} of the (query, key) pairs of the call")
+            elif not dynamic:
+                log_once(logging.INFO, f"usp_attn: {pattern} runs on the block-sparse kernel; blocks only partly "
+                                       "kept (edge tiles) are masked token by token")
             return block_kernel(q, k, v, plan)
-        log_once(logging.WARNING, f"usp_attn: {pattern}: some 128 x 128 blocks are only partly kept (tiles not "
-                                  "made of whole 128-token blocks, or tokens not in tile-major order), which the "
-                                  "block-sparse kernel cannot run exactly; this call runs on the exact masked "
-                                  "path, which is much slower")
+        log_once(logging.WARNING, f"usp_attn: {pattern}: some 128 x 128 blocks are only partly kept, which the "
+                                  "block-sparse kernel cannot run for this pattern; this call runs on the exact "
+                                  "masked path, which is much slower")
     return _masked(attend, q, k, v, pattern, q_range, k_range, heads, scale)
 
 

@@ -110,9 +110,13 @@ def _cached_permutation(grid: VideoGrid, tile: tuple[int, int, int]) -> torch.Te
     c = grid.coords(rm)
     n = [-(-s // t) for s, t in zip(grid.shape, tile)]
     tile_id = ((c[:, 0] // tile[0]) * n[1] + c[:, 1] // tile[1]) * n[2] + c[:, 2] // tile[2]
+    # Partial edge tiles go after every full tile, so the full tiles start at multiples of the
+    # tile volume: with tiles of a multiple of 128 tokens they cover whole kernel blocks.
+    volume = tile[0] * tile[1] * tile[2]
+    partial = torch.bincount(tile_id, minlength=n[0] * n[1] * n[2])[tile_id] < volume
     # Inside one tile, row-major order of (f, y, x) equals the order of the global row-major
-    # index, so a stable sort by tile id yields exactly "tiles in order, row-major inside".
-    return torch.sort(tile_id, stable=True).indices
+    # index, so a stable sort by (partial, tile id) yields exactly "tiles in order, row-major inside".
+    return torch.sort(partial.to(torch.int64) * (n[0] * n[1] * n[2]) + tile_id, stable=True).indices
 
 
 @functools.lru_cache(maxsize=16)
@@ -131,9 +135,12 @@ def tile_major_permutation(grid: VideoGrid | tuple[int, int, int], tile: tuple[i
                            device: torch.device | str | None = None) -> torch.Tensor:
     """Permutation from row-major to tile-major token order.
 
-    Tiles are taken in row-major order of their tile coordinates
-    ``(f // tf, y // th, x // tw)``; the tokens inside a tile in row-major order. Edge tiles of
-    a grid that is not a multiple of ``tile`` are smaller and stay contiguous.
+    The full tiles come first, in row-major order of their tile coordinates
+    ``(f // tf, y // th, x // tw)``, then the smaller edge tiles of a grid that is not a multiple
+    of ``tile``, in the same order; the tokens inside a tile in row-major order. Every tile stays
+    contiguous, and every full tile starts at a multiple of the tile volume, so tiles of a
+    multiple of 128 tokens fill whole 128-token kernel blocks (the block-sparse kernel then runs
+    them without a mask; only blocks of the edge tiles are partly kept).
 
     Args:
         grid: :class:`VideoGrid` (or ``(frames, height, width)``).

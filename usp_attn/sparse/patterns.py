@@ -288,6 +288,25 @@ class SlidingTileSparsity(SparsityPattern):
             return _as_heads(owner, heads, len(self.window), " (per-head windows)")
         return _as_heads(owner, heads, None)
 
+    # -- the pattern as tiles: what a kernel's mask function reads
+
+    def tile_ids(self, pos: torch.Tensor) -> torch.Tensor:
+        """int64 ``[S]``: the linear tile index ``(tf * n_h + th) * n_w + tw`` of each position."""
+        t = self._tile_coords(_as_positions("SlidingTileSparsity.tile_ids", "pos", pos, self.grid.num_tokens))
+        _, nh, nw = self.num_tiles
+        return (t[:, 0] * nh + t[:, 1]) * nw + t[:, 2]
+
+    def tile_table(self, heads: Sequence[int], device=None) -> torch.Tensor:
+        """bool ``[Hs, T, T]`` (``T`` tiles): whether a query in tile ``i`` attends a key in tile ``j``,
+        for each head; the Kronecker product of the three per-dimension windows."""
+        device = torch.device("cpu") if device is None else torch.device(device)
+        tables = {}
+        for w in dict.fromkeys(self.head_window(h) for h in self._heads("SlidingTileSparsity.tile_table", heads)):
+            mf, mh, mw = (self._dim_tile_mask(d, w[d], device).bool() for d in range(3))
+            table = mf[:, None, None, :, None, None] & mh[None, :, None, None, :, None] & mw[None, None, :, None, None, :]
+            tables[w] = table.reshape(mf.shape[0] * mh.shape[0] * mw.shape[0], -1)
+        return torch.stack([tables[self.head_window(h)] for h in heads])
+
     # -- public masks
 
     def token_mask(self, q_pos: torch.Tensor, k_pos: torch.Tensor, heads: Sequence[int], *,

@@ -169,8 +169,9 @@ def enable_sequence_parallel(transformer: nn.Module, state: SequenceParallelStat
     Raises:
         TypeError: no plan for the model class, or an attention processor usp_attn cannot route.
         RuntimeError: sequence parallelism not initialised, already enabled on this model, or an untested
-        diffusers release. ValueError: diffusers' own context parallelism is on, or the plan's check
-        refuses the model's configuration.
+        diffusers release. ValueError: diffusers' own context parallelism is on, the plan's check
+        refuses the model's configuration, or the plan does not declare a routed attention module's kind
+        (``FamilyPlan.attention``).
     """
     family = plan if plan is not None else _family_plan(transformer)
     if not isinstance(family, FamilyPlan):

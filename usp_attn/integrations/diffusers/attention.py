@@ -63,7 +63,7 @@ _MASKED_BIAS = -1e4  # additive mask values at or below this count as "masked" (
 class ActiveAttention:
     """The attention module running now, inside a sequence-parallel call whose attention ``router`` runs.
 
-    ``kind``: what the plan declares it computes (``None`` for modules a plan processor runs, never routed);
+    ``kind``: what the plan declares it computes (``None`` only where a plan processor runs it undeclared);
     ``seq_len``: the call's token count ``N``; ``routed``: its ``dispatch_attention_fn`` calls so far.
     """
 
@@ -191,8 +191,8 @@ class AttentionRouter:
         if validate is not True and self._checked.get(active.path) == checked:
             try:
                 attend = self._place(active, arguments, shard, where, verify=False)
-            except (ValueError, TypeError) as exc:  # this rank's mask values: a peer's failed collective names it
-                state.guard.report(exc)
+            except (ValueError, TypeError, RuntimeError) as exc:  # this rank's mask values (the CPU assert):
+                state.guard.report(exc)  # the peers' collective times out, and their error then names this one
                 raise
             return attend()
         # The first call of the module at this token count: every rank decides that from the same values, so
