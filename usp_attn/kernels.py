@@ -14,6 +14,7 @@ are required, naming the backends that have one; it is never replaced silently.
 from __future__ import annotations
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from usp_attn.backends import BACKEND_CLASSES, AttentionBackend
 from usp_attn.selector import AttentionBackendUnavailableError
@@ -50,6 +51,7 @@ class _KernelAttention(torch.autograd.Function):
         return out, lse
 
     @staticmethod
+    @once_differentiable  # the kernels and collectives below have no derivative: refuse a double backward
     def backward(ctx, dout, dlse):
         q, k, v, out, lse, mask = ctx.saved_tensors
         impl, causal, scale = ctx.kernel

@@ -255,6 +255,22 @@ def saved_activations_are_local(ulysses: int, ring: int) -> dict:
     return {"saved": total[0], "expected": expected, "full_kv": 2 * k.numel()}
 
 
+def double_backward_is_an_error(ulysses: int, ring: int) -> str:
+    """Second-order gradients (a gradient penalty) are not supported: every layout raises instead
+    of returning wrong values (the kernels' backward and the collectives have no derivative)."""
+    ensure_layout(ulysses, ring)
+    torch.manual_seed(0)
+    q, k, v = (usp_attn.shard_sequence(torch.randn(1, 16, 2, 4, dtype=torch.float64)).requires_grad_() for _ in range(3))
+    layer = usp_attn.USPAttention(2, 4)
+    dq, = torch.autograd.grad(layer(q, k, v).square().sum(), q, create_graph=True)
+    try:
+        dq.square().sum().backward()
+    except RuntimeError as exc:
+        assert "once_differentiable" in str(exc), exc
+        return str(exc)
+    raise AssertionError("a double backward through USPAttention ran; it must raise")
+
+
 def sage_without_backward_is_an_error(ulysses: int, ring: int) -> str:
     """An explicit backend without a backward: a clear error on every rank, before any collective."""
     usp_attn.destroy_sequence_parallel()

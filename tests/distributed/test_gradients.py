@@ -18,6 +18,7 @@ PER_LAYOUT = (
     grad_cases.grads_without_autograd_unchanged,
     grad_cases.saved_activations_are_local,
     grad_cases.dit_training_step,
+    grad_cases.double_backward_is_an_error,
 )
 
 

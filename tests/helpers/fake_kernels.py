@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import sys
 import types
+import typing
 
 import torch
 
@@ -124,12 +125,67 @@ def fake_flash_attn4() -> types.ModuleType:
                         deterministic=False, score_mod=None, score_mod_bwd=None, mask_mod=None, aux_tensors=None,
                         aux_scalars=None, block_sparse_tensors=None, block_sparse_tensors_bwd=None,
                         return_lse=False, gather_bwd_recompute_p=False, gather_bwd_token_chunk=None):
-        mod.calls.append(dict(softmax_scale=softmax_scale, causal=causal, return_lse=return_lse))
-        out, lse = _attend(q, k, v, softmax_scale, causal)
+        mod.calls.append(dict(softmax_scale=softmax_scale, causal=causal, return_lse=return_lse,
+                              block_sparse=block_sparse_tensors is not None, mask_mod=mask_mod is not None))
+        if block_sparse_tensors is not None:
+            out, lse = _block_sparse_attend(q, k, v, softmax_scale, block_sparse_tensors, mask_mod, aux_tensors)
+        else:
+            out, lse = _attend(q, k, v, softmax_scale, causal)
         return out, (lse if return_lse else None)
 
     mod.flash_attn_func = flash_attn_func
+    sparsity = _module("flash_attn.cute.block_sparsity")
+    sparsity.BlockSparseTensorsTorch = BlockSparseTensorsTorch
+    mod.block_sparsity = sparsity
     return mod
+
+
+class BlockSparseTensorsTorch(typing.NamedTuple):
+    """flash-attn-4's ``flash_attn.cute.block_sparsity.BlockSparseTensorsTorch`` (4.0.0b36): the same fields."""
+
+    mask_block_cnt: torch.Tensor
+    mask_block_idx: torch.Tensor
+    full_block_cnt: torch.Tensor | None = None
+    full_block_idx: torch.Tensor | None = None
+    cu_total_m_blocks: torch.Tensor | None = None
+    cu_block_idx_offsets: torch.Tensor | None = None
+    block_size: tuple[int, int] | None = None
+    dq_write_order: torch.Tensor | None = None
+    dq_write_order_full: torch.Tensor | None = None
+    spt: bool | None = None
+
+
+def _block_sparse_attend(q, k, v, scale, blocks, mask_mod, aux_tensors):
+    """What FA4 computes with block sparsity: only the listed key blocks of each query block; the
+    full blocks whole, the mask blocks through ``mask_mod``. The stand-in cannot run a CuTe mask
+    function, so it evaluates the one usp_attn passes by its documented meaning: aux tensors
+    ``(q_tile [>= S_q], k_tile [>= S_k], table [H, T, T])``, keep iff ``table[h, q_tile[m], k_tile[n]]``."""
+    check_kernel_layout(q=q, k=k, v=v)
+    b, s_q, h, _ = q.shape
+    s_k = k.shape[1]
+    bq, bk = blocks.block_size
+    for name in ("mask_block_cnt", "mask_block_idx", "full_block_cnt", "full_block_idx"):
+        t = getattr(blocks, name)
+        assert t.dtype == torch.int32 and t.shape[0] == b and t.shape[1] in (1, h), (name, t.shape, t.dtype)
+    keep = torch.zeros(b, h, s_q, s_k, dtype=torch.bool)
+    for kind, cnt, idx in (("full", blocks.full_block_cnt, blocks.full_block_idx),
+                           ("mask", blocks.mask_block_cnt, blocks.mask_block_idx)):
+        if kind == "mask" and int(cnt.sum()) and mask_mod is None:
+            raise AssertionError("mask blocks without a mask_mod")
+        for bi in range(b):
+            for hi in range(h):
+                hh = hi if cnt.shape[1] > 1 else 0
+                for m in range(cnt.shape[2]):
+                    rows = slice(m * bq, min(s_q, (m + 1) * bq))
+                    for n in idx[bi, hh, m, : int(cnt[bi, hh, m])].tolist():
+                        cols = slice(n * bk, min(s_k, (n + 1) * bk))
+                        if kind == "full":
+                            keep[bi, hi, rows, cols] = True
+                        else:
+                            q_tile, k_tile, table = aux_tensors
+                            keep[bi, hi, rows, cols] = table[hi][q_tile[rows].long()][:, k_tile[cols].long()] != 0
+    out, lse = reference_attention(q, k, v, scale=scale, mask=keep, return_lse=True)
+    return out.to(q.dtype), lse.to(torch.float32)
 
 
 def fake_sageattention(major: int) -> types.ModuleType:

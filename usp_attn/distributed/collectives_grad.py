@@ -23,6 +23,7 @@ Nothing here runs without gradients: the layers call these only when autograd re
 from __future__ import annotations
 
 import torch
+from torch.autograd.function import once_differentiable
 import torch.distributed as dist
 
 
@@ -40,6 +41,7 @@ class _GatherSequence(torch.autograd.Function):
         return gather(x)
 
     @staticmethod
+    @once_differentiable  # the kernels and collectives below have no derivative: refuse a double backward
     def backward(ctx, grad):
         dim, sizes, rank, group = ctx.args
         return _reduce_scatter(grad, dim, sizes, rank, group), None, None, None, None, None
@@ -70,6 +72,7 @@ class _ReplicatedHeads(torch.autograd.Function):
         return gather(text_out)
 
     @staticmethod
+    @once_differentiable  # the kernels and collectives below have no derivative: refuse a double backward
     def backward(ctx, grad):
         local_heads, degree, group = ctx.args
         b, n, heads, d = grad.shape
@@ -101,6 +104,7 @@ class _ShareReplicated(torch.autograd.Function):
         return tuple(t.view_as(t) for t in tensors)
 
     @staticmethod
+    @once_differentiable  # the kernels and collectives below have no derivative: refuse a double backward
     def backward(ctx, *grads):
         n_pre, n_suf, world, group = ctx.args
         grads = [g.clone() for g in grads]

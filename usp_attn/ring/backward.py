@@ -29,6 +29,7 @@ import dataclasses
 from typing import Callable
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from usp_attn.kernels import BlockKernels
 from usp_attn.masks import key_mask_4d, key_mask_for_transfer
@@ -79,6 +80,7 @@ class _RingAttention(torch.autograd.Function):
         return out, lse
 
     @staticmethod
+    @once_differentiable  # the kernels and collectives below have no derivative: refuse a double backward
     def backward(ctx, dout, dlse):
         q, k, v, key_mask, text_k, text_v, text_mask, out, lse = ctx.saved_tensors
         dout = torch.zeros_like(out) if dout is None else dout.contiguous()

@@ -16,6 +16,7 @@ inverse all-to-all.
 from __future__ import annotations
 
 import torch
+from torch.autograd.function import once_differentiable
 import torch.distributed as dist
 
 __all__ = [
@@ -117,6 +118,7 @@ class _SequenceToHeads(torch.autograd.Function):
         return buf
 
     @staticmethod
+    @once_differentiable  # the kernels and collectives below have no derivative: refuse a double backward
     def backward(ctx, dbuf):
         shard_lengths, group_rank, group, pad_front, ranges, shapes = ctx.args
         world, seg = len(shard_lengths), sum(shard_lengths)
@@ -146,6 +148,7 @@ class _HeadsToSequence(torch.autograd.Function):
         return heads_to_sequence(out, shard_lengths, group_rank, group)
 
     @staticmethod
+    @once_differentiable  # the kernels and collectives below have no derivative: refuse a double backward
     def backward(ctx, grad):
         shard_lengths, group = ctx.args
         buf, _ = sequence_to_heads([grad.contiguous()], shard_lengths, group)

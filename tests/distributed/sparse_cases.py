@@ -1,0 +1,96 @@
+"""Sparse attention in every layout of a real gloo group against the fp64 masked reference (see
+test_sparse.py). Each function runs on every rank and returns what the test checks."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.distributed as dist
+
+import usp_attn
+from usp_attn.sparse import SlidingTileSparsity, TopMassSparsity, VideoGrid, masked_reference
+
+from tests.distributed.sp_cases import ensure_layout
+
+# Grids that shard unevenly over 2 and 4 ranks (7 x 5 x 6 = 210 tokens; 5 x 6 x 7 = 210 with partial tiles).
+PATTERNS = {
+    "tile": SlidingTileSparsity(VideoGrid(7, 5, 6), tile=(2, 2, 3), window=(1, 2, 1)),
+    "tile_major_per_head": SlidingTileSparsity(VideoGrid(5, 6, 7), tile=(2, 4, 3),
+                                               window=[(1, 1, 1), (2, 1, 2), (1, 2, 3), (3, 2, 1)],
+                                               token_order="tile_major"),
+    "top_mass": TopMassSparsity(0.9, block=16),
+}
+ROWS = {"no_text": (0, 0), "text": (5, 3)}
+FP32_RTOL = 1e-5
+
+
+def _inputs(pattern, prefix, suffix, heads=4, kv_heads=2, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    n = pattern.grid.num_tokens if hasattr(pattern, "grid") else 210
+    s = prefix + n + suffix
+    q = torch.randn(2, s, heads, 16, generator=gen)
+    k, v = (torch.randn(2, s, kv_heads, 16, generator=gen) for _ in range(2))
+    return q, k, v, n
+
+
+def _shard(x, prefix, n):
+    return torch.cat([x[:, :prefix], usp_attn.shard_sequence(x[:, prefix : prefix + n]), x[:, prefix + n :]], dim=1)
+
+
+def layout_matches_reference(ulysses: int, ring: int, name: str, rows: str) -> dict:
+    """USPAttention(sparsity=...) on this layout vs the fp64 masked reference of the whole sequence: the output
+    and LSE of this rank's rows; the one-process layer's result for the same pattern as well."""
+    ensure_layout(ulysses, ring)
+    pattern, (pre, suf) = PATTERNS[name], ROWS[rows]
+    q, k, v, n = _inputs(pattern, pre, suf)
+    ref, ref_lse = masked_reference(q.double(), k.double(), v.double(), pattern, num_replicated_prefix=pre,
+                                    num_replicated_suffix=suf, return_lse=True)
+    layer = usp_attn.USPAttention(4, 16, 2)
+    with torch.no_grad():
+        out, lse = layer(_shard(q, pre, n), _shard(k, pre, n), _shard(v, pre, n), num_replicated_prefix=pre,
+                         num_replicated_suffix=suf, sparsity=pattern, return_lse=True)
+        one = usp_attn.LocalAttention(4, 16, 2)(q, k, v, sparsity=pattern, replicated=usp_attn.ReplicatedRows(pre, suf))
+    expected = _shard(ref, pre, n)
+    expected_lse = _shard(ref_lse.transpose(1, 2), pre, n).transpose(1, 2)
+    return {"err": float((out.double() - expected).norm() / expected.norm()),
+            "lse_err": float((lse.double() - expected_lse).abs().max()),
+            "one_process_err": float((one.double() - ref).norm() / ref.norm())}
+
+
+def differing_patterns_fail_alike(ulysses: int, ring: int) -> tuple[str, float]:
+    """Rank 0 passes another window than the others: the same named error on every rank, fast."""
+    ensure_layout(ulysses, ring)
+    grid = VideoGrid(7, 5, 6)
+    window = (2, 2, 2) if dist.get_rank() == 0 else (1, 2, 1)
+    pattern = SlidingTileSparsity(grid, tile=(2, 2, 3), window=window)
+    x = usp_attn.shard_sequence(torch.randn(1, grid.num_tokens, 4, 16))
+    start = time.monotonic()
+    try:
+        with torch.no_grad():
+            usp_attn.USPAttention(4, 16)(x, x, x, sparsity=pattern)
+    except ValueError as exc:
+        return str(exc), time.monotonic() - start
+    raise AssertionError("ranks with different patterns ran")
+
+
+def bad_pattern_fails_alike(ulysses: int, ring: int, what: str) -> str:
+    """A pattern that cannot run here: the same clear error on every rank."""
+    ensure_layout(ulysses, ring)
+    x = usp_attn.shard_sequence(torch.randn(1, 210, 4, 16))
+    layer, kwargs = usp_attn.USPAttention(4, 16), {}
+    if what == "grid":
+        pattern = SlidingTileSparsity(VideoGrid(7, 5, 5), tile=(2, 2, 3), window=(1, 2, 1))  # 175 tokens, not 210
+    elif what == "causal":
+        pattern, layer = PATTERNS["tile"], usp_attn.USPAttention(4, 16, causal=True)
+    elif what == "dynamic_ring":
+        pattern = PATTERNS["top_mass"]
+    elif what == "grad":
+        pattern, x = PATTERNS["tile"], x.clone().requires_grad_()
+    else:
+        pattern, kwargs = "not a pattern", {}
+    try:
+        layer(x, x, x, sparsity=pattern, **kwargs)
+    except (ValueError, TypeError) as exc:
+        return f"{type(exc).__name__}: {exc}"
+    raise AssertionError(f"{what}: ran")

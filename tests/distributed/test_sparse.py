@@ -1,0 +1,73 @@
+"""Sparse attention composes with Ulysses and ring: every layout of 2 and 4 ranks equals the fp64 masked
+reference of the whole sequence (fp32 within 1e-5 relative: one fp32 softmax's rounding, as for dense), with
+text rows, uneven shards, GQA, per-head windows and a dynamic pattern (Ulysses only); bad or disagreeing
+patterns raise the same error on every rank. On the CPU the exact masked path runs; the GPU block kernel
+is tested against the same reference in tests/gpu/test_gpu_sparse.py."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+
+from tests.distributed import sp_cases, sparse_cases
+from tests.helpers.multiproc import runs_per_world
+from tests.helpers.state import reset_usp_attn_state
+
+BAD = ("grid", "causal", "dynamic_ring", "grad", "type")
+
+
+def _scenarios(world):
+    out = []
+    for u, r in sp_cases.layouts(world):
+        if u * r == 1:
+            continue
+        for name in sparse_cases.PATTERNS:
+            if name == "top_mass" and r > 1:
+                continue
+            for rows in sparse_cases.ROWS:
+                out.append((u, r, name, rows))
+    return out
+
+
+def _cases(world):
+    cases = [functools.partial(sparse_cases.layout_matches_reference, *s) for s in _scenarios(world)]
+    cases.append(functools.partial(sparse_cases.differing_patterns_fail_alike, 1, world))
+    cases += [functools.partial(sparse_cases.bad_pattern_fails_alike, 1, world, what) for what in BAD]
+    return cases
+
+
+_run = runs_per_world(_cases, setup=reset_usp_attn_state, timeout=300)
+
+
+def _params(world):
+    marks = [pytest.mark.xdist_group(f"sparse_world{world}"), *([pytest.mark.slow] if world >= 4 else [])]
+    return marks
+
+
+@pytest.mark.parametrize("world,u,r,name,rows", [
+    pytest.param(w, *s, id=f"W{w}-U{s[0]}xR{s[1]}-{s[2]}-{s[3]}", marks=_params(w))
+    for w in (2, 4) for s in _scenarios(w)])
+def test_every_layout_equals_the_masked_reference(world, u, r, name, rows):
+    results = _run(world).check(functools.partial(sparse_cases.layout_matches_reference, u, r, name, rows))
+    for rank, res in enumerate(results):
+        assert res["err"] <= sparse_cases.FP32_RTOL, (rank, res)
+        assert res["lse_err"] <= 1e-5, (rank, res)
+        assert res["one_process_err"] <= sparse_cases.FP32_RTOL, (rank, res)
+
+
+@pytest.mark.parametrize("world", [pytest.param(w, marks=_params(w)) for w in (2, 4)])
+def test_patterns_that_differ_across_ranks_fail_alike(world):
+    results = _run(world).check(functools.partial(sparse_cases.differing_patterns_fail_alike, 1, world))
+    messages = [m for m, _ in results]
+    assert len(set(messages)) == 1 and "sparsity" in messages[0], messages
+    assert all(seconds < 5 for _, seconds in results), results
+
+
+@pytest.mark.parametrize("world,what", [pytest.param(w, what, marks=_params(w)) for w in (2, 4) for what in BAD])
+def test_bad_patterns_fail_alike(world, what):
+    messages = _run(world).check(functools.partial(sparse_cases.bad_pattern_fails_alike, 1, world, what))
+    assert len(set(messages)) == 1, messages
+    expected = {"grid": "grid", "causal": "causal", "dynamic_ring": "ring", "grad": "no_grad",
+                "type": "sparsity must be"}[what]
+    assert expected in messages[0], messages[0]
