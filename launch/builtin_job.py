@@ -63,6 +63,19 @@ def prompt_states(args, cfg: TinyDiTConfig, device) -> tuple[torch.Tensor, torch
     return text.to(device), encode_prompts([parse_prompt(args.negative_prompt)], cfg.text_dim).to(device)
 
 
+def sparse_schedule(args, model: TinyWanDiT):
+    """``before_step`` of the denoising loop: sliding-tile self-attention from step ``--dense-steps`` on,
+    when ``--sparse-tile`` and ``--sparse-window`` are given; None otherwise (dense throughout)."""
+    if getattr(args, "sparse_tile", None) is None:
+        return None
+    model.sparse_tiles = (args.sparse_tile, args.sparse_window)
+
+    def before_step(i: int) -> None:
+        model.use_sparsity = i >= args.dense_steps
+
+    return before_step
+
+
 def run_builtin(args, state, device, dtype, rank: int) -> dict:
     """The built-in DiT's denoising loop under sequence parallelism; returns what the summary needs."""
     cfg = builtin_config(args)
@@ -81,13 +94,18 @@ def run_builtin(args, state, device, dtype, rank: int) -> dict:
             first["v"] = v.clone()
         progress.step(device)
 
-    latents = denoise(model, noise, text, negative, sigmas, args.guidance_scale, on_step)
+    latents = denoise(model, noise, text, negative, sigmas, args.guidance_scale, on_step,
+                      before_step=sparse_schedule(args, model))
     progress.close()
     result = {
         "latents": latents, "step_times": progress.times, "peak": peak_memory(device),
         "tokens": f * (h // cfg.patch_size[1]) * (w // cfg.patch_size[2]), "layer_backend": model.blocks[0].self_attn.attn.backend,
         "batch": 2 if args.guidance_scale > 1 else 1, "weights": weights,
     }
+    pattern = model.sparse_pattern((f, h // cfg.patch_size[1], w // cfg.patch_size[2]))
+    if pattern is not None:
+        result["sparse"] = (f"sliding tile {pattern.tile}, window {pattern.window}: {pattern.density():.1%} of the "
+                            f"pairs kept from step {args.dense_steps} on")
     if args.verify:
         inputs = (noise, text, negative, sigmas)
         t0 = time.perf_counter()
@@ -132,5 +150,6 @@ def rerun(args, model, inputs, device, dtype) -> dict:
     noise, text, negative, sigmas = inputs
     first = {}
     latents = denoise(reference, noise, text, negative, sigmas, args.guidance_scale,
-                      lambda i, v: first.setdefault("first-step velocity", v.clone()))
+                      lambda i, v: first.setdefault("first-step velocity", v.clone()),
+                      before_step=sparse_schedule(args, reference))
     return {**first, "final latents": latents}

@@ -41,6 +41,7 @@ def denoise(
     sigmas: torch.Tensor,
     guidance_scale: float,
     on_step: Callable[[int, torch.Tensor], None] | None = None,
+    before_step: Callable[[int], None] | None = None,
 ) -> torch.Tensor:
     """Run the Euler loop; returns the final latents ``[B, C, F, H, W]`` float32.
 
@@ -51,11 +52,14 @@ def denoise(
             ``guidance_scale > 1`` and ``negative_text`` is given: both branches in one
             batch of ``2B``, ``v = v_neg + g * (v_text - v_neg)``.
         on_step: called after each step with ``(step index, guided velocity float32)``.
+        before_step: called before each step with its index (e.g. to switch sparse attention on).
     """
     cfg = guidance_scale > 1.0 and negative_text is not None
     cond = torch.cat([negative_text, text]) if cfg else text
     x = noise.float()
     for i in range(len(sigmas) - 1):
+        if before_step is not None:
+            before_step(i)
         t = torch.full((cond.shape[0],), float(sigmas[i]) * 1000.0, device=x.device)
         inp = torch.cat([x, x]) if cfg else x
         v = model(inp, t, cond).float()

@@ -149,8 +149,26 @@ def build_parser() -> argparse.ArgumentParser:
                        help="attention heads; need not be divisible by --ulysses-degree (USPAttention pads heads)")
     model.add_argument("--num-layers", type=positive_int, default=TinyDiTConfig.num_layers,
                        help="transformer blocks")
+    sparse = p.add_argument_group("sparse self-attention (lossy, opt-in; built-in model)")
+    sparse.add_argument("--sparse-tile", type=triple, default=None, metavar="F,H,W",
+                        help="sliding-tile attention: tokens per tile in frames, rows, columns (e.g. 1,4,4)")
+    sparse.add_argument("--sparse-window", type=triple, default=None, metavar="F,H,W",
+                        help="tiles each query tile sees per dimension (needs --sparse-tile)")
+    sparse.add_argument("--dense-steps", type=nonnegative_int, default=0, metavar="N",
+                        help="the first N denoising steps stay dense (default 0)")
     p.add_argument("-v", "--verbose", action="store_true", help="show usp_attn's INFO log messages (rank 0)")
     return p
+
+
+def triple(text: str) -> tuple[int, int, int]:
+    """argparse ``type=``: three positive integers ``F,H,W``."""
+    try:
+        values = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        values = ()
+    if len(values) != 3 or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected three positive integers F,H,W, got {text!r}")
+    return values
 
 
 def check_args(args, world_size: int) -> list[str]:
@@ -177,6 +195,11 @@ def check_args(args, world_size: int) -> list[str]:
         problems.append(f"--guidance-scale must be >= 1 (1 = no guidance), got {args.guidance_scale}")
     rank_zero = int(os.environ.get("RANK", "0")) == 0  # the rank that writes the output
     problems += check_output(args.output, writes=rank_zero, verify=args.verify and args.model_path is None)
+    if (args.sparse_tile is None) != (args.sparse_window is None):
+        problems.append("--sparse-tile and --sparse-window go together (the tile size and the window in tiles)")
+    elif args.sparse_tile is not None and args.model_path is not None:
+        problems.append("--sparse-tile/--sparse-window apply to the built-in model; with --model-path pass a "
+                        "pattern to usp_attn.integrations.diffusers.enable_sequence_parallel(..., sparsity=)")
     if args.model_path is None:
         problems += builtin_problems(args)
     else:

@@ -119,6 +119,7 @@ def print_summary(args, state, dtype, result: dict) -> None:
         ("tokens", f"{result['tokens']} per sample x batch {result['batch']}"
                    + (" (CFG)" if result["batch"] == 2 else "")),
         ("layout", f"Ulysses {state.ulysses_degree} x ring {state.ring_degree}"),
+        *([("sparse attention", result["sparse"])] if result.get("sparse") else []),
         ("world size", str(state.world_size)),
         ("attention backend", str(state.backend) + (
             f" (layers: {result['layer_backend']})" if result["layer_backend"] not in (None, state.backend) else "")),

@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from usp_attn import LocalAttention, USPAttention, gather_sequence, get_sequence_parallel_state, shard_sequence
+from usp_attn.sparse import SlidingTileSparsity, VideoGrid, tile_major_inverse_permutation, tile_major_permutation
 
 __all__ = ["TinyDiTConfig", "TinyWanDiT", "rope_axis_dims", "rope_tables", "position_features"]
 
@@ -139,14 +140,16 @@ class Attention(nn.Module):
         self.norm_q, self.norm_k = RMSNorm(dim, cfg.eps), RMSNorm(dim, cfg.eps)
         self.attn = attention
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor, rope=None) -> torch.Tensor:
-        """x ``[B, s, dim]`` (queries; a shard under SP), context ``[B, L, dim]`` (keys/values)."""
+    def forward(self, x: torch.Tensor, context: torch.Tensor, rope=None, sparsity=None) -> torch.Tensor:
+        """x ``[B, s, dim]`` (queries; a shard under SP), context ``[B, L, dim]`` (keys/values); ``sparsity``:
+        a sparse pattern for self-attention (tokens in its order), or None."""
         q = self.norm_q(self.q(x)).unflatten(-1, (self.heads, -1))
         k = self.norm_k(self.k(context)).unflatten(-1, (self.heads, -1))
         v = self.v(context).unflatten(-1, (self.heads, -1))
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        return self.o(self.attn(q, k, v).flatten(-2))
+        out = self.attn(q, k, v) if sparsity is None else self.attn(q, k, v, sparsity=sparsity)
+        return self.o(out.flatten(-2))
 
 
 class Block(nn.Module):
@@ -165,11 +168,11 @@ class Block(nn.Module):
         self.ffn = nn.Sequential(nn.Linear(dim, cfg.ffn_size), nn.GELU(approximate="tanh"), nn.Linear(cfg.ffn_size, dim))
         self.modulation = nn.Parameter(torch.zeros(1, 6, dim))
 
-    def forward(self, x, mod, context, rope):
+    def forward(self, x, mod, context, rope, sparsity=None):
         """x ``[B, s, dim]``, mod ``[B, 6, dim]``, context ``[B, L, dim]``."""
         shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation + mod).unsqueeze(2).unbind(1)
         h = self.norm1(x) * (1 + scale1) + shift1
-        x = x + gate1 * self.self_attn(h, h, rope)
+        x = x + gate1 * self.self_attn(h, h, rope, sparsity)
         x = x + self.cross_attn(self.norm3(x), context)
         return x + gate2 * self.ffn(self.norm2(x) * (1 + scale2) + shift2)
 
@@ -190,6 +193,10 @@ class TinyWanDiT(nn.Module):
         self.text_pooling = nn.Linear(dim, dim)
         self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
         self.blocks = nn.ModuleList(Block(cfg, sequence_parallel) for _ in range(cfg.num_layers))
+        # Sparse self-attention (lossy, opt-in): (tile, window) of a sliding-tile pattern, and whether the
+        # current step uses it (the first denoising steps usually stay dense).
+        self.sparse_tiles: tuple[tuple[int, int, int], tuple[int, int, int]] | None = None
+        self.use_sparsity = False
         self.head_norm = nn.LayerNorm(dim, cfg.eps, elementwise_affine=False)
         self.head = nn.Linear(dim, patch_dim)
         self.head_modulation = nn.Parameter(torch.zeros(1, 2, dim))
@@ -246,6 +253,13 @@ class TinyWanDiT(nn.Module):
         args = torch.outer(t.double(), freqs)
         return torch.cat([args.cos(), args.sin()], dim=1).float()
 
+    def sparse_pattern(self, grid) -> SlidingTileSparsity | None:
+        """The sliding-tile pattern over the token grid ``(F, H, W)``, tokens in tile-major order."""
+        if self.sparse_tiles is None:
+            return None
+        tile, window = self.sparse_tiles
+        return SlidingTileSparsity(VideoGrid(*grid), tile=tile, window=window, token_order="tile_major")
+
     # ---- forward -------------------------------------------------------------------------
     def forward(self, latents: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         """latents ``[B, C, F, H, W]``, timestep ``[B]``, text ``[B, L, text_dim]``; full on every rank.
@@ -258,6 +272,10 @@ class TinyWanDiT(nn.Module):
         x = self.patch_embedding(self.patchify(latents.to(dtype)))  # [B, S, dim]
         x = x + self.position_embedding(position_features(grid, device=x.device).to(dtype))
         rope = rope_tables(grid, self.cfg.head_size, self.cfg.rope_theta, device=x.device)
+        pattern = self.sparse_pattern(grid) if self.use_sparsity else None
+        if pattern is not None:  # once per model call: tiles become contiguous runs of tokens
+            perm = tile_major_permutation(grid, pattern.tile, device=x.device)
+            x, rope = x[:, perm], tuple(t[perm] for t in rope)
         state = get_sequence_parallel_state() if self.sequence_parallel else None
         if state is not None:
             x = shard_sequence(x, dim=1, state=state)
@@ -266,9 +284,11 @@ class TinyWanDiT(nn.Module):
         emb = self.time_embedding(self.timestep_features(timestep).to(dtype)) + self.text_pooling(context.mean(1))
         mod = self.time_projection(emb).unflatten(1, (6, -1))  # [B, 6, dim]
         for block in self.blocks:
-            x = block(x, mod, context, rope)
+            x = block(x, mod, context, rope, pattern)
         if state is not None:
             x = gather_sequence(x, dim=1, state=state)
+        if pattern is not None:  # back to row-major order
+            x = x[:, tile_major_inverse_permutation(grid, pattern.tile, device=x.device)]
         shift, scale = (self.head_modulation + emb.unsqueeze(1)).unsqueeze(2).unbind(1)
         clean = self.unpatchify(self.head(self.head_norm(x) * (1 + scale) + shift), grid).float()
         # The network predicts the clean latents; the velocity follows from x_s = (1 - s) x0 + s noise.

@@ -169,6 +169,9 @@ def test_bad_argument_usage_printed_once_under_torchrun():
         (["--guidance-scale", "0.5"], "--guidance-scale must be >= 1"),
         (["--model-path", "/no/such/model", "--verify"], "--verify needs the built-in model"),
         (["--model-path", "./not/a hub id"], "neither a directory nor a hub id"),
+        (["--sparse-tile", "1,2,2"], "--sparse-tile and --sparse-window go together"),
+        (["--sparse-tile", "1,2,2", "--sparse-window", "1,1,1", "--model-path", "/no/such/model"],
+         "apply to the built-in model"),
     ],
 )
 def test_bad_arguments_fail_before_any_work(args, message, capsys):
@@ -178,6 +181,16 @@ def test_bad_arguments_fail_before_any_work(args, message, capsys):
     err = capsys.readouterr().err
     assert message in err, err
     assert get_sequence_parallel_state() is None and not torch.distributed.is_initialized()
+
+
+def test_sparse_attention_run_verifies(tmp_path):
+    """Sliding-tile attention after one dense step, ring of 2 (grid 2 x 5 x 7 with partial tiles): the same
+    pattern in one process gives the same latents."""
+    out = tmp_path / "sparse.npz"
+    proc = torchrun(2, *TINY, "--ulysses-degree", "1", "--ring-degree", "2", "--sparse-tile", "1,2,2",
+                    "--sparse-window", "1,2,2", "--dense-steps", "1", "--output", str(out), "--verify")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "sparse attention" in proc.stdout and re.search(r"\| verify\s+\| PASS", proc.stdout), proc.stdout
 
 
 def test_several_problems_are_all_reported(capsys):
@@ -253,7 +266,6 @@ def test_verify_detects_wrong_rotary_positions(trained):
         assert bug > 100 * FP32_TOL and bug > 2 * low_precision_bound(res["bf16 rounding"]), res
 
 
-@pytest.mark.slow  # 4 ranks under torchrun
 def test_bf16_run_is_judged_against_fp32_rerun():
     proc = torchrun(4, *TINY, "--ulysses-degree", "2", "--ring-degree", "2", "--dtype", "bf16", "--verify",
                     "--output", "none")
