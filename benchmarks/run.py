@@ -78,12 +78,14 @@ PARTS: dict[str, Part] = {
                           "cost of the default cross-rank argument checks (2 ranks)"),
     "text-padding": Part("benchmarks.text_padding:text_padding_part", "any",
                          "joint attention with padded text: attn_mask vs replicated_key_mask"),
+    "sparse-quality": Part("benchmarks.sparse_quality:sparse_quality_part", "one",
+                           "sparse patterns' density and error: synthetic video-like and the built-in model"),
     "sparse": Part("benchmarks.sparse_attention:sparse_part", "one", "sliding-tile sparse vs dense; per-rank work"),
     "causal-balance": Part("benchmarks.causal_balance:causal_balance_part", "one", "causal ring work per rank: contiguous vs zigzag"),
 }
 #: the one-GPU set, the short parts first
 ONE_GPU = ["env", "ceilings", "layer-overhead", "kernels", "ring-hops", "compile", "ring-backward", "causal-balance",
-           "crossover"]
+           "crossover", "sparse", "sparse-quality"]
 #: the multi-GPU set (under torchrun)
 MULTI_GPU = ["env", "scaling", "peers", "model-step", "communication", "safe-defaults", "training-step",
              "diffusers-families", "text-padding"]
