@@ -255,6 +255,25 @@ def saved_activations_are_local(ulysses: int, ring: int) -> dict:
     return {"saved": total[0], "expected": expected, "full_kv": 2 * k.numel()}
 
 
+def empty_shard_and_empty_batch_backward(ulysses: int, ring: int) -> dict:
+    """Fewer tokens than ranks (some shards empty) and batch 0: backward runs on every rank and the
+    gradient of the non-empty case equals fp64 autograd of full attention."""
+    state = ensure_layout(ulysses, ring)
+    torch.manual_seed(0)
+    errors = {}
+    for batch, length in ((1, state.world_size - 1), (0, 2 * state.world_size)):
+        full = [torch.randn(batch, length, 2, 8, dtype=torch.float64) for _ in range(3)]
+        q, k, v = (usp_attn.shard_sequence(t).clone().requires_grad_() for t in full)
+        out = usp_attn.USPAttention(2, 8)(q, k, v)
+        (out * usp_attn.shard_sequence(torch.ones_like(full[0]))).sum().backward()
+        _, *grads = reference_grads(*full, torch.ones_like(full[0]))
+        errors[f"B{batch} S{length}"] = max(
+            float((got.grad - usp_attn.shard_sequence(want)).abs().max()) if got.numel() else 0.0
+            for got, want in zip((q, k, v), grads))
+    assert max(errors.values()) <= 1e-12, errors  # fp64 throughout
+    return errors
+
+
 def double_backward_is_an_error(ulysses: int, ring: int) -> str:
     """Second-order gradients (a gradient penalty) are not supported: every layout raises instead
     of returning wrong values (the kernels' backward and the collectives have no derivative)."""

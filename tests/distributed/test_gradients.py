@@ -19,6 +19,7 @@ PER_LAYOUT = (
     grad_cases.saved_activations_are_local,
     grad_cases.dit_training_step,
     grad_cases.double_backward_is_an_error,
+    grad_cases.empty_shard_and_empty_batch_backward,
 )
 
 

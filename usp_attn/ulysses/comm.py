@@ -125,7 +125,7 @@ class _SequenceToHeads(torch.autograd.Function):
         # Rows of rank w's shard go back to rank w, every rank's head block beside the others.
         back = heads_to_sequence(dbuf[pad_front : pad_front + seg].transpose(0, 1), shard_lengths, group_rank, group)
         batch, s_r, _, d = back.shape
-        back = back.view(batch, s_r, world, -1, d)
+        back = back.view(batch, s_r, world, ranges[-1][1], d)  # no -1: an empty shard has no size to infer
         grads = [back[:, :, :, a:b].reshape(shape) for (a, b), shape in zip(ranges, shapes)]
         return (None,) * 5 + tuple(grads)
 
