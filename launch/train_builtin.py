@@ -42,6 +42,8 @@ from flow_match import latent_grid  # noqa: E402
 from moving_shapes import encode_prompts, random_prompts, render_clips  # noqa: E402
 from tiny_dit import TinyDiTConfig, TinyWanDiT  # noqa: E402
 
+from usp_attn.config import positive_int  # noqa: E402
+
 SHIFT = 3.0  # training noise levels: u uniform, s = 3u / (1 + 2u), so a quarter of them above 0.9
 
 
@@ -89,17 +91,6 @@ def train(steps: int, batch: int, lr: float, seed: int, log_every: int = 50) -> 
 
 
 DEFAULT_OUT = "moving_shapes.pt"  # in the current directory: a run never lands on the shipped weights by default
-
-
-def positive_int(text: str) -> int:
-    """argparse ``type=``: an int >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
 
 
 def positive_float(text: str) -> float:

@@ -283,6 +283,14 @@ class SlidingTileSparsity(SparsityPattern):
             m &= (kd >= s) & (kd < s + w[d])
         return m
 
+    def _call_arguments(self, owner: str, q_pos, k_pos, heads):
+        """Checked positions (one device) and each requested head's window."""
+        n = self.grid.num_tokens
+        qp, kp = _as_positions(owner, "q_pos", q_pos, n), _as_positions(owner, "k_pos", k_pos, n)
+        if qp.device != kp.device:
+            raise ValueError(f"{owner}: q_pos is on {qp.device} but k_pos is on {kp.device}")
+        return qp, kp, [self.head_window(h) for h in self._heads(owner, heads)]
+
     def _heads(self, owner: str, heads: Any) -> tuple[int, ...]:
         if self.per_head:
             return _as_heads(owner, heads, len(self.window), " (per-head windows)")
@@ -323,13 +331,7 @@ class SlidingTileSparsity(SparsityPattern):
             bool ``[Hs, Sq, Sk]`` on ``q_pos``'s device, or ``[1, Sq, Sk]`` when all requested
             heads have the same window.
         """
-        owner = "SlidingTileSparsity.token_mask"
-        n = self.grid.num_tokens
-        qp = _as_positions(owner, "q_pos", q_pos, n)
-        kp = _as_positions(owner, "k_pos", k_pos, n)
-        if qp.device != kp.device:
-            raise ValueError(f"{owner}: q_pos is on {qp.device} but k_pos is on {kp.device}")
-        windows = [self.head_window(h) for h in self._heads(owner, heads)]
+        qp, kp, windows = self._call_arguments("SlidingTileSparsity.token_mask", q_pos, k_pos, heads)
         tq, tk = self._tile_coords(qp), self._tile_coords(kp)
         masks = {w: self._pair_mask(tq, tk, w) for w in dict.fromkeys(windows)}
         if len(masks) == 1:
@@ -362,12 +364,7 @@ class SlidingTileSparsity(SparsityPattern):
         """
         owner = "SlidingTileSparsity.block_masks"
         bq, bk = _as_kernel_block(owner, block)
-        n = self.grid.num_tokens
-        qp = _as_positions(owner, "q_pos", q_pos, n)
-        kp = _as_positions(owner, "k_pos", k_pos, n)
-        if qp.device != kp.device:
-            raise ValueError(f"{owner}: q_pos is on {qp.device} but k_pos is on {kp.device}")
-        windows = [self.head_window(h) for h in self._heads(owner, heads)]
+        qp, kp, windows = self._call_arguments(owner, q_pos, k_pos, heads)
         dev = qp.device
         nf, nh, nw = self.num_tiles
         n_tiles = nf * nh * nw
