@@ -6,7 +6,7 @@ A candidate is a raw kernel or a usp_attn layer. ``cand.bind(heads, head_size, s
 gives ``call(q, k, v)`` on q ``[B, S_q, H, D]`` and k, v ``[B, S_k, H, D]`` (any strides with a
 contiguous last dim; the caller chooses the memory layout) returning out ``[B, S_q, H, D]``,
 or ``(out, lse)`` with the LSE ``[B, H, S_q]`` fp32 when ``returns_lse``. The aten ops are the
-registered operators ``usp_attn``'s ``torch_sdpa`` backend calls (REFERENCE.md §4).
+registered operators ``usp_attn``'s ``torch_sdpa`` backend calls (each returns the log-sum-exp).
 
 To add a candidate, write its call and append one line to :data:`CANDIDATES`, e.g.
 ``raw("fa4 (flash_attn.cute)", _flash_generation("flash_attn.cute", "return_lse"), False, ...)``.
@@ -66,7 +66,7 @@ def _aten_op(op: str) -> Callable:
 
 def _sage1(q, k, v, *, scale, causal, lse):
     # SageAttention 1 with its defaults: smooth_k=True subtracts K's mean from the
-    # caller's k IN PLACE (REFERENCE §4). Benchmarks pass k they own.
+    # caller's k IN PLACE (its smooth_k default). Benchmarks pass k they own.
     from sageattention import sageattn
 
     return sageattn(q, k, v, tensor_layout="NHD", is_causal=causal, sm_scale=scale)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Check an N-GPU machine in one call (about 7 min on 2 x H200; stops itself before 9 min): the multi-GPU
 # tests, then every measurement through the benchmark suite (python -m benchmarks.run, parts named below):
-#   1. environment (GPUs, links, versions); carried wheels (.whl/) installed into /tmp/site
+#   1. environment (GPUs, links, versions); a wheels folder (.whl/) installed into /tmp/site
 #   2. pytest -m multigpu tests/gpu: the sequence-parallel test scenarios on NCCL (one process per GPU), every
 #      layout of every group size, and the safe defaults there (host syncs, fp64 ring, first-call errors)
 #   3. scaling (P4): the attention layer at Wan 14B 720p on 1, 2, 4, 8 GPUs (groups side by side), every layout
@@ -24,13 +24,13 @@
 # minute on 2 cores.
 set -uo pipefail
 shopt -s nullglob  # no result files yet: an empty list, not the pattern itself
-# NVLink multicast stays off (KINDS.md: using it can take the host's shared GPUs out of service).
+# NVLink multicast stays off: on shared hosts it can take the GPUs out of service.
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export PYTHONUNBUFFERED=1
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 REPO=$PWD
 
-PY=${PYTHON:-python3}  # the Python that holds torch (python3 on the lent machines)
+PY=${PYTHON:-python3}  # the Python that holds torch
 
 DRY=0
 if [ "${1:-}" = "--cpu-dry-run" ]; then
@@ -64,7 +64,7 @@ WORK=$(mktemp -d "${TMPDIR:-/tmp}/multigpu_check.XXXXXX")
 trap 'rm -rf "$WORK"' EXIT
 exec > >(tee "$OUTDIR/multigpu.log") 2>&1
 
-# Carried wheels (.whl/: sageattention, yunchang, diffusers), as the device README says. The dry run
+# A wheels folder (.whl/: sageattention, yunchang, diffusers) for an offline GPU machine. The dry run
 # installs them into a scratch folder instead, leaving this machine's /tmp/site alone.
 SITE=/tmp/site
 [ $DRY = 1 ] && SITE=$WORK/site
@@ -72,12 +72,12 @@ if compgen -G "$REPO/.whl/*.whl" >/dev/null; then
     if "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" \
         "$REPO"/.whl/*.whl; then
         export PYTHONPATH=$SITE${PYTHONPATH:+:$PYTHONPATH}
-        echo "installed carried wheels into $SITE: $(cd "$REPO/.whl" && ls -- *.whl | tr '\n' ' ')"
+        echo "installed the wheels folder into $SITE: $(cd "$REPO/.whl" && ls -- *.whl | tr '\n' ' ')"
     else
         echo "WARNING: installing .whl/*.whl failed; running without them"
     fi
 else
-    echo "no carried wheels (.whl/): yunchang and diffusers only if this Python already has them"
+    echo "no wheels folder (.whl/): yunchang and diffusers only if this Python already has them"
 fi
 export PYTHONPATH=$REPO${PYTHONPATH:+:$PYTHONPATH}  # usp_attn, benchmarks, launch and tests from the checkout
 

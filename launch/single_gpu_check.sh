@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Check one GPU in one call (about 7 min on an H200), everything under $OUT (else ./out/single_gpu):
-#   1. carried wheels (.whl/, e.g. sageattention) installed into /tmp/site
+#   1. a wheels folder (.whl/, e.g. sageattention, for an offline GPU machine) installed into /tmp/site
 #   2. pytest -m gpu tests/gpu: every kernel, candidate and layer vs fp64, host syncs, compile -> gpu_tests.log
 #   3. python -m benchmarks.run --parts one-gpu: env, ceilings, layer-overhead (P2), kernels (P1), ring-hops (P3),
 #      compile, ring-backward, causal-balance, crossover -> report.md, results.json, report.png

@@ -309,11 +309,7 @@ def sage_without_backward_is_an_error(ulysses: int, ring: int) -> str:
 def dit_training_step(ulysses: int, ring: int) -> dict:
     """One training step of the built-in DiT: the parameter gradients, averaged over the
     sequence-parallel ranks (each computed the full loss), equal the one-process gradients."""
-    import pathlib
-    import sys
-
-    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2] / "launch"))
-    import tiny_dit
+    from launch import tiny_dit
 
     state = ensure_layout(ulysses, ring)
     cfg = tiny_dit.TinyDiTConfig(hidden_size=48, num_heads=6, ffn_size=96, text_dim=16, text_length=5, freq_dim=32)

@@ -120,7 +120,7 @@ def test_torch_sdpa_gqa(h_kv):
 
 @pytest.mark.parametrize("dtype", [BF16, FP16], ids=["bf16", "fp16"])
 def test_sage_leaves_callers_k_untouched(dtype):
-    """SageAttention 1 smooths K in place by default (REFERENCE §4); the backend must not."""
+    """SageAttention 1 smooths K in place by default (smooth_k=True); the backend must not."""
     skip_unless_runs(AttentionBackendEnum.SAGE_ATTN, D, dtype)
     q, k, v = make_qkv(1, S, H, D, dtype, seed=5)
     k = k + 0.5  # a large mean, so smoothing in place would change every element

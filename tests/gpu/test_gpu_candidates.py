@@ -4,7 +4,7 @@ exchange of benchmarks/local_ring.py, which the ring-hops part times) against an
 
 So a number in the suite's report is the speed of a call that computes attention. Relative error
 against the fp64 reference of the same bf16 inputs (the kernel's own rounding only). Bounds, as the
-suite's correctness part had them: 1e-2 for exact kernels (REFERENCE §5 measured 2.2e-3: bf16 output
+suite's correctness part had them: 1e-2 for exact kernels (2.2e-3 measured on an H100: bf16 output
 rounding alone is ~2e-3), 3e-2 for SageAttention (INT8 Q and K; measured 1.3e-2); LSE max absolute
 error 1e-2. The LSE bound is looser than tests/gpu/common.py's because this sequence is twice as long
 and the candidates include raw kernels whose LSE comes back in their own format (trimmed to
