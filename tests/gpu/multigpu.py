@@ -159,7 +159,7 @@ def _rank_main(rank, world, backend, port, cases, messages, collective_timeout, 
     try:
         kwargs = {}
         if backend == "nccl":
-            # NVLink multicast stays off (the device README: it can take a host's shared GPUs out of service).
+            # NVLink multicast stays off: on shared hosts it can take the GPUs out of service.
             for name in ("NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST", "NVSHMEM_DISABLE_NVLS"):
                 os.environ.setdefault(name, "0" if name == "NCCL_NVLS_ENABLE" else "1")
             kwargs["device_id"] = torch.device("cuda", rank)
