@@ -16,6 +16,7 @@ import argparse
 import json
 import math
 import os
+import sys
 import time
 
 import torch
@@ -72,8 +73,10 @@ def main() -> None:
     dist.init_process_group("gloo")
     done += cycle(layouts, owns_default=True)
     dist.destroy_process_group()
-    print(json.dumps({"rank": int(os.environ["RANK"]), "errors": errors, "layouts": done,
-                      "seconds": time.monotonic() - start}), flush=True)
+    line = json.dumps({"rank": int(os.environ["RANK"]), "errors": errors, "layouts": done,
+                       "seconds": time.monotonic() - start})
+    # One write per line: print() writes the text and the newline separately, and four ranks share the pipe.
+    os.write(sys.stdout.fileno(), (line + "\n").encode())
 
 
 if __name__ == "__main__":
