@@ -108,8 +108,7 @@ def _plan_from_masks(any_kept, all_kept, pattern, q_range, k_range, heads, devic
     if any_kept.dim() == 3:
         any_kept, all_kept = any_kept[None], all_kept[None]
     whole = bool(torch.equal(any_kept, all_kept))
-    nq, nk = q_range[1] - q_range[0], k_range[1] - k_range[0]
-    kept = _kept_pairs(pattern, q_range, k_range, heads, device) if whole and pattern is not None else float("nan")
+    kept = _kept_fraction(any_kept, q_range, k_range) if whole else float("nan")
     full_cnt, full_idx = _packed(all_kept)
     partial = dict(partial_cnt=None, partial_idx=None, tiles=None)
     if not whole and hasattr(pattern, "tile_table"):
@@ -119,22 +118,21 @@ def _plan_from_masks(any_kept, all_kept, pattern, q_range, k_range, heads, devic
         ids = [_padded_ids(pattern.tile_ids(_positions(span, device))) for span in (q_range, k_range)]
         table = pattern.tile_table(heads, device).to(torch.int32).contiguous()
         partial = dict(partial_cnt=partial_cnt, partial_idx=partial_idx, tiles=(ids[0], ids[1], table))
-    return BlockPlan(full_cnt, full_idx, whole, kept / max(nq * nk, 1), not bool(any_kept.any()), **partial)
+    return BlockPlan(full_cnt, full_idx, whole, kept, not bool(any_kept.any()), **partial)
 
 
-def _kept_pairs(pattern, q_range, k_range, heads, device) -> float:
-    """Kept (query, key) pairs averaged over the heads, counted per block (exact for whole blocks)."""
-    any_kept, _ = pattern.block_masks(_positions(q_range, device), _positions(k_range, device), heads,
-                                      (BLOCK, BLOCK))
-    any_kept = any_kept if any_kept.dim() == 3 else any_kept[0]
-    rows = torch.full(((q_range[1] - q_range[0] + BLOCK - 1) // BLOCK,), BLOCK, dtype=torch.float64)
-    cols = torch.full(((k_range[1] - k_range[0] + BLOCK - 1) // BLOCK,), BLOCK, dtype=torch.float64)
-    if len(rows):
-        rows[-1] = (q_range[1] - q_range[0]) - BLOCK * (len(rows) - 1)
-    if len(cols):
-        cols[-1] = (k_range[1] - k_range[0]) - BLOCK * (len(cols) - 1)
-    pairs = rows[:, None] * cols[None, :]
-    return float((any_kept.cpu().to(torch.float64) * pairs).sum(dim=(-1, -2)).mean())
+def _kept_fraction(any_kept: torch.Tensor, q_range, k_range) -> float:
+    """Kept (query, key) pairs / all pairs, averaged over heads and batch (exact when blocks are whole)."""
+    def sizes(span):
+        n = span[1] - span[0]
+        rows = torch.full(((n + BLOCK - 1) // BLOCK,), BLOCK, dtype=torch.float64)
+        if len(rows):
+            rows[-1] = n - BLOCK * (len(rows) - 1)
+        return rows
+
+    pairs = sizes(q_range)[:, None] * sizes(k_range)[None, :]
+    total = float(pairs.sum())
+    return float((any_kept.cpu().to(torch.float64) * pairs).sum(dim=(-1, -2)).mean()) / total if total else 0.0
 
 
 def block_plan(pattern: SparsityPattern, q_range, k_range, heads, device, *, q=None, k=None, scale=None) -> BlockPlan:
