@@ -5,7 +5,7 @@
   and ``W`` a fixed random projection to the head size, so nearby tokens have similar vectors and large dot
   products (3-D positional locality, as video DiT attention maps show), ``e`` is unit noise, ``v`` random.
 * **The built-in model's own attention.** The trained built-in DiT (launch/weights) runs its first denoising
-  step on the default prompt in one process; ``usp_attn.sparse.capture`` records every self-attention layer's
+  step unconditionally (the empty prompt: CFG's other branch) in one process; ``usp_attn.sparse.capture`` records every self-attention layer's
   q, k, v, on which each pattern is measured.
 
 Rows: density (kept query-key pairs) and relative error vs dense attention, for sliding-tile windows and
@@ -15,6 +15,7 @@ Rows: density (kept query-key pairs) and relative error vs dense attention, for 
 from __future__ import annotations
 
 import math
+import pathlib
 
 import torch
 
@@ -70,25 +71,20 @@ def sparse_quality_part(ctx: Context) -> list[dict]:
 
 
 def _builtin_rows(dry_run: bool) -> list[dict]:
-    import launch  # noqa: F401  (the package's directory holds the job's sibling modules)
-    import os
-    import sys
-
-    sys.path.insert(0, os.path.dirname(launch.__file__))  # the job scripts import their siblings by name
-    from builtin_weights import load_weights
-    from flow_match import flow_match_sigmas, latent_grid
-    from moving_shapes import encode_prompts, parse_prompt
-    from tiny_dit import TinyDiTConfig, TinyWanDiT
+    import launch
+    from launch.flow_match import flow_match_sigmas, latent_grid
+    from launch.tiny_dit import TinyDiTConfig, TinyWanDiT
 
     cfg = TinyDiTConfig()
     model = TinyWanDiT(cfg, sequence_parallel=False)
-    load_weights(model)
+    weights = pathlib.Path(launch.__file__).parent / "weights" / "moving_shapes.pt"
+    model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True)["state_dict"])
     model.eval()
     f, h, w = latent_grid(17, 128, 128)
     grid = VideoGrid(f, h // cfg.patch_size[1], w // cfg.patch_size[2])
     gen = torch.Generator().manual_seed(0)
     noise = torch.randn(1, cfg.in_channels, f, h, w, generator=gen)
-    text = encode_prompts([parse_prompt("a red circle moving right")], cfg.text_dim)
+    text = torch.zeros(1, cfg.text_length, cfg.text_dim)  # the empty prompt: the unconditional branch
     sigma = float(flow_match_sigmas(10, 5.0)[0])
     with capture_attention_inputs(model, max_calls=1, layers=lambda name: "self_attn" in name) as captured, \
             torch.no_grad():

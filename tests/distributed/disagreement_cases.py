@@ -192,6 +192,16 @@ def arguments_change_on_one_rank() -> dict:
     return result
 
 
+def rank_dies_before_backward() -> dict:
+    """Training at U = 2: the last rank exits after the forward; the others' backward all-to-all fails and names it."""
+    layout(dist.get_world_size(), 1)
+    x = usp_attn.shard_sequence(_full(24)).requires_grad_()
+    out = usp_attn.USPAttention(4, 8)(x, x, x)
+    if dist.get_rank() == dist.get_world_size() - 1:
+        os._exit(0)  # no report, no cleanup: as a crashed process
+    return outcome(lambda: out.sum().backward())
+
+
 def rank_dies() -> dict:
     """After an agreed first call the last rank exits; the others call the layer again."""
     layout(dist.get_world_size(), 1)

@@ -339,8 +339,7 @@ def training_benchmark_dry_run() -> list:
     """The suite's training-step rows on CPU (tiny DiT): they run and their SP rows' gradients
     match the one-process step."""
     from benchmarks import training
-
-    import tiny_dit  # on sys.path through benchmarks.training
+    from launch import tiny_dit
 
     cfg = tiny_dit.TinyDiTConfig(hidden_size=48, num_heads=6, num_layers=1, ffn_size=96, text_dim=16,
                                  text_length=5, freq_dim=32)

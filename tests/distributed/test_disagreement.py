@@ -187,3 +187,16 @@ def test_rank_that_dies_is_named(four):
         assert res["seconds"] < REPORT_GRACE_S + 3.0, (rank, res["seconds"])  # not the 20 s timeout
         assert f"failed on rank {rank}" in res["message"], res["message"]
         assert "rank 3: no report within" in res["message"], res["message"]
+
+
+@pytest.mark.xdist_group("disagreement_backward")
+def test_rank_that_dies_before_backward_is_named():
+    """The backward's collectives name a dead rank as the forward's do, within the report grace, not at the
+    group timeout (the all-to-all's backward at U = 2 fails on the connection the dead rank held)."""
+    run = run_cases(2, [cases.rank_dies_before_backward], setup=reset_usp_attn_state, timeout=120)
+    outcome = run.outcomes[case_name(cases.rank_dies_before_backward)]
+    assert 1 in outcome.errors and "exited" in outcome.errors[1], outcome.errors
+    res = outcome.values[0]
+    assert res["type"] == "CollectiveError", res
+    assert res["seconds"] < REPORT_GRACE_S + 3.0, res["seconds"]
+    assert "USPAttention backward" in res["message"] and "rank 1: no report within" in res["message"], res

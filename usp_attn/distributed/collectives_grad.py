@@ -23,8 +23,10 @@ Nothing here runs without gradients: the layers call these only when autograd re
 from __future__ import annotations
 
 import torch
-from torch.autograd.function import once_differentiable
 import torch.distributed as dist
+from torch.autograd.function import once_differentiable
+
+from usp_attn.distributed.guard import named_backward, recording_guard
 
 
 __all__ = [
@@ -37,11 +39,13 @@ __all__ = [
 class _GatherSequence(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, gather, dim, sizes, rank, group):
+        ctx.guard = recording_guard()
         ctx.args = (dim, sizes, rank, group)
         return gather(x)
 
     @staticmethod
     @once_differentiable  # the kernels and collectives below have no derivative: refuse a double backward
+    @named_backward
     def backward(ctx, grad):
         dim, sizes, rank, group = ctx.args
         return _reduce_scatter(grad, dim, sizes, rank, group), None, None, None, None, None
@@ -68,11 +72,13 @@ def _reduce_scatter(grad, dim, sizes, rank, group):
 class _ReplicatedHeads(torch.autograd.Function):
     @staticmethod
     def forward(ctx, text_out, gather, degree, group):
+        ctx.guard = recording_guard()
         ctx.args = (text_out.shape[2], degree, group)
         return gather(text_out)
 
     @staticmethod
     @once_differentiable  # the kernels and collectives below have no derivative: refuse a double backward
+    @named_backward
     def backward(ctx, grad):
         local_heads, degree, group = ctx.args
         b, n, heads, d = grad.shape
@@ -100,11 +106,13 @@ def gather_replicated_with_grad(text_out, gather, *, ulysses_degree, ulysses_gro
 class _ShareReplicated(torch.autograd.Function):
     @staticmethod
     def forward(ctx, n_pre, n_suf, world, group, *tensors):
+        ctx.guard = recording_guard()
         ctx.args = (n_pre, n_suf, world, group)
         return tuple(t.view_as(t) for t in tensors)
 
     @staticmethod
     @once_differentiable  # the kernels and collectives below have no derivative: refuse a double backward
+    @named_backward
     def backward(ctx, *grads):
         n_pre, n_suf, world, group = ctx.args
         grads = [g.clone() for g in grads]

@@ -70,7 +70,9 @@ and the failures gloo or the store see are named.
 
 from __future__ import annotations
 
+import contextvars
 import datetime
+import functools
 import logging
 import pickle
 import re
@@ -83,7 +85,11 @@ import torch.distributed as dist
 from usp_attn.logs import log_once
 
 __all__ = ["CallGuard", "CallSignature", "CollectiveError", "RankChannel", "REPORT_GRACE_S", "describe_disagreement",
-           "group_ranks", "is_collective_failure"]
+           "group_ranks", "is_collective_failure", "named_backward", "recording_guard"]
+
+# The guard of the forward being recorded by autograd: the backward of each collective and ring step it records
+# keeps it, so a failure there names the rank behind it as the forward does.
+_RECORDING: contextvars.ContextVar = contextvars.ContextVar("usp_attn_recording_guard", default=None)
 
 #: Seconds a rank whose collective failed waits for its peers' reports before naming the silent ones.
 REPORT_GRACE_S = 2.0
@@ -377,6 +383,14 @@ class CallGuard:
         except RuntimeError:  # the store is gone too (its host died): nothing left to tell
             pass
 
+    def start_recording(self):
+        """While autograd records a forward (until :meth:`stop_recording` with the token returned): the backwards
+        of its collectives and ring steps name failed ranks through this guard."""
+        return _RECORDING.set(self)
+
+    def stop_recording(self, token) -> None:
+        _RECORDING.reset(token)
+
     def raise_named(self, exc: BaseException, where: str, summary=None):
         """Re-raise ``exc``, as the error :meth:`name_failure` makes of it when it is a collective failure."""
         named = self.name_failure(exc, where, summary)
@@ -432,6 +446,29 @@ class CallGuard:
         head = f"{where}: a collective of the sequence-parallel group failed on rank {me}: {mine}"
         cls = ValueError if argument_fault else CollectiveError
         return cls("\n".join([head] + lines))
+
+
+def recording_guard() -> CallGuard | None:
+    """The guard of the forward autograd is recording now (an autograd Function's forward keeps it on ``ctx``)."""
+    return _RECORDING.get()
+
+
+def named_backward(backward):
+    """For an autograd Function's ``backward``: a collective that fails there (a peer died, or raised in its own
+    backward and reported it) raises an error naming the ranks, as in the forward; ``ctx.guard`` from
+    :func:`recording_guard` (None: no naming)."""
+
+    @functools.wraps(backward)
+    def wrapper(ctx, *grads):
+        guard = getattr(ctx, "guard", None)
+        if guard is None:
+            return backward(ctx, *grads)
+        try:
+            return backward(ctx, *grads)
+        except RuntimeError as exc:
+            guard.raise_named(exc, "USPAttention backward")
+
+    return wrapper
 
 
 def _first_line(exc: BaseException) -> str:

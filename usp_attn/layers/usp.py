@@ -218,6 +218,7 @@ class USPAttention(nn.Module):
                                           sparsity)
         call = self._checked_call(state, q, k, v, attn_mask, rows, seq_len, return_lse, load_balance,
                                   replicated_key_mask, sparsity)  # the same verdict on every rank
+        recording = state.guard.start_recording() if call.grad else None  # backward failures named too
         try:
             if call.grad:  # training: every step below is recorded with its adjoint
                 q, k, v = self._for_training(state, call, q, k, v)
@@ -231,6 +232,9 @@ class USPAttention(nn.Module):
             return self._back(state, call, ulysses, out_all, lse_all)
         except RuntimeError as exc:  # a failed collective names the rank behind it
             state.guard.raise_named(exc, "USPAttention.forward", lambda: call.signature.summary(self))
+        finally:
+            if recording is not None:
+                state.guard.stop_recording(recording)
 
     def _forward_one_rank(self, q, k, v, attn_mask, rows, return_lse, load_balance, text_mask, sparsity):
         check_return_lse(return_lse)

@@ -31,6 +31,7 @@ from typing import Callable
 import torch
 from torch.autograd.function import once_differentiable
 
+from usp_attn.distributed.guard import named_backward, recording_guard
 from usp_attn.kernels import BlockKernels
 from usp_attn.masks import key_mask_4d, key_mask_for_transfer
 from usp_attn.ring.forward import ring_attention
@@ -68,6 +69,7 @@ class RingPlan:
 class _RingAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, plan, q, k, v, key_mask, text_k, text_v, text_mask):
+        ctx.guard = recording_guard()
         local_blocks = () if text_k is None else ((text_k, text_v, text_mask),)
         out, lse = ring_attention(
             plan.kernels.attend, q, k, v, exchange=plan.new_exchange(), ring_rank=plan.ring_rank,
@@ -81,6 +83,7 @@ class _RingAttention(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable  # the kernels and collectives below have no derivative: refuse a double backward
+    @named_backward
     def backward(ctx, dout, dlse):
         q, k, v, key_mask, text_k, text_v, text_mask, out, lse = ctx.saved_tensors
         dout = torch.zeros_like(out) if dout is None else dout.contiguous()

@@ -16,8 +16,10 @@ inverse all-to-all.
 from __future__ import annotations
 
 import torch
-from torch.autograd.function import once_differentiable
 import torch.distributed as dist
+from torch.autograd.function import once_differentiable
+
+from usp_attn.distributed.guard import named_backward, recording_guard
 
 __all__ = [
     "sequence_to_heads",
@@ -113,12 +115,14 @@ def gather_group_sequence(
 class _SequenceToHeads(torch.autograd.Function):
     @staticmethod
     def forward(ctx, shard_lengths, group_rank, group, pad_front, pad_back, *tensors):
+        ctx.guard = recording_guard()
         buf, ranges = sequence_to_heads(list(tensors), shard_lengths, group, pad_front=pad_front, pad_back=pad_back)
         ctx.args = (shard_lengths, group_rank, group, pad_front, ranges, [t.shape for t in tensors])
         return buf
 
     @staticmethod
     @once_differentiable  # the kernels and collectives below have no derivative: refuse a double backward
+    @named_backward
     def backward(ctx, dbuf):
         shard_lengths, group_rank, group, pad_front, ranges, shapes = ctx.args
         world, seg = len(shard_lengths), sum(shard_lengths)
@@ -144,11 +148,13 @@ def sequence_to_heads_with_grad(tensors, shard_lengths, group, *, group_rank, pa
 class _HeadsToSequence(torch.autograd.Function):
     @staticmethod
     def forward(ctx, out, shard_lengths, group_rank, group):
+        ctx.guard = recording_guard()
         ctx.args = (shard_lengths, group)
         return heads_to_sequence(out, shard_lengths, group_rank, group)
 
     @staticmethod
     @once_differentiable  # the kernels and collectives below have no derivative: refuse a double backward
+    @named_backward
     def backward(ctx, grad):
         shard_lengths, group = ctx.args
         buf, _ = sequence_to_heads([grad.contiguous()], shard_lengths, group)
