@@ -13,6 +13,12 @@ One spawned group per world size runs all its cases (spawning costs seconds, a c
 from __future__ import annotations
 
 import functools
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -200,3 +206,30 @@ def test_rank_that_dies_before_backward_is_named():
     assert res["type"] == "CollectiveError", res
     assert res["seconds"] < REPORT_GRACE_S + 3.0, res["seconds"]
     assert "USPAttention backward" in res["message"] and "rank 1: no report within" in res["message"], res
+
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_store_host_that_dies_is_named_with_hand_launched_ranks():
+    """Ranks started by hand (env://, no torchrun agent): global rank 0 hosts the c10d store. When it exits, the
+    survivor's failed collective cannot read its peers' reports; the error says so and names rank 0, at once."""
+    port = _free_port()
+    job = Path(__file__).with_name("store_host_job.py")
+    procs = []
+    for rank in range(2):
+        env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
+                   LOCAL_RANK=str(rank), OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).resolve().parents[2]))
+        procs.append(subprocess.Popen([sys.executable, str(job)], env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))
+    outputs = [p.communicate(timeout=120) for p in procs]
+    lines = [line for line in outputs[1][0].splitlines() if line.startswith("{")]
+    assert lines, outputs[1][1][-3000:]
+    res = json.loads(lines[-1])
+    assert res["type"] == "CollectiveError", res
+    assert "store cannot be reached" in res["message"] and "global rank 0" in res["message"], res["message"]
+    assert res["seconds"] < REPORT_GRACE_S + 5.0, res

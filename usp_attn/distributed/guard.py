@@ -416,12 +416,16 @@ class CallGuard:
         channel = self.channel
         if channel is None or not is_collective_failure(exc):
             return None
+        me, mine = self.state.sp_rank, _first_line(exc)
         try:
             reports, silent = channel.collect("failed", REPORT_GRACE_S)
             pending, _ = channel.peek(f"check{self.checks}")
-        except RuntimeError:
-            return None
-        me, mine = self.state.sp_rank, _first_line(exc)
+        except RuntimeError as store_exc:  # the store went with its host: the one rank it can still name
+            return CollectiveError(
+                f"{where}: a collective of the sequence-parallel group failed on rank {me}: {mine}\n"
+                f"  the c10d store cannot be reached either ({_first_line(store_exc)}): the process that hosts it has "
+                "exited. Ranks started without torchrun host it in global rank 0's process, so global rank 0 has "
+                "presumably exited; without the store no other rank can be named (under torchrun the agent hosts it)")
         lines, argument_fault = [], False
         silent = [r for r in silent if r != me]
         if silent:
