@@ -20,6 +20,7 @@ import torch
 
 from usp_attn import LocalAttention, ReplicatedRows
 from usp_attn.sparse import SlidingTileSparsity, VideoGrid, tile_major_inverse_permutation, tile_major_permutation
+from usp_attn.distributed.state import shard_sizes
 from usp_attn.sparse.attend import attend_sparse, block_plan
 
 from benchmarks.suite import Context, headline, short_error, skipped
@@ -106,7 +107,8 @@ def _per_rank(ctx, cfg, model, layer, pattern, q, k, v, one_gpu, label) -> list[
             continue
         h = qh.shape[2]
         heads_of = tuple(range(h))
-        spans = [(r * s // ring, (r + 1) * s // ring) for r in range(ring)]
+        sizes = shard_sizes(s, ring, 128)  # shard_sequence(..., align=128): every hop's blocks start whole
+        spans = [(sum(sizes[:r]), sum(sizes[: r + 1])) for r in range(ring)]
         mine = max(spans, key=lambda m: _kept_blocks(pattern, m, spans, heads_of, q.device))  # the slowest rank
         block = layer._block_kernel(qh, kh, vh)
         local = LocalAttention(h, d)

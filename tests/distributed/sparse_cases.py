@@ -34,11 +34,12 @@ def _inputs(pattern, prefix, suffix, heads=4, kv_heads=2, seed=0):
     return q, k, v, n
 
 
-def _shard(x, prefix, n):
-    return torch.cat([x[:, :prefix], usp_attn.shard_sequence(x[:, prefix : prefix + n]), x[:, prefix + n :]], dim=1)
+def _shard(x, prefix, n, align=None):
+    grid = usp_attn.shard_sequence(x[:, prefix : prefix + n], align=align)
+    return torch.cat([x[:, :prefix], grid, x[:, prefix + n :]], dim=1)
 
 
-def layout_matches_reference(ulysses: int, ring: int, name: str, rows: str) -> dict:
+def layout_matches_reference(ulysses: int, ring: int, name: str, rows: str, align: int | None = None) -> dict:
     """USPAttention(sparsity=...) on this layout vs the fp64 masked reference of the whole sequence: the output
     and LSE of this rank's rows; the one-process layer's result for the same pattern as well."""
     ensure_layout(ulysses, ring)
@@ -48,12 +49,19 @@ def layout_matches_reference(ulysses: int, ring: int, name: str, rows: str) -> d
                                     num_replicated_suffix=suf, return_lse=True)
     layer = usp_attn.USPAttention(4, 16, 2)
     with torch.no_grad():
-        out, lse = layer(_shard(q, pre, n), _shard(k, pre, n), _shard(v, pre, n), num_replicated_prefix=pre,
-                         num_replicated_suffix=suf, sparsity=pattern, return_lse=True)
+        out, lse = layer(_shard(q, pre, n, align), _shard(k, pre, n, align), _shard(v, pre, n, align),
+                         num_replicated_prefix=pre, num_replicated_suffix=suf, sparsity=pattern, return_lse=True)
+        state = usp_attn.get_sequence_parallel_state()
+        sizes = state.sizes(n)
+        gathered = usp_attn.gather_sequence(out[:, pre : out.shape[1] - suf])
         one = usp_attn.LocalAttention(4, 16, 2)(q, k, v, sparsity=pattern, replicated=usp_attn.ReplicatedRows(pre, suf))
     expected = _shard(ref, pre, n)
     expected_lse = _shard(ref_lse.transpose(1, 2), pre, n).transpose(1, 2)
+    state.set_shard_align(1)
+    if align is not None:
+        assert all(s % align == 0 for s in sizes[:-1]) and sum(sizes) == n, sizes
     return {"err": float((out.double() - expected).norm() / expected.norm()),
+            "gather_err": float((gathered.double() - ref[:, pre : pre + n]).norm() / ref.norm()),
             "lse_err": float((lse.double() - expected_lse).abs().max()),
             "one_process_err": float((one.double() - ref).norm() / ref.norm())}
 

@@ -30,8 +30,13 @@ def _scenarios(world):
     return out
 
 
+ALIGNED = [("tile_major_per_head", "text", 16)]  # shards in 16-token units (128 on a GPU: whole kernel blocks)
+
+
 def _cases(world):
     cases = [functools.partial(sparse_cases.layout_matches_reference, *s) for s in _scenarios(world)]
+    cases += [functools.partial(sparse_cases.layout_matches_reference, u, r, *a)
+              for u, r in sp_cases.layouts(world) if u * r > 1 for a in ALIGNED]
     cases.append(functools.partial(sparse_cases.differing_patterns_fail_alike, 1, world))
     cases += [functools.partial(sparse_cases.bad_pattern_fails_alike, 1, world, what) for what in BAD]
     return cases
@@ -54,6 +59,15 @@ def test_every_layout_equals_the_masked_reference(world, u, r, name, rows):
         assert res["err"] <= sparse_cases.FP32_RTOL, (rank, res)
         assert res["lse_err"] <= 1e-5, (rank, res)
         assert res["one_process_err"] <= sparse_cases.FP32_RTOL, (rank, res)
+
+
+@pytest.mark.parametrize("world,u,r,name,rows,align", [
+    pytest.param(w, u, r, *a, id=f"W{w}-U{u}xR{r}-aligned{a[2]}", marks=_params(w))
+    for w in (2, 4) for u, r in sp_cases.layouts(w) if u * r > 1 for a in ALIGNED])
+def test_aligned_shards_equal_the_masked_reference(world, u, r, name, rows, align):
+    results = _run(world).check(functools.partial(sparse_cases.layout_matches_reference, u, r, name, rows, align))
+    for rank, res in enumerate(results):
+        assert res["err"] <= sparse_cases.FP32_RTOL and res["gather_err"] <= sparse_cases.FP32_RTOL, (rank, res)
 
 
 @pytest.mark.parametrize("world", [pytest.param(w, marks=_params(w)) for w in (2, 4)])

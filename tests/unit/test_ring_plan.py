@@ -118,3 +118,16 @@ def test_zigzag_balances_causal_work(world):
             assert max(balanced) <= 1.10 * mean and min(balanced) >= 0.90 * mean, (total, u, r, balanced)
             if r > 1:
                 assert max(contiguous) >= (2 * r - 1) / r * 0.95 * mean, (total, u, r, contiguous)
+
+
+@pytest.mark.parametrize("total", [0, 1, 127, 128, 1000, 75600])
+@pytest.mark.parametrize("world", [1, 2, 3, 4, 8])
+def test_aligned_shards_start_on_whole_units(total, world):
+    """``shard_sizes(total, world, align)``: tensor_split of align-token units, the tail unit on the last rank
+    holding any; align 1 is plain tensor_split."""
+    sizes = shard_sizes(total, world, 128)
+    assert sum(sizes) == total and len(sizes) == world
+    starts = [sum(sizes[:i]) for i in range(world) if sizes[i]]  # an empty shard starts nowhere
+    assert all(s % 128 == 0 for s in starts)
+    assert max(sizes) - min(sizes) <= 128 + 127  # at most one unit apart, plus the partial tail
+    assert shard_sizes(total, world) == tuple(t.shape[0] for t in torch.tensor_split(torch.empty(total), world))

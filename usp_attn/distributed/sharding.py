@@ -29,7 +29,8 @@ def require_state(state: SequenceParallelState | None) -> SequenceParallelState:
 
 
 def shard_sequence(x: torch.Tensor, dim: int = 1, state: SequenceParallelState | None = None,
-                   record_length: bool = True, *, load_balance: bool | None = None) -> torch.Tensor:
+                   record_length: bool = True, *, load_balance: bool | None = None,
+                   align: int | None = None) -> torch.Tensor:
     """This rank's shard of the full tensor ``x`` along ``dim``.
 
     ``load_balance``: ``False`` = a contiguous chunk (a view, no copy); ``True`` = the zigzag
@@ -39,9 +40,16 @@ def shard_sequence(x: torch.Tensor, dim: int = 1, state: SequenceParallelState |
     and an explicit ``load_balance``, are recorded on the state, so the attention layers know
     every shard's size and the layout without communicating. Call it with the same full
     length on every rank.
+
+    ``align``: cut contiguous shards in units of ``align`` tokens (recorded on the state like the
+    layout; ``None``: the recorded one, 1 until one is recorded). Sparse attention under ring wants
+    ``align=128``: every shard then starts at a 128-token kernel block, so whole tiles stay whole
+    blocks on every hop.
     """
     state = require_state(state)
     balanced = _layout(state, load_balance)
+    if align is not None:
+        state.set_shard_align(align)
     if record_length:
         state.set_sequence_length(x.shape[dim])
         if load_balance is not None:
@@ -50,7 +58,9 @@ def shard_sequence(x: torch.Tensor, dim: int = 1, state: SequenceParallelState |
         return x
     if balanced:
         return shard_zigzag(x, dim, state.world_size, state.sp_rank)
-    return torch.tensor_split(x, state.world_size, dim=dim)[state.sp_rank]
+    sizes = state.sizes(x.shape[dim], False)
+    start = sum(sizes[: state.sp_rank])
+    return x.narrow(dim, start, sizes[state.sp_rank])
 
 
 def gather_sequence(x: torch.Tensor, dim: int = 1, state: SequenceParallelState | None = None,

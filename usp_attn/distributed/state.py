@@ -62,10 +62,18 @@ _generation = 0
 _rendezvous = None
 
 
-def shard_sizes(total: int, world: int) -> tuple[int, ...]:
-    """Shard lengths of a sequence of ``total`` tokens over ``world`` ranks (``tensor_split`` sizes)."""
-    base, extra = divmod(total, world)
-    return tuple(base + 1 if i < extra else base for i in range(world))
+def shard_sizes(total: int, world: int, align: int = 1) -> tuple[int, ...]:
+    """Shard lengths of a sequence of ``total`` tokens over ``world`` ranks: ``tensor_split`` sizes of units of
+    ``align`` tokens (the last unit may be partial), so every shard but the one holding the tail is a multiple
+    of ``align`` and every shard starts at one (sparse attention's 128-token blocks then stay whole)."""
+    units = -(-total // align)
+    base, extra = divmod(units, world)
+    sizes = [(base + 1 if i < extra else base) * align for i in range(world)]
+    for i in reversed(range(world)):  # the partial last unit: the last rank that holds any unit
+        if sizes[i]:
+            sizes[i] -= units * align - total
+            break
+    return tuple(sizes)
 
 
 @dataclasses.dataclass
@@ -104,6 +112,7 @@ class SequenceParallelState:
     validate: bool | None = None
     sequence_length: int | None = None
     load_balance: bool = False
+    shard_align: int = 1
     generation: int = 0
     _created_groups: list = dataclasses.field(default_factory=list, repr=False)
     _owns_default_group: bool = False
@@ -151,12 +160,16 @@ class SequenceParallelState:
         """Record the layout of the sharded sequence (all ranks must record the same)."""
         self.load_balance = check_bool("load_balance", load_balance)
 
+    def set_shard_align(self, align: int) -> None:
+        """Record that contiguous shards are cut in units of ``align`` tokens (all ranks must record the same)."""
+        self.shard_align = check_positive_int("align", align)
+
     def sizes(self, total: int, load_balance: bool | None = None) -> tuple[int, ...]:
         """Every SP rank's shard length for a global length ``total`` in the given layout
-        (``None``: the recorded one)."""
+        (``None``: the recorded one); contiguous shards in units of the recorded ``shard_align``."""
         if self.load_balance if load_balance is None else load_balance:
             return zigzag_sizes(total, self.world_size)
-        return shard_sizes(total, self.world_size)
+        return shard_sizes(total, self.world_size, self.shard_align)
 
 
 _state: SequenceParallelState | None = None
