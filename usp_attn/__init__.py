@@ -1,7 +1,8 @@
 """usp_attn: sequence-parallel attention (Ulysses, ring, USP) for video DiT inference.
 
 The front door: the layers, the sequence-parallel set-up, sharding helpers, backend names and
-the two ways to force one, the configuration helpers and the errors. Selection and platform
+the two ways to force one, the configuration helpers, the errors, and the sparse patterns
+(``usp_attn.sparse`` has the rest of sparse attention). Selection and platform
 plumbing live one level down (``usp_attn.selector``, ``usp_attn.platforms``,
 ``usp_attn.measured_choice``, ``usp_attn.backends``, ``usp_attn.settings``).
 
@@ -27,6 +28,7 @@ from usp_attn.selector import (
     global_force_attn_backend,
     global_force_attn_backend_context_manager,
 )
+from usp_attn.sparse import SlidingTileSparsity, TopMassSparsity, VideoGrid, sparsity_error
 
 __version__ = "0.2.0"
 
@@ -39,8 +41,11 @@ __all__ = [
     "ReplicatedRows",
     "RingAttention",
     "SequenceParallelState",
+    "SlidingTileSparsity",
+    "TopMassSparsity",
     "UlyssesAttention",
     "USPAttention",
+    "VideoGrid",
     "add_attention_args",
     "destroy_sequence_parallel",
     "gather_sequence",
@@ -49,4 +54,5 @@ __all__ = [
     "global_force_attn_backend_context_manager",
     "init_sequence_parallel",
     "shard_sequence",
+    "sparsity_error",
 ]

@@ -13,7 +13,7 @@ FRONT_DOOR = {
     "LocalAttention", "ReplicatedRows", "RingAttention", "SequenceParallelState", "UlyssesAttention", "USPAttention",
     "add_attention_args", "destroy_sequence_parallel", "gather_sequence", "get_sequence_parallel_state",
     "global_force_attn_backend", "global_force_attn_backend_context_manager", "init_sequence_parallel",
-    "shard_sequence",
+    "shard_sequence", "SlidingTileSparsity", "TopMassSparsity", "VideoGrid", "sparsity_error",
 }
 
 MOVED = {
