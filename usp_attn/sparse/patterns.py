@@ -427,17 +427,22 @@ class SlidingTileSparsity(SparsityPattern):
 # ----------------------------------------------------------------------------- top mass
 
 
+def check_bshd(owner: str, name: str, t: Any) -> None:
+    """``t`` is a floating ``[B, S, H, D]`` tensor, else an error naming ``name``."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{owner}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != 4:
+        raise ValueError(f"{owner}: {name} must be [B, S, H, D], got shape {list(t.shape)}")
+    if not t.is_floating_point():
+        raise TypeError(f"{owner}: {name} must be floating, got {t.dtype}")
+
+
 def _check_qk(owner: str, q: Any, k: Any) -> None:
     for name, t in (("q", q), ("k", k)):
         if t is None:
             raise ValueError(f"{owner}: TopMassSparsity is dynamic and needs {name} ([B, S, H, D] over all grid "
                              f"tokens); got {name}=None")
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{owner}: {name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 4:
-            raise ValueError(f"{owner}: {name} must be [B, S, H, D], got shape {list(t.shape)}")
-        if not t.is_floating_point():
-            raise TypeError(f"{owner}: {name} must be floating, got {t.dtype}")
+        check_bshd(owner, name, t)
     if q.device != k.device:
         raise ValueError(f"{owner}: q is on {q.device} but k is on {k.device}")
     if q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:

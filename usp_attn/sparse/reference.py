@@ -16,7 +16,7 @@ from typing import Any, Optional
 
 import torch
 
-from usp_attn.sparse.patterns import SparsityPattern
+from usp_attn.sparse.patterns import SparsityPattern, check_bshd
 
 __all__ = ["masked_reference", "sparsity_error"]
 
@@ -31,12 +31,7 @@ def _check_nonneg_int(owner: str, name: str, value: Any) -> int:
 
 def _check_inputs(owner: str, q: Any, k: Any, v: Any, pattern: Any, prefix: Any, suffix: Any) -> tuple[int, int, int]:
     for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{owner}: {name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 4:
-            raise ValueError(f"{owner}: {name} must be [B, S, H, D], got shape {list(t.shape)}")
-        if not t.is_floating_point():
-            raise TypeError(f"{owner}: {name} must be floating, got {t.dtype}")
+        check_bshd(owner, name, t)
         if t.device != q.device:
             raise ValueError(f"{owner}: {name} is on {t.device} but q is on {q.device}")
     b, s, h, d = q.shape
