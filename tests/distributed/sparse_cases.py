@@ -102,3 +102,29 @@ def bad_pattern_fails_alike(ulysses: int, ring: int, what: str) -> str:
     except (ValueError, TypeError) as exc:
         return f"{type(exc).__name__}: {exc}"
     raise AssertionError(f"{what}: ran")
+
+
+def ring_sends_only_what_is_read(ulysses: int, ring: int) -> dict:
+    """A window that reaches only the neighbouring segments (ring 4: frames of 2 ranks away are never read;
+    ring 2 with a one-frame window: nothing crosses): the output equals the fp64 reference and the ring
+    sends a rank only the K/V blocks its queries read. Counted on the real P2P calls (passed through)."""
+    ensure_layout(ulysses, ring)
+    window = (3, 1, 1) if ring > 2 else (1, 1, 1)
+    pattern = SlidingTileSparsity(VideoGrid(8, 4, 4), tile=(1, 4, 4), window=window)  # 16 tokens a frame
+    q, k, v, n = _inputs(pattern, 0, 0)
+    ref = masked_reference(q.double(), k.double(), v.double(), pattern)
+    sent = []
+    real = dist.batch_isend_irecv
+
+    def counting(ops):
+        sent.extend(op.peer for op in ops if op.op is dist.isend)
+        return real(ops)
+
+    dist.batch_isend_irecv = counting
+    try:
+        with torch.no_grad():
+            out = usp_attn.USPAttention(4, 16, 2)(_shard(q, 0, n), _shard(k, 0, n), _shard(v, 0, n), sparsity=pattern)
+    finally:
+        dist.batch_isend_irecv = real
+    expected = _shard(ref, 0, n)
+    return {"err": float((out.double() - expected).norm() / expected.norm()), "sent_to": sent}

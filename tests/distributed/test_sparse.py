@@ -37,9 +37,14 @@ def _cases(world):
     cases = [functools.partial(sparse_cases.layout_matches_reference, *s) for s in _scenarios(world)]
     cases += [functools.partial(sparse_cases.layout_matches_reference, u, r, *a)
               for u, r in sp_cases.layouts(world) if u * r > 1 for a in ALIGNED]
+    cases += [functools.partial(sparse_cases.ring_sends_only_what_is_read, u, r) for u, r in _rings(world)]
     cases.append(functools.partial(sparse_cases.differing_patterns_fail_alike, 1, world))
     cases += [functools.partial(sparse_cases.bad_pattern_fails_alike, 1, world, what) for what in BAD]
     return cases
+
+
+def _rings(world):
+    return [(u, r) for u, r in sp_cases.layouts(world) if r > 1]
 
 
 _run = runs_per_world(_cases, setup=reset_usp_attn_state, timeout=300)
@@ -85,3 +90,19 @@ def test_bad_patterns_fail_alike(world, what):
     expected = {"grid": "grid", "causal": "causal", "dynamic_ring": "ring", "grad": "no_grad",
                 "type": "sparsity must be"}[what]
     assert expected in messages[0], messages[0]
+
+
+@pytest.mark.parametrize("world,u,r", [pytest.param(w, u, r, id=f"W{w}-U{u}xR{r}", marks=_params(w))
+                                       for w in (2, 4) for u, r in _rings(w)])
+def test_ring_sends_only_the_segments_a_rank_reads(world, u, r):
+    """Frames are contiguous segments; ring 4 with a 3-frame-tile window: a rank reads its two neighbours
+    (both directions), never the rank two away; ring 2 with a 1-frame window reads nothing across."""
+    results = _run(world).check(functools.partial(sparse_cases.ring_sends_only_what_is_read, u, r))
+    for sp_rank, res in enumerate(results):
+        assert res["err"] <= sparse_cases.FP32_RTOL, (sp_rank, res)
+        ring_rank, ring_of = sp_rank // u, [x for x in range(world) if x % u == sp_rank % u]
+        if r == 2:
+            assert res["sent_to"] == [], (sp_rank, res)
+        else:  # K and V to each neighbour that reads them (ring ends: one neighbour)
+            readers = [ring_of[x] for x in (ring_rank - 1, ring_rank + 1) if 0 <= x < r]
+            assert sorted(res["sent_to"]) == sorted(readers * 2), (sp_rank, res)

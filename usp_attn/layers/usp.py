@@ -43,7 +43,7 @@ from usp_attn.arguments import (
 from usp_attn.backends import BACKEND_CLASSES, AttentionBackendEnum
 from usp_attn.distributed.guard import CallSignature
 from usp_attn.distributed.collectives_grad import gather_replicated_with_grad, share_replicated_grads
-from usp_attn.ring.exchange import RingExchange
+from usp_attn.ring.exchange import DirectExchange, RingExchange
 from usp_attn.distributed.sharding import exchange_lengths
 from usp_attn.distributed.state import SequenceParallelState, get_sequence_parallel_state
 from usp_attn.distributed.zigzag import rank_chunks
@@ -56,7 +56,7 @@ from usp_attn.layers.replicated import attend_with_masked_replicated_keys
 from usp_attn.ring.backward import RingPlan, ring_attention_with_grad
 from usp_attn.ulysses.steps import UlyssesSteps
 from usp_attn.selector import AttentionBackendUnavailableError
-from usp_attn.sparse.attend import attend_sparse, block_plan, check_sparsity
+from usp_attn.sparse.attend import attend_sparse, check_sparsity, segments_read
 from usp_attn.sparse.patterns import SparsityPattern
 
 __all__ = ["USPAttention", "UlyssesAttention", "RingAttention"]
@@ -386,14 +386,16 @@ class USPAttention(nn.Module):
         lengths = tuple(sum(call.sizes[r * u_deg : (r + 1) * u_deg]) for r in range(r_deg))
         starts = [sum(lengths[:r]) for r in range(r_deg)]
         spans = [(s, s + n) for s, n in zip(starts, lengths)]
-        hop = _SparseHop(self.local._attend_lse, call.sparsity, rows, spans[state.ring_rank], spans, heads, scale,
+        hop = _SparseHop(self.local._attend_lse, call.sparsity, rows, state.ring_rank, spans, heads, scale,
                          block_kernel, q_all.device)
         seg, k_pre = call.segment(state), rows.key_prefix
         own = slice(k_pre, k_pre + seg)
         text_k = text_v = None
         if rows.key_prefix or rows.key_suffix:  # text K/V: attended densely once, here
             text_k, text_v = _replicated(k_all, k_pre, seg), _replicated(v_all, k_pre, seg)
-        exchange = RingExchange(state.ring_ranks, state.ring_rank, state.ring_group, state.timeout)
+        exchange = RingExchange(state.ring_ranks, state.ring_rank, state.ring_group, state.timeout) \
+            if hop.needs is None else \
+            DirectExchange(state.ring_ranks, state.ring_rank, state.ring_group, state.timeout, hop.needs)
         result = ring_attention(self.local.attend, q_all, k_all[:, own], v_all[:, own], exchange=exchange,
                                 ring_rank=state.ring_rank, block_lengths=lengths,
                                 local_blocks=() if text_k is None else ((text_k, text_v, None),), return_lse=True,
@@ -503,15 +505,17 @@ class RingAttention(USPAttention):
 class _SparseHop:
     """One ring hop's part of a sparse pattern: this rank's rows against the source's segment."""
 
-    def __init__(self, attend, pattern, rows, q_span, spans, heads, scale, block_kernel, device) -> None:
-        self.attend, self.pattern, self.q_span, self.spans = attend, pattern, q_span, spans
+    def __init__(self, attend, pattern, rows, ring_rank, spans, heads, scale, block_kernel, device) -> None:
+        self.attend, self.pattern, self.q_span, self.spans = attend, pattern, spans[ring_rank], spans
         self.heads, self.scale, self.block_kernel, self.device = heads, scale, block_kernel, device
+        self.ring_rank = ring_rank
         self.q_text = (rows.prefix, rows.suffix)  # the hop's keys are grid keys only (text keys: the local block)
+        # Which segments every ring rank reads: text queries attend every key. Every rank derives it from
+        # the agreed pattern and spans (and the heads of its Ulysses position, which its ring shares).
+        self.needs = None if any(self.q_text) else segments_read(pattern, tuple(spans), heads, device)
 
     def has_work(self, source: int) -> bool:
-        if any(self.q_text):  # text queries attend every key
-            return True
-        return not block_plan(self.pattern, self.q_span, self.spans[source], self.heads, self.device).empty
+        return self.needs is None or self.needs[self.ring_rank][source]
 
     def __call__(self, source, q, k, v):
         return attend_sparse(self.attend, q, k, v, self.pattern, q_text=self.q_text, k_text=(0, 0), q_range=self.q_span,

@@ -34,7 +34,7 @@ from usp_attn.logs import log_once
 from usp_attn.ring.merge import merge
 from usp_attn.sparse.patterns import SparsityPattern
 
-__all__ = ["BLOCK", "BlockPlan", "attend_sparse", "block_plan", "check_sparsity"]
+__all__ = ["BLOCK", "BlockPlan", "attend_sparse", "block_plan", "check_sparsity", "segments_read"]
 
 #: Rows and keys per kernel block of the block-sparse kernel (FA4's tile on SM90 and SM100).
 BLOCK = 128
@@ -142,6 +142,29 @@ def block_plan(pattern: SparsityPattern, q_range, k_range, heads, device, *, q=N
     any_kept, all_kept = pattern.block_masks(_positions((0, q.shape[1]), device), _positions((0, k.shape[1]), device),
                                              heads, (BLOCK, BLOCK), q=q, k=k, scale=scale)
     return _plan_from_masks(any_kept, all_kept, None, q_range, k_range, heads, device)
+
+
+@functools.lru_cache(maxsize=64)
+def segments_read(pattern, spans: tuple[tuple[int, int], ...], heads: tuple[int, ...],
+                  device) -> tuple[tuple[bool, ...], ...]:
+    """``needs[r][s]``: whether the queries of segment ``spans[r]`` keep any key of segment ``spans[s]``
+    under a static ``pattern`` for ``heads`` (the ring sends a rank only the segments it reads).
+
+    One kernel "block" per segment, so this costs R^2 tiny block masks, once per pattern and layout.
+    """
+    positions = [_positions(span, device) for span in spans]
+    needs = []
+    for q_span, q_pos in zip(spans, positions):
+        row = []
+        for k_span, k_pos in zip(spans, positions):
+            rows, keys = q_span[1] - q_span[0], k_span[1] - k_span[0]
+            if not rows or not keys:
+                row.append(False)
+                continue
+            any_kept, _ = pattern.block_masks(q_pos, k_pos, heads, (rows, keys))
+            row.append(bool(any_kept.any()))
+        needs.append(tuple(row))
+    return tuple(needs)
 
 
 def attend_sparse(attend, q, k, v, pattern: SparsityPattern, *, q_text, k_text, q_range, k_range, heads, scale,
