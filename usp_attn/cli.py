@@ -67,7 +67,18 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--shape", type=_shape_arg, default=None, metavar="B,H,S,D",
                       help="also time every exact kernel at this shape (CUDA), as the automatic choice does; "
                       "D overrides --head-size")
-    info.add_argument("--kv-heads", type=positive_int, default=None, metavar="N", help="with --shape: kv heads (GQA)")
+    info.add_argument("--kv-heads", type=positive_int, default=None, metavar="N",
+                      help="with --shape or --layouts: kv heads (GQA)")
+    info.add_argument("--layouts", type=_layouts_arg, default=None, metavar="N,H,S,D",
+                      help="also predict every (cfg, U, R) layout of N GPUs for H heads, S tokens, head size D "
+                      "with the cost model (kernel timed here on CUDA, else assumed H200 terms), and the pick")
+    info.add_argument("--guidance", action="store_true",
+                      help="with --layouts: the model runs two guidance passes per step, so CFG parallel is a candidate")
+    info.add_argument("--layers", type=positive_int, default=1, metavar="N",
+                      help="with --layouts: self-attention layers per pass, for the per-step times (default: 1)")
+    info.add_argument("--nodes", type=positive_int, default=1, metavar="K",
+                      help="with --layouts: the N GPUs sit on K nodes joined by 400 Gb/s InfiniBand per GPU (assumed)")
+    info.add_argument("--assumed", action="store_true", help="with --layouts: assumed H200 terms even on a GPU")
     info.add_argument("--causal", action="store_true", help="with --shape: causal attention")
     info.add_argument("--json", action="store_true", help="print the same information as JSON")
     # -v after the subcommand too (usp-attn info -v); SUPPRESS keeps a -v given before it
@@ -86,6 +97,13 @@ def _shape_arg(text: str) -> tuple[int, int, int, int]:
     if len(shape) != 4 or min(shape) < 1:
         raise argparse.ArgumentTypeError(f"expected B,H,S,D (four positive integers), got {text!r}")
     return shape  # type: ignore[return-value]
+
+
+def _layouts_arg(text: str) -> tuple[int, int, int, int]:
+    try:
+        return _shape_arg(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected N,H,S,D (GPUs, heads, tokens, head size), got {text!r}") from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -273,6 +291,17 @@ def _run_info(args: argparse.Namespace) -> int:
     if args.shape:
         info["measurement"] = measure_shape(args.shape, dtype, kv_heads=args.kv_heads, causal=args.causal,
                                             need_lse=args.need_lse)
+    if args.layouts:
+        from usp_attn.layout import layouts_info
+
+        world, heads, tokens, head_size = args.layouts
+        try:
+            info["layouts"] = layouts_info(world, heads, tokens, head_size, kv_heads=args.kv_heads,
+                                           guidance=args.guidance, layers=args.layers, nodes=args.nodes,
+                                           measure=False if args.assumed else None, dtype=dtype)
+        except ValueError as exc:
+            print(f"usp-attn info: error: {exc}", file=sys.stderr)
+            return 2
     if args.json:
         print(json.dumps(info, indent=2))
     else:
@@ -339,6 +368,8 @@ def format_info(info: dict) -> str:
         lines += _selection_lines(f"--attention-backend {info['requested'].get('requested')}", info["requested"])
     if "measurement" in info:
         lines += [""] + _measurement_lines(info["measurement"])
+    if "layouts" in info:
+        lines += ["", info["layouts"]["text"]]
     return "\n".join(lines)
 
 

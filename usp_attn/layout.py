@@ -71,6 +71,9 @@ __all__ = [
     "choose_layout",
     "broadcast_layout",
     "format_layouts",
+    "layouts_info",
+    "lengths_for",
+    "INFINIBAND_400G",
 ]
 
 #: predictions within this fraction of the fastest count as a tie (broken by fewest collectives)
@@ -737,7 +740,8 @@ def format_layouts(world: int, workload: Workload, terms: CostTerms, cfg_degrees
                                                    f"{terms.gpus_per_node})"
     lines = [f"layouts for {world} GPUs{nodes}: H={w.heads} H_kv={w.kv_heads} S={w.tokens} D={w.head_size} "
              f"B={w.batch}, {'guidance (2 passes per step)' if w.guidance else 'one pass per step'}, "
-             f"{w.layers} layer(s) per pass; terms: {terms.device or 'given'}"]
+             f"{w.layers} layer(s) per pass; terms: {terms.device or 'given'}",
+             f"measured here: {', '.join(terms.measured()) or 'nothing'}; assumed: {', '.join(terms.assumed()) or 'nothing'}"]
     for name, source in terms.sources:
         lines.append(f"  {name:<13} {source}")
     header = ("layout", "call ms", "step ms", "kernel", "ulysses", "ring exposed", "cfg gather", "h/rank",
@@ -757,3 +761,44 @@ def format_layouts(world: int, workload: Workload, terms: CostTerms, cfg_degrees
     else:
         lines.append("pick: none (no layout can run)")
     return "\n".join(lines)
+
+
+def layouts_info(world: int, heads: int, tokens: int, head_size: int, *, kv_heads: int | None = None,
+                 guidance: bool = False, layers: int = 1, nodes: int = 1, measure: bool | None = None,
+                 dtype: torch.dtype = torch.bfloat16, terms: CostTerms | None = None) -> dict:
+    """What ``usp-attn info --layouts`` shows, as a JSON-serialisable dict (``"text"``: the printed form).
+
+    Args:
+        world, heads, tokens, head_size, kv_heads, guidance, layers: the layout's GPUs and the model
+            (:class:`Workload`).
+        nodes: the ``world`` GPUs sit on this many nodes (dividing ``world``), joined by the assumed
+            :data:`INFINIBAND_400G` link.
+        measure: time the kernel here (default: when CUDA is available); links are always assumed here
+            (measuring them needs a multi-GPU group: :func:`measure_terms`).
+        dtype: the kernel's dtype when measuring; terms: use these instead (tests).
+    """
+    if isinstance(nodes, bool) or not isinstance(nodes, int) or nodes < 1 or world % nodes:
+        raise ValueError(f"nodes must be a positive int dividing the {world} GPUs, got {nodes!r}")
+    workload = Workload(heads=heads, tokens=tokens, head_size=head_size, kv_heads=kv_heads, guidance=guidance,
+                        layers=layers, element_bytes=torch.tensor([], dtype=dtype).element_size())
+    if terms is None:
+        if measure is None:
+            measure = torch.cuda.is_available()
+        terms = (measure_terms(lengths_for(world, workload), heads=heads, head_size=head_size, dtype=dtype)
+                 if measure else assumed_terms())
+    if nodes > 1:
+        terms = terms.on_nodes(world // nodes, INFINIBAND_400G,
+                               "assumed: 400 Gb/s InfiniBand per GPU (all-to-all 40 GB/s, P2P 45 GB/s, 0.03 ms)")
+    costs = predict_layouts(world, workload, terms)
+    _, rejected = enumerate_layouts(world, workload)
+    pick = pick_layout(costs) if costs else None
+    return {
+        "world": world, "nodes": nodes,
+        "workload": dataclasses.asdict(workload),
+        "terms": {"device": terms.device, "sources": dict(terms.sources), "measured": terms.measured(),
+                  "assumed": terms.assumed()},
+        "candidates": [c.to_dict() for c in costs],
+        "rejected": [{"layout": list(layout), "reason": why} for layout, why in rejected],
+        "pick": pick.to_dict() if pick else None,
+        "text": format_layouts(world, workload, terms),
+    }
