@@ -82,10 +82,12 @@ PARTS: dict[str, Part] = {
                            "sparse patterns' density and error: synthetic video-like and the built-in model"),
     "sparse": Part("benchmarks.sparse_attention:sparse_part", "one", "sliding-tile sparse vs dense; per-rank work"),
     "causal-balance": Part("benchmarks.causal_balance:causal_balance_part", "one", "causal ring work per rank: contiguous vs zigzag"),
+    "layout": Part("benchmarks.layout_model:layout_part", "one",
+                   "layout cost model: kernel terms measured here, predicted (cfg, U, R) times on 2/4/8 and 2x8 GPUs"),
 }
 #: the one-GPU set, the short parts first
 ONE_GPU = ["env", "ceilings", "layer-overhead", "kernels", "ring-hops", "compile", "ring-backward", "causal-balance",
-           "crossover", "sparse", "sparse-quality"]
+           "crossover", "sparse", "sparse-quality", "layout"]
 #: the multi-GPU set (under torchrun)
 MULTI_GPU = ["env", "scaling", "peers", "model-step", "communication", "safe-defaults", "training-step",
              "diffusers-families", "text-padding"]

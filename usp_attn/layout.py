@@ -469,9 +469,11 @@ def pick_layout(costs: Sequence[LayoutCost], tolerance: float = TIE_TOLERANCE) -
 
 
 # ---- measuring the terms -----------------------------------------------------------------------
-def _time_ms(call, device: torch.device, *, budget_ms: float = 200.0, max_reps: int = 20) -> float:
-    """Median milliseconds per call after one warm-up call; on CUDA the calls are queued back to back
-    between two events, so the host's launch cost hides behind the GPU as in a model."""
+def _time_ms(call, device: torch.device, *, budget_ms: float = 200.0, max_reps: int = 20, stat=statistics.median
+             ) -> float:
+    """Milliseconds per call (``stat`` of the timed rounds: the median, or ``min`` for a floor) after one
+    warm-up call; on CUDA the calls are queued back to back between two events, so the host's launch
+    cost hides behind the GPU as in a model."""
     cuda = device.type == "cuda"
     call()
     if cuda:
@@ -492,18 +494,18 @@ def _time_ms(call, device: torch.device, *, budget_ms: float = 200.0, max_reps: 
             end.record()
             torch.cuda.synchronize(device)
             rounds.append(start.elapsed_time(end) / reps)
-        return statistics.median(rounds)
+        return stat(rounds)
     times = []
     for _ in range(reps):
         t0 = time.perf_counter()
         call()
         times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    return stat(times)
 
 
 def measure_kernel_curve(lengths: Sequence[int], *, heads: int, head_size: int, dtype: torch.dtype = torch.bfloat16,
-                         device: torch.device | str | None = None, need_lse: bool = False, batch: int = 1
-                         ) -> tuple[KernelCurve, list[dict]]:
+                         device: torch.device | str | None = None, need_lse: bool = False, batch: int = 1,
+                         budget_ms: float = 200.0) -> tuple[KernelCurve, list[dict]]:
     """Time the kernel that ``LocalAttention``'s automatic choice runs at ``lengths`` (square calls,
     ``heads`` heads of ``head_size``), plus one tiny call for the launch cost.
 
@@ -512,6 +514,7 @@ def measure_kernel_curve(lengths: Sequence[int], *, heads: int, head_size: int, 
         heads, head_size, dtype, batch: the calls' shape.
         device: where to run (default: the current CUDA device, else the CPU).
         need_lse: time the kernel the choice makes when the log-sum-exp is needed (ring hops).
+        budget_ms: about this many milliseconds of timed calls per point (3 calls at least).
 
     Returns:
         ``(curve, rows)``: the curve (TFLOP/s net of the launch cost) and one dict per timed point
@@ -524,16 +527,17 @@ def measure_kernel_curve(lengths: Sequence[int], *, heads: int, head_size: int, 
     attn = LocalAttention(heads, head_size)
     gen = torch.Generator(device=device).manual_seed(0)
 
-    def timed(n: int, h: int) -> tuple[float, str]:
+    def timed(n: int, h: int, stat=statistics.median) -> tuple[float, str]:
         q, k, v = (torch.randn(batch, n, h, head_size, generator=gen, device=device).to(dtype) for _ in range(3))
         layer = attn if h == heads else LocalAttention(h, head_size)
         with torch.no_grad():
             kernel = layer.kernel_for(q, k, v, causal=False, need_lse=need_lse)
-            ms = _time_ms(lambda: layer.attend(q, k, v, return_lse=need_lse, kernel=kernel), device)
+            ms = _time_ms(lambda: layer.attend(q, k, v, return_lse=need_lse, kernel=kernel), device, stat=stat,
+                          budget_ms=budget_ms)
         sel = kernel[0]
         return ms, str(sel.backend) + (f" ({sel.kernel})" if sel.kernel else "")
 
-    launch_ms, _ = timed(128, 1)
+    launch_ms, _ = timed(128, 1, stat=min)  # a floor: a busy host must not inflate it
     rows, points = [], []
     for n in sorted(set(int(x) for x in lengths)):
         ms, kernel = timed(n, heads)
@@ -590,7 +594,7 @@ def measure_links(group: dist.ProcessGroup | None = None, *, mib: int = 64, devi
 
 def measure_terms(lengths: Sequence[int], *, heads: int, head_size: int, dtype: torch.dtype = torch.bfloat16,
                   device: torch.device | str | None = None, group: dist.ProcessGroup | None = None,
-                  measure_links_on: str = "cuda") -> CostTerms:
+                  measure_links_on: str = "cuda", budget_ms: float = 200.0) -> CostTerms:
     """The cost model's terms measured on this machine where possible, assumed (:func:`assumed_terms`)
     for the rest, each marked in ``sources``.
 
@@ -598,19 +602,20 @@ def measure_terms(lengths: Sequence[int], *, heads: int, head_size: int, dtype: 
     ``lengths`` with ``heads`` heads of ``head_size``. The links are measured (a collective: every
     rank of ``group`` calls this) when ``group`` has two or more ranks on a ``measure_links_on``
     device ("cuda": NCCL groups only, since gloo on CPU says nothing about NVLink; "any": every group);
-    otherwise assumed.
+    otherwise assumed. ``budget_ms``: timed calls per kernel point (:func:`measure_kernel_curve`).
     """
     base = assumed_terms()
     sources = dict(base.sources)
     device = torch.device(device) if device is not None else (
         torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu"))
     what = f"{device.type} {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}"
-    kernel, rows = measure_kernel_curve(lengths, heads=heads, head_size=head_size, dtype=dtype, device=device)
+    kernel, rows = measure_kernel_curve(lengths, heads=heads, head_size=head_size, dtype=dtype, device=device,
+                                        budget_ms=budget_ms)
     kernel_lse, rows_lse = measure_kernel_curve(lengths, heads=heads, head_size=head_size, dtype=dtype,
-                                                device=device, need_lse=True)
+                                                device=device, need_lse=True, budget_ms=budget_ms)
     for name, curve, found in (("kernel", kernel, rows), ("kernel_lse", kernel_lse, rows_lse)):
         sources[name] = (f"measured: {what}, {found[-1]['kernel']}, {heads} heads x {head_size}, "
-                         + ", ".join(f"{p[0]} keys {p[1]:.0f} TFLOP/s" for p in curve.points)
+                         + ", ".join(f"{p[0]} keys {p[1]:.3g} TFLOP/s" for p in curve.points)
                          + f", launch {curve.launch_ms * 1e3:.0f} us")
     intra = base.intra
     if group is None and dist.is_initialized():

@@ -204,7 +204,7 @@ def test_two_nodes_keep_ulysses_inside_a_node():
 
 # ---- measuring (CPU: the code path; the numbers describe this CPU) --------------------------------
 def test_measured_terms_say_what_was_measured():
-    terms = L.measure_terms([64, 128], heads=2, head_size=16, dtype=torch.float32, device="cpu")
+    terms = L.measure_terms([64, 128], heads=2, head_size=16, dtype=torch.float32, device="cpu", budget_ms=5.0)
     assert [n for n, _ in terms.kernel.points] == [64, 128] and all(t > 0 for _, t in terms.kernel.points)
     assert terms.kernel.launch_ms > 0 and terms.kernel_lse.points
     assert set(terms.measured()) == {"kernel", "kernel_lse"}
@@ -288,3 +288,22 @@ def test_info_layouts_json_nodes_and_errors(capsys):
     with pytest.raises(SystemExit):
         cli_main(["info", "--layouts", "8,12,3"])
     assert "expected N,H,S,D" in capsys.readouterr().err
+
+
+# ---- the benchmark part (CPU: a toy shape, the code path) -------------------------------------------
+def test_layout_benchmark_part_dry_run():
+    from benchmarks.layout_model import layout_part
+    from benchmarks.suite import Context
+
+    rows = layout_part(Context(device=torch.device("cpu"), dry_run=True, budget_s=60, target_s=0.1))
+    terms = [r for r in rows if r["what"] in ("kernel term", "kernel_lse term")]
+    assert len(terms) == 2 * 4 and all(r["tflops"] > 0 for r in terms)  # S, S/2, S/4, S/8, with and without LSE
+    assert terms[0]["note"].startswith("measured: cpu")
+    checks = [r for r in rows if r["what"] == "kernel at a candidate's call"]
+    assert checks and all(r["ms"] > 0 and r["curve_ratio"] > 0 for r in checks)
+    for world, what in ((2, "predicted"), (4, "predicted"), (8, "predicted"), (16, "predicted, 2 nodes")):
+        mine = [r for r in rows if r["what"] == what and r["gpus"] == world]
+        assert len(mine) == len(L.enumerate_layouts(world, L.Workload(4, 256, 16, guidance=True))[0])
+        assert [r["pick"] for r in mine].count("*") == 1
+        assert all(r["note"] == "measured kernel, assumed links" for r in mine)
+    assert {r["across_nodes"] for r in rows if r.get("gpus") == 16} == {"cfg", "ulysses", "ring"}

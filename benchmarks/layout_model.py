@@ -1,0 +1,95 @@
+"""Part "layout": the layout cost model's kernel terms measured on this GPU, and its predictions.
+
+For each model shape (Wan 1.3B 480p, Wan 14B 720p, HunyuanVideo 720p; usp_attn.layout.MODELS):
+
+1. the kernel terms (``usp_attn.layout.measure_terms``): the kernel that ``LocalAttention``'s
+   automatic choice runs, timed at the key lengths the candidates of 2, 4 and 8 GPUs call it with
+   (S, S/2, S/4, S/8), with and without the LSE, plus one tiny call for the launch cost;
+2. a check of the curve: the kernel timed at each 8-GPU candidate's own per-rank call (its local
+   heads over its ring segment) against what the curve predicts for it (``curve_ratio`` =
+   measured / predicted: the error of taking efficiency as a function of the key length only);
+3. the predicted time per attention call and per step of every (cfg, U, R) layout of 2, 4 and 8
+   GPUs (links assumed: one GPU cannot measure them), the pick marked;
+4. the same for 2 nodes x 8 GPUs (Wan 14B 720p, HunyuanVideo 720p), the inter-node link assumed
+   (400 Gb/s InfiniBand per GPU).
+
+    python -m benchmarks.run --parts layout --json layout.json      # one GPU
+    python -m benchmarks.run --parts layout --dry-run               # CPU, a toy shape, fp32
+"""
+
+from __future__ import annotations
+
+import torch
+
+from benchmarks.suite import Context, skipped
+from usp_attn import layout as L
+
+__all__ = ["layout_part"]
+
+GPU = dict(models=L.MODELS, gpus=(2, 4, 8), nodes_models=("Wan 14B 720p", "HunyuanVideo 720p"),
+           dtype=torch.bfloat16, budget_ms=200.0)
+_TOY = L.Workload(heads=4, tokens=256, head_size=16, guidance=True, layers=2)
+CPU = dict(models={"toy": _TOY}, gpus=(2, 4, 8), nodes_models=("toy",), dtype=torch.float32, budget_ms=5.0)
+
+
+def _prediction_rows(model: str, world: int, workload: L.Workload, terms: L.CostTerms, nodes: int = 1) -> list[dict]:
+    costs = L.predict_layouts(world, workload, terms)
+    pick = L.pick_layout(costs)
+    where = "measured kernel, assumed links" if terms.measured() else "assumed terms"
+    return [{"what": "predicted" + (f", {nodes} nodes" if nodes > 1 else ""), "model": model, "gpus": world,
+             "layout": c.name, "call_ms": c.call_ms, "step_ms": c.step_ms, "kernel_ms": c.kernel_ms,
+             "ulysses_ms": c.ulysses_ms, "ring_exposed_ms": c.ring_exposed_ms, "cfg_gather_ms": c.cfg_gather_ms,
+             "pick": "*" if c is pick else "", "across_nodes": ",".join(c.spans_nodes), "pads": c.padding,
+             "note": where} for c in costs]
+
+
+def _curve_check_rows(ctx: Context, model: str, workload: L.Workload, terms: L.CostTerms, cfg: dict) -> list[dict]:
+    """Each 8-GPU candidate's per-rank kernel call timed alone, against the curve's prediction."""
+    rows, seen = [], set()
+    for c in L.predict_layouts(8, workload, terms):
+        segment = -(-workload.tokens // c.ring)
+        key = (c.local_heads, segment, c.ring > 1)
+        if key in seen:
+            continue
+        seen.add(key)
+        if ctx.out_of_time():
+            rows.append(skipped("kernel at a candidate's call", "time budget spent", model=model, layout=c.name))
+            continue
+        curve, found = L.measure_kernel_curve([segment], heads=c.local_heads, head_size=workload.head_size,
+                                              dtype=cfg["dtype"], device=ctx.device, need_lse=c.ring > 1,
+                                              budget_ms=cfg["budget_ms"])
+        ms = found[0]["ms"]
+        use = terms.kernel_lse if c.ring > 1 else terms.kernel
+        predicted = use.ms(workload.batch, c.local_heads, segment, segment, workload.head_size)
+        rows.append({"what": "kernel at a candidate's call", "model": model, "layout": c.name,
+                     "shape": f"{workload.batch},{c.local_heads},{segment},{workload.head_size}", "lse": c.ring > 1,
+                     "backend": found[0]["kernel"], "ms": ms, "predicted_ms": predicted, "curve_ratio": ms / predicted,
+                     "tflops": found[0]["tflops"]})
+    return rows
+
+
+def layout_part(ctx: Context) -> list[dict]:
+    cfg = ctx.sizes(GPU, CPU)
+    rows = []
+    for model, workload in cfg["models"].items():
+        if ctx.out_of_time():
+            rows.append(skipped("kernel terms", "time budget spent", model=model))
+            continue
+        lengths = L.lengths_for(max(cfg["gpus"]), workload)
+        terms = L.measure_terms(lengths, heads=workload.heads, head_size=workload.head_size, dtype=cfg["dtype"],
+                                device=ctx.device, group=None, budget_ms=cfg["budget_ms"])
+        for name, curve in (("kernel", terms.kernel), ("kernel_lse", terms.kernel_lse)):
+            rows.append({"what": f"{name} term, launch", "model": model, "ms": curve.launch_ms,
+                         "note": "1 head x 128 tokens"})
+            rows += [{"what": f"{name} term", "model": model,
+                      "shape": f"{workload.batch},{workload.heads},{n},{workload.head_size}", "tflops": t,
+                      "note": terms.source(name) if i == 0 else ""} for i, (n, t) in enumerate(curve.points)]
+        rows += _curve_check_rows(ctx, model, workload, terms, cfg)
+        for world in cfg["gpus"]:
+            rows += _prediction_rows(model, world, workload, terms)
+        if model in cfg["nodes_models"]:
+            two_nodes = terms.on_nodes(8, L.INFINIBAND_400G,
+                                       "assumed: 400 Gb/s InfiniBand per GPU (all-to-all 40 GB/s, P2P 45 GB/s)")
+            rows += _prediction_rows(model, 16, workload, two_nodes, nodes=2)
+        ctx.free()
+    return rows
