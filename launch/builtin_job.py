@@ -18,6 +18,7 @@ import time
 import torch
 import torch.distributed as dist
 
+import usp_attn
 from builtin_weights import has_trained_shape, load_weights
 from flow_match import denoise, flow_match_sigmas, latent_grid, latents_to_video
 from moving_shapes import encode_prompts, parse_prompt, vocabulary_text
@@ -76,6 +77,20 @@ def sparse_schedule(args, model: TinyWanDiT):
     return before_step
 
 
+def cfg_parallel(model, state):
+    """``model`` for ``denoise`` under CFG parallelism: ``denoise`` batches ``[negative, text]``; each CFG group runs
+    its half of the batch (its SP group shards the tokens) and one gather per step returns the whole batch's
+    velocity to every rank. ``model`` itself when ``state.cfg_degree`` is 1."""
+    if state.cfg_degree == 1:
+        return model
+
+    def run(latents, timestep, text):
+        half = (usp_attn.cfg_split(x, 0, state) for x in (latents, timestep, text))
+        return usp_attn.cfg_gather(model(*half), 0, state)
+
+    return run
+
+
 def run_builtin(args, state, device, dtype, rank: int) -> dict:
     """The built-in DiT's denoising loop under sequence parallelism; returns what the summary needs."""
     cfg = builtin_config(args)
@@ -94,7 +109,7 @@ def run_builtin(args, state, device, dtype, rank: int) -> dict:
             first["v"] = v.clone()
         progress.step(device)
 
-    latents = denoise(model, noise, text, negative, sigmas, args.guidance_scale, on_step,
+    latents = denoise(cfg_parallel(model, state), noise, text, negative, sigmas, args.guidance_scale, on_step,
                       before_step=sparse_schedule(args, model))
     progress.close()
     result = {

@@ -12,6 +12,14 @@ white, purple), shape (circle, square, triangle) and direction (left, right, up,
 With --model-path it runs a diffusers pipeline (video or image) with sequence parallelism
 enabled on its transformer.
 
+--cfg-parallel splits the ranks into two groups of --ulysses-degree x --ring-degree ranks:
+one computes the conditional prediction, the other the unconditional one, and the two
+are gathered once per step (one all-gather of the prediction; no communication inside
+the model between the groups). It needs classifier-free guidance (--guidance-scale > 1)
+and twice as many ranks as the sequence-parallel layout:
+
+    torchrun --nproc-per-node 4 launch/generate.py --cfg-parallel --ulysses-degree 2 --verify
+
 Exit status: 0 success, 1 failure (including a failed --verify), 2 bad arguments.
 """
 
@@ -108,6 +116,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "parallel on its transformer; video -> .mp4/.gif/.npz, image -> .png. Needs 'usp-attn[diffusers]'. "
                    "Default: the built-in DiT, trained on moving shapes")
     add_attention_args(p)
+    p.add_argument("--cfg-parallel", action="store_true",
+                   help="classifier-free-guidance parallelism: the cond and uncond predictions on two groups of "
+                   "--ulysses-degree x --ring-degree ranks each (so 2 x U x R ranks), gathered once per step. Needs "
+                   "--guidance-scale > 1. With --model-path, for pipelines that batch the two branches (CogVideoX, "
+                   "LTX-Video) or call the transformer once per branch (Wan, Qwen-Image, Flux and HunyuanVideo "
+                   "with true CFG)")
     p.add_argument("--sp-timeout", type=seconds, default=DEFAULT_TIMEOUT.total_seconds(), metavar="SECONDS",
                    help="bound on every sequence-parallel collective: when a rank dies or hangs, the others stop "
                    "after this long with an error naming it (needs more than the slowest rank's model loading and "
@@ -175,11 +189,18 @@ def check_args(args, world_size: int) -> list[str]:
     """Every problem with the arguments, found without touching a GPU, a process group or a model."""
     problems = []
     u, r = args.ulysses_degree, args.ring_degree
-    if u * r != world_size:
+    cfg = 2 if args.cfg_parallel else 1
+    if cfg * u * r != world_size:
+        product = f"--ulysses-degree {u} x --ring-degree {r} = {u * r}"
+        if cfg > 1:
+            product = f"--cfg-parallel (2) x --ulysses-degree {u} x --ring-degree {r} = {cfg * u * r}"
         problems.append(
-            f"--ulysses-degree {u} x --ring-degree {r} = {u * r} must equal the number of ranks, {world_size} "
+            f"{product} must equal the number of ranks, {world_size} "
             "(torchrun --nproc-per-node N; 1 when run without torchrun)"
         )
+    if args.cfg_parallel and args.guidance_scale <= 1.0:
+        problems.append(f"--cfg-parallel needs classifier-free guidance, but --guidance-scale is {args.guidance_scale:g} "
+                        "(1 = off: one prediction per step, nothing to split); raise it or drop --cfg-parallel")
     st, (sh, sw) = VAE_STRIDE[0], (VAE_STRIDE[1] * PATCH[1], VAE_STRIDE[2] * PATCH[2])
     if (args.num_frames - 1) % st:
         problems.append(f"--num-frames {args.num_frames} must be 4k+1 (1, 5, 9, ..., 81): the VAE stride in time is 4")
@@ -189,8 +210,9 @@ def check_args(args, world_size: int) -> list[str]:
     if not problems:
         f, h, w = latent_grid(args.num_frames, args.height, args.width)
         tokens = f * (h // PATCH[1]) * (w // PATCH[2])
-        if tokens < world_size:
-            problems.append(f"the video has {tokens} tokens, fewer than the {world_size} ranks; make it larger")
+        if tokens < u * r:
+            problems.append(f"the video has {tokens} tokens, fewer than the {u * r} sequence-parallel ranks; "
+                            "make it larger")
     if args.guidance_scale < 1.0:
         problems.append(f"--guidance-scale must be >= 1 (1 = no guidance), got {args.guidance_scale}")
     rank_zero = int(os.environ.get("RANK", "0")) == 0  # the rank that writes the output
@@ -227,7 +249,7 @@ def main(argv=None) -> int:
     AttentionConfig.from_args(args).apply()
     try:
         state = usp_attn.init_sequence_parallel(args.ulysses_degree, args.ring_degree, strict=args.attention_strict,
-                                                timeout=args.sp_timeout)
+                                                timeout=args.sp_timeout, cfg_degree=2 if args.cfg_parallel else 1)
     except (ValueError, AttentionBackendUnavailableError) as exc:
         print(f"{parser.prog}: error (rank {rank}): {exc}", file=sys.stderr)
         return 1

@@ -103,6 +103,7 @@ def write_outputs(args, result: dict, backend: str) -> None:
     if args.output.lower() == "none":
         return
     extra = dict(seed=args.seed, ulysses_degree=args.ulysses_degree, ring_degree=args.ring_degree,
+                 cfg_degree=2 if getattr(args, "cfg_parallel", False) else 1,
                  num_inference_steps=args.num_inference_steps, attention_backend=backend, prompt=args.prompt or "")
     if result.get("latents") is not None:
         extra["latents"] = result["latents"][0].float().cpu().numpy()
@@ -110,4 +111,4 @@ def write_outputs(args, result: dict, backend: str) -> None:
     if result.get("one_process_video") is not None:
         write_video(one_process_path(args.output), result["one_process_video"], fps=args.fps,
                     extra={**extra, "latents": result["one_process_latents"][0].float().cpu().numpy(),
-                           "ulysses_degree": 1, "ring_degree": 1})
+                           "ulysses_degree": 1, "ring_degree": 1, "cfg_degree": 1})

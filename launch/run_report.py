@@ -118,9 +118,10 @@ def print_summary(args, state, dtype, result: dict) -> None:
     rows += [
         ("tokens", f"{result['tokens']} per sample x batch {result['batch']}"
                    + (" (CFG)" if result["batch"] == 2 else "")),
-        ("layout", f"Ulysses {state.ulysses_degree} x ring {state.ring_degree}"),
+        ("layout", (f"CFG {state.cfg_degree} x " if state.cfg_degree > 1 else "")
+                   + f"Ulysses {state.ulysses_degree} x ring {state.ring_degree}"),
         *([("sparse attention", result["sparse"])] if result.get("sparse") else []),
-        ("world size", str(state.world_size)),
+        ("world size", str(state.world_size * state.cfg_degree)),
         ("attention backend", str(state.backend) + (
             f" (layers: {result['layer_backend']})" if result["layer_backend"] not in (None, state.backend) else "")),
         ("dtype", str(dtype).replace("torch.", "")),

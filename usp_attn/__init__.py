@@ -14,6 +14,7 @@ from usp_attn.arguments import ReplicatedRows
 from usp_attn.backends import AttentionBackendEnum
 from usp_attn.config import AttentionConfig, add_attention_args
 from usp_attn.distributed.guard import CollectiveError
+from usp_attn.distributed.cfg import cfg_gather, cfg_split
 from usp_attn.distributed.sharding import gather_sequence, shard_sequence
 from usp_attn.distributed.state import (
     SequenceParallelState,
@@ -47,6 +48,8 @@ __all__ = [
     "USPAttention",
     "VideoGrid",
     "add_attention_args",
+    "cfg_gather",
+    "cfg_split",
     "destroy_sequence_parallel",
     "gather_sequence",
     "get_sequence_parallel_state",

@@ -13,6 +13,20 @@ The global sequence is split into W contiguous shards in SP-rank order, sized as
 *segment* (its U shards) and the ring circulates segments. With ``load_balance``
 the shards follow the zigzag layout instead (rank r: chunks r and 2W-1-r of 2W,
 see :mod:`usp_attn.distributed.zigzag`), which balances causal attention.
+
+With classifier-free-guidance (CFG) parallelism (``cfg_degree`` C > 1) the ranks of one
+*CFG unit* (the world, or each list given as ``ranks``) form C SP groups; CFG is the
+outermost (slowest) dimension, as in xDiT:
+
+    unit position = cfg_rank * (U * R) + sp_rank
+
+    SP groups:  unit positions {c*W, ..., c*W + W-1}  (one per CFG branch; W = U * R)
+    CFG groups: unit positions {p, W+p, 2W+p, ...}     (the same SP position in every
+                                                        SP group: one gather per step)
+
+Each SP group runs one branch (or one slice of the batch) of the model on its own; the
+only CFG communication is the gather of the predictions in
+:mod:`usp_attn.distributed.cfg`.
 """
 
 from __future__ import annotations
@@ -86,7 +100,8 @@ class SequenceParallelState:
         sp_ranks: global ranks of this SP group, in SP-rank order.
         sp_group, ulysses_group, ring_group: process groups (``None`` where degree 1).
         ulysses_ranks, ring_ranks: global ranks of this rank's Ulysses / ring group, in order.
-        agreement: the backend decision shared by the SP group.
+        agreement: the backend decision shared by the SP group (by the whole CFG unit when
+            ``cfg_degree > 1``: every CFG group runs the same model, so the same kernel).
         timeout: bound on every collective.
         validate: cross-rank argument checks: ``None`` = each layer's first call and calls
             whose arguments changed, ``True`` = every call, ``False`` = none.
@@ -96,6 +111,11 @@ class SequenceParallelState:
         load_balance: the layout of the sharded sequence, recorded by ``shard_sequence(...,
             load_balance=...)``: ``False`` = contiguous shards, ``True`` = the zigzag layout of
             :mod:`~usp_attn.distributed.zigzag` (balanced causal work).
+        cfg_degree: C, the number of SP groups that split the CFG branches (1 = none).
+        cfg_rank: which of them this rank's SP group is (0 .. C-1).
+        cfg_group, cfg_ranks: the process group (``None`` where ``cfg_degree`` is 1) and global
+            ranks, in CFG-rank order, of the ranks at this rank's SP position in every CFG group:
+            the group the predictions are gathered over.
     """
 
     ulysses_degree: int
@@ -114,6 +134,10 @@ class SequenceParallelState:
     load_balance: bool = False
     shard_align: int = 1
     generation: int = 0
+    cfg_degree: int = 1
+    cfg_rank: int = 0
+    cfg_group: dist.ProcessGroup | None = None
+    cfg_ranks: tuple[int, ...] = ()
     _created_groups: list = dataclasses.field(default_factory=list, repr=False)
     _owns_default_group: bool = False
     _guard: CallGuard | None = dataclasses.field(default=None, repr=False)
@@ -186,8 +210,10 @@ def _global_rank(value) -> int:
     return value
 
 
-def _sp_partition(ranks, world: int, degree: int) -> list[tuple[int, ...]]:
-    """Normalise ``ranks`` (None, one list, or a list of lists) to a list of SP groups."""
+def _sp_partition(ranks, world: int, degree: int,
+                  what: str = "ulysses_degree * ring_degree") -> list[tuple[int, ...]]:
+    """Normalise ``ranks`` (None, one list, or a list of lists) to a list of disjoint groups of ``degree`` ranks
+    (SP groups; CFG units when ``what`` names ``cfg_degree``)."""
     if ranks is None:
         groups = [tuple(range(world))]
     else:
@@ -198,7 +224,7 @@ def _sp_partition(ranks, world: int, degree: int) -> list[tuple[int, ...]]:
     for g in groups:
         if len(g) != degree:
             raise ValueError(
-                f"ulysses_degree * ring_degree = {degree} must equal the number of sequence-parallel ranks, "
+                f"{what} = {degree} must equal the number of sequence-parallel ranks, "
                 f"got {len(g)} ranks {list(g)} (world size {world})"
             )
         for r in g:
@@ -252,6 +278,7 @@ def init_sequence_parallel(
     strict: bool | None = None,
     validate: bool | None = None,
     mesh=None,
+    cfg_degree: int = 1,
 ) -> SequenceParallelState:
     """Build the Ulysses and ring groups and agree on one attention backend.
 
@@ -264,7 +291,9 @@ def init_sequence_parallel(
         attention_backend: this rank's backend request (name or enum; a forced backend
             still wins). Only rank 0's request counts; ``None`` = the CLI value / auto.
         ranks: the SP ranks (default: all). One list of global ranks, or a list of
-            disjoint lists (several SP groups beside data/tensor parallel groups).
+            disjoint lists (several SP groups beside data/tensor parallel groups). With
+            ``cfg_degree`` C > 1 each list is a CFG unit of C * U * R ranks, split into C SP
+            groups in order (see the module doc).
         timeout: bound on every collective: positive finite seconds or a timedelta
             (default :data:`DEFAULT_TIMEOUT`, 5 minutes).
         strict: fail instead of falling back if the request cannot run on every rank.
@@ -274,7 +303,12 @@ def init_sequence_parallel(
             ``True`` = every call, ``False`` = never.
         mesh: a torch ``DeviceMesh`` with dims ``("ring", "ulysses")`` (others allowed): use its layout
             (degrees and groups of ranks) instead of ``ulysses_degree``/``ring_degree``/``ranks``; the
-            state's ``device_mesh`` is then that mesh (see ``usp_attn.distributed.mesh``).
+            state's ``device_mesh`` is then that mesh (see ``usp_attn.distributed.mesh``). A ``"cfg"`` dim
+            gives ``cfg_degree``.
+        cfg_degree: C, the number of SP groups that run the CFG branches side by side (default 1: every
+            rank computes every branch). Each group computes its branch or its slice of the batch and the
+            predictions are gathered once per step (:mod:`usp_attn.distributed.cfg`). Two-call pipelines
+            need C = 2; C > 2 needs a batch that C divides (checked when the batch is split).
 
     Raises:
         ValueError: a bad argument (named, before any collective); every rank raises it.
@@ -293,10 +327,11 @@ def init_sequence_parallel(
 
         return init_from_device_mesh(mesh, ulysses_degree, ring_degree, ranks, init_sequence_parallel,
                                      attention_backend=attention_backend, timeout=timeout, strict=strict,
-                                     validate=validate)
+                                     validate=validate, cfg_degree=cfg_degree)
     # Every argument is checked before any collective, so a bad one fails alike on every rank.
     check_positive_int("ulysses_degree", ulysses_degree)
     check_positive_int("ring_degree", ring_degree)
+    check_positive_int("cfg_degree", cfg_degree)
     request = parse_attention_backend(attention_backend)
     timeout = check_timeout(timeout)
     strict = check_flag("strict", strict)
@@ -307,7 +342,8 @@ def init_sequence_parallel(
     owns_default = _init_default_group(timeout, generation)
     created: list = []
     try:
-        _state = _build_state(ulysses_degree, ring_degree, request, ranks, timeout, strict, validate, created)
+        _state = _build_state(ulysses_degree, ring_degree, request, ranks, timeout, strict, validate, created,
+                              cfg_degree)
     except BaseException:
         # Leave nothing behind: the groups made so far, the agreement, the default group if ours.
         set_group_agreement(None)
@@ -320,18 +356,25 @@ def init_sequence_parallel(
     _state._owns_default_group = owns_default
     if _state.sp_rank == 0:
         logger.info(
-            "usp_attn: sequence parallel U=%d x R=%d over ranks %s, backend '%s'",
-            ulysses_degree, ring_degree, list(_state.sp_ranks), _state.agreement.backend,
+            "usp_attn: sequence parallel U=%d x R=%d over ranks %s (CFG group %d of %d), backend '%s'",
+            ulysses_degree, ring_degree, list(_state.sp_ranks), _state.cfg_rank, cfg_degree,
+            _state.agreement.backend,
         )
     return _state
 
 
 def _build_state(ulysses_degree, ring_degree, request, ranks, timeout, strict, validate,
-                 created: list) -> SequenceParallelState:
+                 created: list, cfg_degree: int = 1) -> SequenceParallelState:
     """Create the groups (appending each to ``created``) and agree on the backend."""
     world, rank = dist.get_world_size(), dist.get_rank()
     degree = ulysses_degree * ring_degree
-    partition = _sp_partition(ranks, world, degree)
+    if cfg_degree > 1:
+        # A CFG unit is cut into cfg_degree SP groups, CFG outermost; the SP groups then go through the
+        # same machinery as several SP groups given as ranks=[[...], [...]].
+        units = _sp_partition(ranks, world, cfg_degree * degree, what="cfg_degree * ulysses_degree * ring_degree")
+        partition = [unit[c * degree:(c + 1) * degree] for unit in units for c in range(cfg_degree)]
+    else:
+        partition = units = _sp_partition(ranks, world, degree)
     mine = [g for g in partition if rank in g]
     if not mine:
         raise ValueError(f"rank {rank} is in none of the sequence-parallel groups {partition}")
@@ -369,10 +412,21 @@ def _build_state(ulysses_degree, ring_degree, request, ranks, timeout, strict, v
             group = new_group(r_members) if ring_degree > 1 else None
             if rank in r_members:
                 ring_group, ring_ranks = group, tuple(r_members)
+    cfg_group, cfg_ranks, agree_group = None, (rank,), sp_group
+    if cfg_degree > 1:
+        for unit in units:
+            group = new_group(unit)  # the agreement: every CFG group runs the same model, so one kernel
+            if rank in unit:
+                agree_group = group
+            for position in range(degree):
+                members = unit[position::degree]
+                group = new_group(members)
+                if rank in members:
+                    cfg_group, cfg_ranks = group, tuple(members)
     # A forced backend beats the argument, which beats the CLI value (agree_on_backend's default).
     use_argument = request is not None and get_global_forced_attn_backend() is None
     kwargs = {"requested": request} if use_argument else {}
-    agreement = agree_on_backend(sp_group, strict=strict, **kwargs)
+    agreement = agree_on_backend(agree_group, strict=strict, **kwargs)
     return SequenceParallelState(
         ulysses_degree=ulysses_degree,
         ring_degree=ring_degree,
@@ -386,6 +440,10 @@ def _build_state(ulysses_degree, ring_degree, request, ranks, timeout, strict, v
         agreement=agreement,
         timeout=timeout,
         validate=validate,
+        cfg_degree=cfg_degree,
+        cfg_rank=cfg_ranks.index(rank),
+        cfg_group=cfg_group,
+        cfg_ranks=cfg_ranks,
         _created_groups=created,
     )
 
