@@ -594,15 +594,17 @@ def measure_links(group: dist.ProcessGroup | None = None, *, mib: int = 64, devi
 
 def measure_terms(lengths: Sequence[int], *, heads: int, head_size: int, dtype: torch.dtype = torch.bfloat16,
                   device: torch.device | str | None = None, group: dist.ProcessGroup | None = None,
-                  measure_links_on: str = "cuda", budget_ms: float = 200.0) -> CostTerms:
+                  measure_links_on: str = "cuda", budget_ms: float = 200.0, links: Link | None = None) -> CostTerms:
     """The cost model's terms measured on this machine where possible, assumed (:func:`assumed_terms`)
     for the rest, each marked in ``sources``.
 
     The kernel curves are measured on ``device`` (default: CUDA if available, else the CPU) at
-    ``lengths`` with ``heads`` heads of ``head_size``. The links are measured (a collective: every
-    rank of ``group`` calls this) when ``group`` has two or more ranks on a ``measure_links_on``
-    device ("cuda": NCCL groups only, since gloo on CPU says nothing about NVLink; "any": every group);
-    otherwise assumed. ``budget_ms``: timed calls per kernel point (:func:`measure_kernel_curve`).
+    ``lengths`` with ``heads`` heads of ``head_size``. The links: ``links`` if given (measured before
+    by :func:`measure_links` over ``group``, which then names its size); else measured here when
+    ``group`` is given and has two or more ranks on a ``measure_links_on`` device ("cuda": NCCL
+    groups only, since gloo on CPU says nothing about NVLink; "any": every group), a collective that
+    every rank of ``group`` must call; else assumed. ``budget_ms``: timed calls per kernel point
+    (:func:`measure_kernel_curve`).
     """
     base = assumed_terms()
     sources = dict(base.sources)
@@ -618,12 +620,12 @@ def measure_terms(lengths: Sequence[int], *, heads: int, head_size: int, dtype: 
                          + ", ".join(f"{p[0]} keys {p[1]:.3g} TFLOP/s" for p in curve.points)
                          + f", launch {curve.launch_ms * 1e3:.0f} us")
     intra = base.intra
-    if group is None and dist.is_initialized():
-        group = dist.group.WORLD
-    if group is not None and dist.get_world_size(group) > 1 and (
+    if links is None and group is not None and dist.get_world_size(group) > 1 and (
             measure_links_on == "any" or dist.get_backend(group) == "nccl"):
-        intra = measure_links(group)
-        n = dist.get_world_size(group)
+        links = measure_links(group)
+    if links is not None:
+        intra = links
+        n = dist.get_world_size(group) if group is not None else "?"
         sources["alltoall"] = f"measured: {n}-rank all_to_all_single, {intra.alltoall_gbps:.0f} GB/s per rank"
         sources["p2p"] = f"measured: {n}-rank ring step, {intra.p2p_gbps:.0f} GB/s"
         sources["latency"] = f"measured: 4-byte all-to-all, {intra.latency_ms * 1e3:.0f} us"
@@ -696,6 +698,11 @@ def choose_layout(world: int | None = None, *, heads: int, tokens: int, head_siz
         group: the process group that must agree (default: the world when ``torch.distributed`` is
             initialised, else none); one broadcast from its rank 0.
         dtype: the kernel's dtype when measuring.
+
+    Call it before ``init_sequence_parallel`` (whose degrees it decides): rank 0 then times the kernel
+    that the automatic choice measures as fastest; once a sequence-parallel group is set up, a plain
+    ``LocalAttention`` call on one rank keeps to the static rule instead. Every rank of ``group`` must
+    call it (one broadcast; with measuring on NCCL also the link probes).
     """
     if group is None and dist.is_available() and dist.is_initialized():
         group = dist.group.WORLD
@@ -706,26 +713,16 @@ def choose_layout(world: int | None = None, *, heads: int, tokens: int, head_siz
     first = group is None or dist.get_rank(group) == 0
     if measure is None:
         measure = terms is None and torch.cuda.is_available()
+    links = None
     if terms is None and measure and group is not None and dist.get_world_size(group) > 1 \
             and dist.get_backend(group) == "nccl":
-        links = measure_links(group)  # every rank takes part
-    else:
-        links = None
+        links = measure_links(group)  # every rank takes part; the kernel below is rank 0's alone
     choice = None
     if first:
         if terms is None:
-            if measure:
-                terms = measure_terms(lengths_for(world, workload), heads=heads, head_size=head_size, dtype=dtype,
-                                      group=None)
-                if links is not None:
-                    n = dist.get_world_size(group)
-                    terms = terms.replace(intra=links, sources=tuple(
-                        dict(terms.sources, alltoall=f"measured: {n}-rank all_to_all_single, "
-                             f"{links.alltoall_gbps:.0f} GB/s per rank", p2p=f"measured: {n}-rank ring step, "
-                             f"{links.p2p_gbps:.0f} GB/s", latency=f"measured: {links.latency_ms * 1e3:.0f} us")
-                        .items()))
-            else:
-                terms = assumed_terms()
+            terms = (measure_terms(lengths_for(world, workload), heads=heads, head_size=head_size, dtype=dtype,
+                                   group=group if links is not None else None, links=links)
+                     if measure else assumed_terms())
         costs = predict_layouts(world, workload, terms, cfg_degrees)
         best = pick_layout(costs)
         choice = LayoutChoice(best.cfg, best.ulysses, best.ring, best.step_ms, best.call_ms, tuple(costs), terms)

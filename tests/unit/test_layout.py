@@ -233,7 +233,14 @@ def _links_on_gloo() -> tuple:
     return link.alltoall_gbps > 0, link.p2p_gbps > 0, link.latency_ms > 0
 
 
-CASES = [_pick_with_rank_terms, _default_world_and_assumed_terms, _links_on_gloo]
+def _measured_pick_on_gloo() -> tuple:
+    """measure=True in a gloo group: rank 0 times the kernel (links stay assumed on gloo), all get its pick."""
+    choice = L.choose_layout(4, heads=2, tokens=64, head_size=16, measure=True, dtype=torch.float32)
+    measured = choice.terms.measured() if choice.terms is not None else None
+    return choice.layout, measured
+
+
+CASES = [_pick_with_rank_terms, _default_world_and_assumed_terms, _links_on_gloo, _measured_pick_on_gloo]
 
 
 @pytest.fixture(scope="module")
@@ -251,6 +258,11 @@ def test_every_rank_gets_rank_zeros_pick(group_run):
 
 def test_default_group_is_the_world(group_run):
     assert group_run.check(_default_world_and_assumed_terms) == [(2, 1, 1)] * 2
+
+
+def test_measured_pick_reaches_every_rank(group_run):
+    (pick0, measured0), (pick1, measured1) = group_run.check(_measured_pick_on_gloo)
+    assert pick0 == pick1 and measured0 == ["kernel", "kernel_lse"] and measured1 is None
 
 
 def test_links_measured_on_a_real_group(group_run):
