@@ -50,6 +50,7 @@ from usp_attn.distributed.zigzag import rank_chunks
 from usp_attn.ring.plan import ring_front_lengths
 from usp_attn.kernels import BlockKernels, check_backward, grad_required
 from usp_attn.ulysses.heads import HeadPlan
+from usp_attn.layers import compiled
 from usp_attn.layers.local import LocalAttention
 from usp_attn.ring.forward import ring_attention
 from usp_attn.layers.replicated import attend_with_masked_replicated_keys
@@ -150,6 +151,11 @@ class USPAttention(nn.Module):
         self._checked_layouts: set = set()
         if state is not None:
             self._check_state(state)
+        self._op_id = compiled.register(self)  # how the compiled graph's op finds this layer
+
+    def __setstate__(self, state) -> None:  # a copy (deepcopy, pickle) is another layer: its own op id
+        super().__setstate__(state)
+        self._op_id = compiled.register(self)
 
     # ---- configuration -------------------------------------------------------------------
     @property
@@ -216,6 +222,10 @@ class USPAttention(nn.Module):
         if self.skip_sequence_parallel or state is None or state.world_size == 1:
             return self._forward_one_rank(q, k, v, attn_mask, rows, return_lse, load_balance, replicated_key_mask,
                                           sparsity)
+        if torch.compiler.is_compiling() and sparsity is None and not grad_required(q, k, v):
+            # One opaque op in the graph; at run time it runs this forward eagerly (layers/compiled.py).
+            return compiled.sp_attention(self._op_id, q, k, v, attn_mask, replicated_key_mask, rows, seq_len,
+                                         return_lse, load_balance)
         call = self._checked_call(state, q, k, v, attn_mask, rows, seq_len, return_lse, load_balance,
                                   replicated_key_mask, sparsity)  # the same verdict on every rank
         recording = state.guard.start_recording() if call.grad else None  # backward failures named too
