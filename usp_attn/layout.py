@@ -72,6 +72,7 @@ __all__ = [
     "broadcast_layout",
     "format_layouts",
     "layouts_info",
+    "placement",
     "lengths_for",
     "INFINIBAND_400G",
 ]
@@ -393,6 +394,20 @@ def _p2p_link(terms: CostTerms, pairs: Iterable[tuple[int, int]]) -> tuple[Link,
     return terms.intra, False
 
 
+def placement(layout: tuple[int, int, int]) -> dict[str, list[list[int]]]:
+    """The groups of global ranks a layout ``(cfg, U, R)`` makes, as ``init_sequence_parallel(ulysses_degree=U,
+    ring_degree=R, cfg_degree=cfg)`` builds them over ranks ``0 .. cfg*U*R-1`` (global rank
+    = cfg_rank * U * R + ring_rank * U + ulysses_rank): ``{"ulysses": [...], "ring": [...], "cfg": [...]}``,
+    each a list of groups (a group of one rank where that degree is 1)."""
+    cfg, u, r = layout
+    sp = u * r
+    return {
+        "ulysses": [[c * sp + g * u + x for x in range(u)] for c in range(cfg) for g in range(r)],
+        "ring": [[c * sp + g * u + x for g in range(r)] for c in range(cfg) for x in range(u)],
+        "cfg": [[c * sp + i for c in range(cfg)] for i in range(sp)],
+    }
+
+
 def _predict(world: int, workload: Workload, terms: CostTerms, layout: tuple[int, int, int]) -> LayoutCost:
     cfg, u, r = layout
     w, b, d, e = workload, workload.batch, workload.head_size, workload.element_bytes
@@ -401,26 +416,24 @@ def _predict(world: int, workload: Workload, terms: CostTerms, layout: tuple[int
     sizes = shard_sizes(w.tokens, u * r)
     shard = max(sizes)
     segment = max(sum(sizes[g * u:(g + 1) * u]) for g in range(r))
-    sp = u * r
     spans = []
-    # Ulysses: one fused q,k,v all-to-all in, one output all-to-all back (the first Ulysses group of the
-    # first CFG group stands for all: the groups are alike, and the worst placement is the same)
+    groups = placement(layout)
+    # Ulysses: one fused q,k,v all-to-all in, one output all-to-all back; every group runs at once, so
+    # the slowest group sets the time
     ulysses_ms = 0.0
     if u > 1:
-        group = list(range(u))
         qkv = b * shard * (plan.padded_heads + 2 * plan.padded_kv_heads) * d * e
         out = b * shard * plan.padded_heads * d * e
-        t_in, cross = _alltoall_ms(terms, group, qkv)
-        t_out, _ = _alltoall_ms(terms, group, out)
-        ulysses_ms = t_in + t_out
-        if cross:
+        found = [(_alltoall_ms(terms, g, qkv), _alltoall_ms(terms, g, out)) for g in groups["ulysses"]]
+        ulysses_ms = max(t_in + t_out for (t_in, _), (t_out, _) in found)
+        if any(cross for (_, cross), _ in found):
             spans.append("ulysses")
     if r == 1:
         kernel_ms = terms.kernel.ms(b, h, segment, segment, d)
         ring_exposed = 0.0
     else:
         hop = terms.kernel_lse.ms(b, h, segment, segment, d)
-        link, cross = _p2p_link(terms, [(g * u + x, ((g + 1) % r) * u + x) for g in range(r) for x in range(u)])
+        link, cross = _p2p_link(terms, [(g[i], g[(i + 1) % r]) for g in groups["ring"] for i in range(r)])
         transfer = link.latency_ms + 2 * b * segment * h_kv * d * e / (link.p2p_gbps * 1e6)
         kernel_ms = r * hop
         shown = terms.overlap_loss * min(hop, transfer)
@@ -431,7 +444,7 @@ def _predict(world: int, workload: Workload, terms: CostTerms, layout: tuple[int
     passes = 2 if (w.guidance and cfg == 1) else 1
     gather_ms = 0.0
     if cfg > 1:
-        link, cross = _p2p_link(terms, [(c * sp, (c + 1) * sp) for c in range(cfg - 1)])
+        link, cross = _p2p_link(terms, [(g[i], g[i + 1]) for g in groups["cfg"] for i in range(cfg - 1)])
         gather_ms = link.latency_ms + (cfg - 1) * w.gather_bytes / (link.p2p_gbps * 1e6)
         if cross:
             spans.append("cfg")

@@ -248,6 +248,7 @@ def group_run():
     return run_cases(2, CASES, timeout=120)
 
 
+@pytest.mark.xdist_group("layout_group")
 def test_every_rank_gets_rank_zeros_pick(group_run):
     results = group_run.check(_pick_with_rank_terms)
     rank0_pick = results[0][2]
@@ -256,15 +257,18 @@ def test_every_rank_gets_rank_zeros_pick(group_run):
     assert results[0][3] == 4 and results[1][3] == 0  # the table stays on rank 0
 
 
+@pytest.mark.xdist_group("layout_group")
 def test_default_group_is_the_world(group_run):
     assert group_run.check(_default_world_and_assumed_terms) == [(2, 1, 1)] * 2
 
 
+@pytest.mark.xdist_group("layout_group")
 def test_measured_pick_reaches_every_rank(group_run):
     (pick0, measured0), (pick1, measured1) = group_run.check(_measured_pick_on_gloo)
     assert pick0 == pick1 and measured0 == ["kernel", "kernel_lse"] and measured1 is None
 
 
+@pytest.mark.xdist_group("layout_group")
 def test_links_measured_on_a_real_group(group_run):
     assert group_run.check(_links_on_gloo) == [(True, True, True)] * 2
 
