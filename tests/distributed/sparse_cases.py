@@ -128,3 +128,26 @@ def ring_sends_only_what_is_read(ulysses: int, ring: int) -> dict:
         dist.batch_isend_irecv = real
     expected = _shard(ref, 0, n)
     return {"err": float((out.double() - expected).norm() / expected.norm()), "sent_to": sent}
+
+
+# Per-head windows whose plain Ulysses-2 split puts both wide heads on rank 0: the layer permutes the heads.
+UNEVEN_HEADS = SlidingTileSparsity(VideoGrid(5, 6, 7), tile=(2, 4, 3),
+                                   window=[(3, 2, 3), (3, 2, 2), (1, 1, 1), (1, 1, 2)], token_order="tile_major")
+
+
+def balanced_heads_match_reference(ulysses: int, ring: int) -> dict:
+    """MHA with uneven per-head windows and text rows: the head-balanced Ulysses split gives the reference's
+    output and LSE in the layer's own head order."""
+    ensure_layout(ulysses, ring)
+    pattern, pre, suf = UNEVEN_HEADS, 5, 3
+    q, k, v, n = _inputs(pattern, pre, suf, heads=4, kv_heads=4, seed=3)
+    ref, ref_lse = masked_reference(q.double(), k.double(), v.double(), pattern, num_replicated_prefix=pre,
+                                    num_replicated_suffix=suf, return_lse=True)
+    with torch.no_grad():
+        out, lse = usp_attn.USPAttention(4, 16, 4)(_shard(q, pre, n), _shard(k, pre, n), _shard(v, pre, n),
+                                                   num_replicated_prefix=pre, num_replicated_suffix=suf,
+                                                   sparsity=pattern, return_lse=True)
+    expected = _shard(ref, pre, n)
+    expected_lse = _shard(ref_lse.transpose(1, 2), pre, n).transpose(1, 2)
+    return {"err": float((out.double() - expected).norm() / expected.norm()),
+            "lse_err": float((lse.double() - expected_lse).abs().max())}

@@ -38,9 +38,14 @@ def _cases(world):
     cases += [functools.partial(sparse_cases.layout_matches_reference, u, r, *a)
               for u, r in sp_cases.layouts(world) if u * r > 1 for a in ALIGNED]
     cases += [functools.partial(sparse_cases.ring_sends_only_what_is_read, u, r) for u, r in _rings(world)]
+    cases += [functools.partial(sparse_cases.balanced_heads_match_reference, u, r) for u, r in _ulysses(world)]
     cases.append(functools.partial(sparse_cases.differing_patterns_fail_alike, 1, world))
     cases += [functools.partial(sparse_cases.bad_pattern_fails_alike, 1, world, what) for what in BAD]
     return cases
+
+
+def _ulysses(world):
+    return [(u, r) for u, r in sp_cases.layouts(world) if u > 1]
 
 
 def _rings(world):
@@ -106,3 +111,16 @@ def test_ring_sends_only_the_segments_a_rank_reads(world, u, r):
         else:  # K and V to each neighbour that reads them (ring ends: one neighbour)
             readers = [ring_of[x] for x in (ring_rank - 1, ring_rank + 1) if 0 <= x < r]
             assert sorted(res["sent_to"]) == sorted(readers * 2), (sp_rank, res)
+
+
+@pytest.mark.parametrize("world,u,r", [pytest.param(w, u, r, id=f"W{w}-U{u}xR{r}", marks=_params(w))
+                                       for w in (2, 4) for u, r in _ulysses(w)])
+def test_heads_balanced_across_ulysses_ranks_keep_the_result(world, u, r):
+    """The head permutation is undone exactly: output (grid and text rows) and LSE in the layer's head order."""
+    from usp_attn.sparse.balance import head_order
+
+    if u == 2:
+        assert head_order(sparse_cases.UNEVEN_HEADS, 4, 4, 2) is not None  # the case really permutes
+    results = _run(world).check(functools.partial(sparse_cases.balanced_heads_match_reference, u, r))
+    for rank, res in enumerate(results):
+        assert res["err"] <= sparse_cases.FP32_RTOL and res["lse_err"] <= 1e-5, (rank, res)

@@ -58,6 +58,7 @@ from usp_attn.ring.backward import RingPlan, ring_attention_with_grad
 from usp_attn.ulysses.steps import UlyssesSteps
 from usp_attn.selector import AttentionBackendUnavailableError
 from usp_attn.sparse.attend import attend_sparse, check_sparsity, segments_read
+from usp_attn.sparse.balance import head_order
 from usp_attn.sparse.patterns import SparsityPattern
 
 __all__ = ["USPAttention", "UlyssesAttention", "RingAttention"]
@@ -76,6 +77,7 @@ class _Call:
     signature: CallSignature
     grad: bool = False
     sparsity: SparsityPattern | None = None
+    head_order: tuple[int, ...] | None = None  # Ulysses head permutation balancing sparse work
 
     @property
     def total(self) -> int:
@@ -323,8 +325,10 @@ class USPAttention(nn.Module):
             check_zigzag_sizes(state, sizes)  # the same tuple everywhere: the same verdict
         if sparsity is not None and total is None:  # the grid's length is only known now
             sparsity.check(sum(sizes), self.num_heads)
+        order = None if sparsity is None else head_order(sparsity, self.num_heads, self.num_kv_heads,
+                                                          state.ulysses_degree)
         return _Call(rows, sizes, balanced, key_mask, text_mask, return_lse, signature, grad_required(q, k, v),
-                     sparsity)
+                     sparsity, order)
 
     def _check_sparse_call(self, sparsity, attn_mask, text_mask, balanced, grad, total, state) -> None:
         where = "USPAttention"
@@ -350,7 +354,8 @@ class USPAttention(nn.Module):
         # Causal on the zigzag layout: the segment in global order [F_g | B_g] (see distributed/zigzag).
         zigzag = call.balanced and self.causal
         pieces = [rank_chunks(call.total, world, r_rank * u_deg + u) for u in range(u_deg)] if zigzag else None
-        return UlyssesSteps(HeadPlan.make(self.num_heads, self.num_kv_heads, u_deg), call.group_sizes(state),
+        return UlyssesSteps(HeadPlan.make(self.num_heads, self.num_kv_heads, u_deg, call.head_order),
+                            call.group_sizes(state),
                             state.ulysses_rank, state.ulysses_group, call.rows, pieces, call.grad)
 
     def _attend(self, state, call: _Call, q_all, k_all, v_all, key_mask):
@@ -382,9 +387,8 @@ class USPAttention(nn.Module):
         """The pattern over this rank's heads: one call (R == 1) or the ring with each hop's part
         of the pattern (a hop the pattern leaves empty makes no kernel call)."""
         u_deg, r_deg, rows = state.ulysses_degree, state.ring_degree, call.rows
-        local_heads = q_all.shape[2]
-        first = state.ulysses_rank * local_heads if u_deg > 1 else 0
-        heads = tuple(min(h, self.num_heads - 1) for h in range(first, first + local_heads))  # padded heads: dropped
+        plan = HeadPlan.make(self.num_heads, self.num_kv_heads, u_deg, call.head_order)
+        heads = plan.heads_of(state.ulysses_rank) if u_deg > 1 else tuple(range(self.num_heads))
         block_kernel = self.local._block_kernel(q_all, k_all, v_all)
         scale = self.local.softmax_scale
         if r_deg == 1:
@@ -425,6 +429,8 @@ class USPAttention(nn.Module):
                 text_lse = torch.cat([lse_all[:, :, :n_pre], lse_all[:, :, n_pre + seg :]], dim=2)
                 text_lse = self._gather_replicated(state, text_lse.transpose(1, 2).unsqueeze(-1))[..., 0]
                 lse = torch.cat([text_lse[:, :n_pre].transpose(1, 2), lse, text_lse[:, n_pre:].transpose(1, 2)], 2)
+        if call.head_order is not None:  # heads were permuted to balance sparse work: back to the layer's order
+            out, lse = ulysses.heads.restore(out), None if lse is None else ulysses.heads.restore(lse, dim=1)
         return (out, lse) if call.return_lse else out
 
     def _kernel(self, state, q_all, k_all, v_all, masked, rows, sizes, return_lse, split=False):

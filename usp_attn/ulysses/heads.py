@@ -9,6 +9,10 @@ ones those query heads read (query head h reads kv head h // (H / H_kv)):
     otherwise                      repeat kv heads up to H (plain MHA), then pad q and kv
                                    with zero heads to a multiple of U; the padded heads'
                                    outputs are dropped on return.
+
+Optionally the query heads are first permuted (``order``; kv heads follow their query heads), so a
+rank's block is a chosen set of heads: sparse attention with per-head windows balances its work so
+(:mod:`usp_attn.sparse.balance`). The layer restores the order on the way back.
 """
 
 from __future__ import annotations
@@ -29,11 +33,15 @@ class HeadPlan:
     degree: int
     kv_heads_before_split: int  # after repetition, before padding
     padded_heads: int
+    order: tuple[int, ...] | None = None  # query head at each position (only where kv heads split evenly)
 
     @classmethod
-    def make(cls, num_heads: int, num_kv_heads: int, degree: int) -> "HeadPlan":
+    def make(cls, num_heads: int, num_kv_heads: int, degree: int, order=None) -> "HeadPlan":
         if num_heads % degree == 0 and num_kv_heads % degree == 0:
-            return cls(num_heads, num_kv_heads, degree, num_kv_heads, num_heads)
+            return cls(num_heads, num_kv_heads, degree, num_kv_heads, num_heads, order)
+        if order is not None:
+            raise ValueError(f"a head order needs heads ({num_heads}) and kv heads ({num_kv_heads}) divisible by the "
+                             f"Ulysses degree {degree}")
         if num_heads % degree == 0 and degree % num_kv_heads == 0:
             return cls(num_heads, num_kv_heads, degree, degree, num_heads)
         padded = -(-num_heads // degree) * degree
@@ -55,12 +63,33 @@ class HeadPlan:
     def local_kv_heads(self) -> int:
         return self.padded_kv_heads // self.degree
 
+    def heads_of(self, rank: int) -> tuple[int, ...]:
+        """The layer's query head at each position of rank ``rank``'s block (``local_heads`` of them); a padded
+        position (zeros, its output dropped) names the last head, so per-head data can be looked up for it."""
+        n, last = self.local_heads, self.num_heads - 1
+        block = [min(i, last) for i in range(rank * n, (rank + 1) * n)]
+        return tuple(block) if self.order is None else tuple(self.order[i] for i in block)
+
     def prepare_q(self, q: torch.Tensor) -> torch.Tensor:
-        """``[B, S, H, D]`` -> ``[B, S, padded_heads, D]``."""
+        """``[B, S, H, D]`` -> ``[B, S, padded_heads, D]`` (permuted by ``order``)."""
+        if self.order is not None:
+            q = q[:, :, list(self.order)]
         return _pad_heads(q, self.padded_heads)
 
+    def restore(self, x: torch.Tensor, dim: int = 2) -> torch.Tensor:
+        """Undo ``order`` along the heads dimension ``dim`` of a result with ``num_heads`` heads."""
+        if self.order is None:
+            return x
+        inverse = [0] * self.num_heads
+        for position, head in enumerate(self.order):
+            inverse[head] = position
+        return x.index_select(dim, torch.tensor(inverse, device=x.device))
+
     def prepare_kv(self, kv: torch.Tensor) -> torch.Tensor:
-        """``[B, S, H_kv, D]`` -> ``[B, S, padded_kv_heads, D]`` (repeat, then pad)."""
+        """``[B, S, H_kv, D]`` -> ``[B, S, padded_kv_heads, D]`` (permuted with their query heads, repeated, padded)."""
+        if self.order is not None:
+            group = self.num_heads // self.num_kv_heads
+            kv = kv[:, :, [self.order[i] // group for i in range(0, self.num_heads, group)]]
         if self.kv_heads_before_split != self.num_kv_heads:
             kv = expand_kv_heads(kv, self.kv_heads_before_split)
         return _pad_heads(kv, self.padded_kv_heads)
