@@ -46,16 +46,20 @@ from torch import nn
 from usp_attn.distributed.sharding import require_state
 from usp_attn.distributed.state import SequenceParallelState
 from usp_attn.integrations.diffusers.run import PlanProcessor, SequenceParallelRun
+from usp_attn.integrations.diffusers.cfg import CFGPlan, disable_cfg_parallel, enable_cfg_parallel
 from usp_attn.integrations.diffusers.families import BUILTIN_PLANS, plan_for_model
 from usp_attn.integrations.diffusers.plan import FamilyPlan, Gather, Shard, from_diffusers_cp_plan
 
 __all__ = [
+    "CFGPlan",
     "FamilyPlan",
     "Gather",
     "PlanProcessor",
     "Shard",
     "TESTED_DIFFUSERS",
+    "disable_cfg_parallel",
     "disable_sequence_parallel",
+    "enable_cfg_parallel",
     "enable_sequence_parallel",
     "from_diffusers_cp_plan",
     "is_sequence_parallel_enabled",
@@ -151,7 +155,7 @@ def _family_plan(model) -> FamilyPlan:
 
 # ---- API -----------------------------------------------------------------------------------
 def enable_sequence_parallel(transformer: nn.Module, state: SequenceParallelState | None = None,
-                             plan: FamilyPlan | None = None) -> nn.Module:
+                             plan: FamilyPlan | None = None, cfg_plan: CFGPlan | None = None) -> nn.Module:
     """Run ``transformer`` with its token sequence split across the sequence-parallel ranks.
 
     Call it on every rank after :func:`usp_attn.init_sequence_parallel`, with the same model (same weights)
@@ -162,6 +166,8 @@ def enable_sequence_parallel(transformer: nn.Module, state: SequenceParallelStat
         transformer: a diffusers model instance with a plan (see :func:`supported_models`).
         state: the sequence-parallel state to use; ``None`` = the global one at each call.
         plan: use this plan instead of the registered one / the model's own ``_cp_plan``.
+        cfg_plan: with ``cfg_degree > 1``, how the model's pipelines run the CFG branches, instead of the
+            registered :class:`CFGPlan` (see :mod:`.cfg`: each CFG group computes one branch, one gather per step).
 
     Returns:
         ``transformer`` itself, modified in place (hooks; processors only where the plan provides them).
@@ -196,8 +202,14 @@ def enable_sequence_parallel(transformer: nn.Module, state: SequenceParallelStat
             "(e.g. first-block cache) can make ranks take different paths and stall their collectives",
             type(transformer).__name__,
         )
+    if current.cfg_degree > 1:
+        enable_cfg_parallel(transformer, state, cfg_plan)  # first: an unknown model fails before any hook
     run = SequenceParallelRun(transformer, family, state)
-    run.enable()
+    try:
+        run.enable()
+    except BaseException:
+        disable_cfg_parallel(transformer)
+        raise
     setattr(transformer, _ATTR, run)
     if current.sp_rank == 0:
         logger.info(
@@ -216,6 +228,7 @@ def disable_sequence_parallel(transformer: nn.Module) -> nn.Module:
     if run is not None:
         run.disable()
         delattr(transformer, _ATTR)
+    disable_cfg_parallel(transformer)
     return transformer
 
 
