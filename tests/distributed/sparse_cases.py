@@ -151,3 +151,23 @@ def balanced_heads_match_reference(ulysses: int, ring: int) -> dict:
     expected_lse = _shard(ref_lse.transpose(1, 2), pre, n).transpose(1, 2)
     return {"err": float((out.double() - expected).norm() / expected.norm()),
             "lse_err": float((lse.double() - expected_lse).abs().max())}
+
+
+def gate_verdict_is_the_groups(ulysses: int, ring: int, max_error: float) -> dict:
+    """USPAttention(sparse_gate=...) with text rows: the whole group keeps the pattern or runs dense together
+    (one all-reduced error); the result is the sparse reference or the dense one accordingly."""
+    ensure_layout(ulysses, ring)
+    pattern, pre, suf = PATTERNS["tile"], 5, 3
+    q, k, v, n = _inputs(pattern, pre, suf, seed=4)
+    sparse_ref = masked_reference(q.double(), k.double(), v.double(), pattern, num_replicated_prefix=pre,
+                                  num_replicated_suffix=suf)
+    dense_ref = usp_attn.LocalAttention(4, 16, 2)(q.double(), k.double(), v.double())
+    layer = usp_attn.USPAttention(4, 16, 2, sparse_gate=usp_attn.sparse.AccuracyGate(max_error, sample_rows=8))
+    with torch.no_grad():
+        outs = [layer(_shard(q, pre, n), _shard(k, pre, n), _shard(v, pre, n), num_replicated_prefix=pre,
+                      num_replicated_suffix=suf, sparsity=pattern) for _ in range(2)]
+    verdicts = list(layer.local._gate_verdicts.values())
+    sparse, dense = _shard(sparse_ref, pre, n), _shard(dense_ref, pre, n)
+    return {"verdicts": verdicts, "sparse_err": float((outs[1].double() - sparse).norm() / sparse.norm()),
+            "dense_err": float((outs[1].double() - dense).norm() / dense.norm()),
+            "same_twice": bool(torch.equal(outs[0], outs[1]))}

@@ -15,6 +15,7 @@ from tests.helpers.multiproc import runs_per_world
 from tests.helpers.state import reset_usp_attn_state
 
 BAD = ("grid", "causal", "dynamic_ring", "grad", "type")
+GATE_LIMITS = (1e-6, 10.0)  # far below this pattern's error (dense), far above it (sparse)
 
 
 def _scenarios(world):
@@ -39,6 +40,8 @@ def _cases(world):
               for u, r in sp_cases.layouts(world) if u * r > 1 for a in ALIGNED]
     cases += [functools.partial(sparse_cases.ring_sends_only_what_is_read, u, r) for u, r in _rings(world)]
     cases += [functools.partial(sparse_cases.balanced_heads_match_reference, u, r) for u, r in _ulysses(world)]
+    cases += [functools.partial(sparse_cases.gate_verdict_is_the_groups, u, r, e)
+              for u, r in sp_cases.layouts(world) if u * r > 1 for e in GATE_LIMITS]
     cases.append(functools.partial(sparse_cases.differing_patterns_fail_alike, 1, world))
     cases += [functools.partial(sparse_cases.bad_pattern_fails_alike, 1, world, what) for what in BAD]
     return cases
@@ -124,3 +127,16 @@ def test_heads_balanced_across_ulysses_ranks_keep_the_result(world, u, r):
     results = _run(world).check(functools.partial(sparse_cases.balanced_heads_match_reference, u, r))
     for rank, res in enumerate(results):
         assert res["err"] <= sparse_cases.FP32_RTOL and res["lse_err"] <= 1e-5, (rank, res)
+
+
+@pytest.mark.parametrize("world,u,r,limit", [pytest.param(w, u, r, e, id=f"W{w}-U{u}xR{r}-max{e:g}", marks=_params(w))
+                                             for w in (2, 4) for u, r in sp_cases.layouts(w) if u * r > 1
+                                             for e in GATE_LIMITS])
+def test_the_accuracy_gate_decides_for_the_whole_group(world, u, r, limit):
+    results = _run(world).check(functools.partial(sparse_cases.gate_verdict_is_the_groups, u, r, limit))
+    keep = limit > 1
+    for rank, res in enumerate(results):
+        assert res["verdicts"] == [keep], (rank, res)  # one judged class, the same verdict everywhere
+        assert res["same_twice"], (rank, res)
+        assert (res["sparse_err"] if keep else res["dense_err"]) <= sparse_cases.FP32_RTOL, (rank, res)
+        assert (res["dense_err"] if keep else res["sparse_err"]) > 1e-3, (rank, res)  # the two really differ

@@ -59,6 +59,7 @@ from usp_attn.ulysses.steps import UlyssesSteps
 from usp_attn.selector import AttentionBackendUnavailableError
 from usp_attn.sparse.attend import attend_sparse, check_sparsity, segments_read
 from usp_attn.sparse.balance import head_order
+from usp_attn.sparse.gate import judge, sample_rows
 from usp_attn.sparse.patterns import SparsityPattern
 
 __all__ = ["USPAttention", "UlyssesAttention", "RingAttention"]
@@ -141,10 +142,12 @@ class USPAttention(nn.Module):
         skip_sequence_parallel: bool = False,
         *,
         state: SequenceParallelState | None = None,
+        sparse_gate=None,
     ) -> None:
         super().__init__()
         self.local = LocalAttention(
-            num_heads, head_size, num_kv_heads, softmax_scale, causal, supported_attention_backends
+            num_heads, head_size, num_kv_heads, softmax_scale, causal, supported_attention_backends,
+            sparse_gate=sparse_gate,
         )
         self.num_heads, self.head_size = self.local.num_heads, self.local.head_size
         self.num_kv_heads, self.causal = self.local.num_kv_heads, self.local.causal
@@ -384,6 +387,38 @@ class USPAttention(nn.Module):
         return result if return_lse else (result, None)
 
     def _attend_sparse(self, state, call: _Call, q_all, k_all, v_all):
+        """The pattern, or dense attention where the accuracy gate (if any) rejected it for this call's
+        shape class; the gate judges the first call of each class (usp_attn.sparse.gate)."""
+        gate = self.local.sparse_gate
+        verdicts = self.local._gate_verdicts
+        verdict = None if gate is None else verdicts.get(call.signature)
+        if verdict is False:
+            return self._attend(state, dataclasses.replace(call, sparsity=None), q_all, k_all, v_all, None)
+        out, lse = self._sparse_result(state, call, q_all, k_all, v_all)
+        if gate is None or verdict:
+            return out, lse
+        rows = call.rows
+        picked = sample_rows(rows.prefix, q_all.shape[1] - rows.prefix - rows.suffix, gate, q_all.device)
+        dense = self._dense_rows(state, call, q_all[:, picked], k_all, v_all)
+        verdicts[call.signature] = judge(gate, out[:, picked], dense, state.sp_group, str(call.sparsity))
+        if verdicts[call.signature]:
+            return out, lse
+        return self._attend(state, dataclasses.replace(call, sparsity=None), q_all, k_all, v_all, None)
+
+    def _dense_rows(self, state, call: _Call, q_rows, k_all, v_all):
+        """Dense attention of some grid query rows over every key of the call (under ring: one pass)."""
+        if state.ring_degree == 1:
+            return self.local._attend_lse(q_rows, k_all, v_all)[0]
+        rows, seg, u_deg = call.rows, call.segment(state), state.ulysses_degree
+        lengths = tuple(sum(call.sizes[r * u_deg : (r + 1) * u_deg]) for r in range(state.ring_degree))
+        own = slice(rows.key_prefix, rows.key_prefix + seg)
+        text = () if not (rows.key_prefix or rows.key_suffix) else \
+            ((_replicated(k_all, rows.key_prefix, seg), _replicated(v_all, rows.key_prefix, seg), None),)
+        exchange = RingExchange(state.ring_ranks, state.ring_rank, state.ring_group, state.timeout)
+        return ring_attention(self.local.attend, q_rows, k_all[:, own], v_all[:, own], exchange=exchange,
+                              ring_rank=state.ring_rank, block_lengths=lengths, local_blocks=text)
+
+    def _sparse_result(self, state, call: _Call, q_all, k_all, v_all):
         """The pattern over this rank's heads: one call (R == 1) or the ring with each hop's part
         of the pattern (a hop the pattern leaves empty makes no kernel call)."""
         u_deg, r_deg, rows = state.ulysses_degree, state.ring_degree, call.rows
