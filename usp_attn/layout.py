@@ -21,7 +21,7 @@ attention layer call and of the attention part of one denoising step on the slow
               bandwidth from the attention kernel): 0 = perfect overlap, 1 = none
     call      ulysses + ring
     step      layers * passes * call + cfg gather, passes = 2 with guidance and cfg = 1, else 1;
-              cfg gather (cfg > 1) = latency + prediction bytes / P2P bandwidth, once per step
+              cfg gather (cfg > 1) = latency + (cfg-1) prediction bytes / P2P bandwidth, once per step
 
 Only attention and its communication are modelled: the rest of a transformer (projections, MLPs)
 does 1/N of the work per rank in every layout, so it shifts every candidate alike and never changes
