@@ -315,3 +315,32 @@ def new_prompt_relearns() -> dict:
     with torch.no_grad():
         want = _generate(reference, options, swapped)
     return dict(error=(got - want).abs().max().item(), scale=want.abs().max().item())
+
+
+def agreement_over_the_unit() -> list:
+    """Ranks 0 and 2 lead the two SP groups and ask for different backends: rank 0's request is the one every
+    rank of both CFG groups follows (one agreement over the CFG unit, not one per SP group)."""
+    import usp_attn
+
+    usp_attn.destroy_sequence_parallel()
+    request = "torch_sdpa" if dist.get_rank() == 0 else "fa"
+    state = usp_attn.init_sequence_parallel(2, 1, cfg_degree=2, attention_backend=request)
+    return [str(state.agreement.requested), str(state.backend), state.agreement.world_size]
+
+
+def guard_per_sp_group() -> dict:
+    """The argument check runs inside each SP group: a wrong head count on rank 3 fails CFG group 1 (ranks 2, 3)
+    with the guard's error naming the ranks, while CFG group 0 (ranks 0, 1) runs its layer normally."""
+    import usp_attn
+
+    state = ensure_layout(2, 2, 1, validate=True)
+    x = usp_attn.shard_sequence(torch.randn(1, 20, 4, 8))
+    q = torch.randn(1, x.shape[1], 3, 8) if dist.get_rank() == 3 else x
+    try:
+        out = usp_attn.USPAttention(4, 8)(q, x, x)
+    except ValueError as exc:
+        result = dict(cfg_rank=state.cfg_rank, error=str(exc))
+    else:
+        result = dict(cfg_rank=state.cfg_rank, error=None, shape=tuple(out.shape))
+    usp_attn.destroy_sequence_parallel()
+    return result

@@ -25,7 +25,8 @@ def _cases(layouts, with_errors: bool) -> list:
         if HAVE_DIFFUSERS:
             cases += [functools.partial(cfg_cases.pipeline, family, cfg, u, r) for family in cfg_cases.PIPELINES]
     if with_errors:
-        cases += [cfg_cases.mesh_with_cfg_dim, cfg_cases.split_errors, *BAD_DEGREES]
+        cases += [cfg_cases.mesh_with_cfg_dim, cfg_cases.split_errors, cfg_cases.agreement_over_the_unit,
+                  cfg_cases.guard_per_sp_group, *BAD_DEGREES]
         if HAVE_DIFFUSERS:
             cases += [cfg_cases.two_call_needs_cfg_degree_2, cfg_cases.batch_not_divisible,
                       cfg_cases.guidance_off_is_refused, cfg_cases.new_prompt_relearns]
@@ -107,6 +108,24 @@ def test_mesh_with_cfg_dim(world4):
         assert res["cfg_ranks"] == (rank % 2, rank % 2 + 2)
         assert res["mesh_dims"] == ("ring", "ulysses") and res["mesh_ranks"] == list(res["sp_ranks"])
         assert "cfg_degree=4 contradicts the mesh, whose 'cfg' dim has size 2" in res["contradiction"]
+
+
+@pytest.mark.xdist_group("cfg_world4")
+def test_one_backend_agreement_for_both_cfg_groups(world4):
+    assert world4.check(cfg_cases.agreement_over_the_unit) == [["torch_sdpa", "torch_sdpa", 4]] * 4
+
+
+@pytest.mark.xdist_group("cfg_world4")
+def test_argument_check_stays_inside_each_sp_group(world4):
+    results = world4.check(cfg_cases.guard_per_sp_group)
+    for rank, res in enumerate(results):
+        assert res["cfg_rank"] == rank // 2
+        if rank < 2:  # the other CFG group: untouched by the mismatch
+            assert res["error"] is None and res["shape"] == (1, 10, 4, 8), res
+        else:
+            # The guard names SP ranks: global rank 3 is SP rank 1 of CFG group 1 (state.sp_ranks maps them).
+            assert res["error"] is not None and "rank 1: q has shape [1, 10, 3, 8]" in res["error"], res
+    assert results[2]["error"] == results[3]["error"]
 
 
 @pytest.mark.xdist_group("cfg_world4")

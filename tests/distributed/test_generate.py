@@ -167,6 +167,8 @@ def test_bad_argument_usage_printed_once_under_torchrun():
         (["--output", "/tmp"], "unknown extension ''"),
         (["--prompt", "a red blue circle"], "--prompt 'a red blue circle' names more than one colour: red, blue"),
         (["--guidance-scale", "0.5"], "--guidance-scale must be >= 1"),
+        (["--cfg-parallel", "--guidance-scale", "1"], "--cfg-parallel needs classifier-free guidance, but "
+                                                      "--guidance-scale is 1"),
         (["--model-path", "/no/such/model", "--verify"], "--verify needs the built-in model"),
         (["--model-path", "./not/a hub id"], "neither a directory nor a hub id"),
         (["--sparse-tile", "1,2,2"], "--sparse-tile and --sparse-window go together"),
@@ -205,6 +207,34 @@ def test_sequence_parallel_degrees_checked_against_world(monkeypatch, capsys):
     assert generate.main(["--ulysses-degree", "2", "--ring-degree", "2"]) == 2
     err = capsys.readouterr().err
     assert "error (rank 3)" in err and "= 4 must equal the number of ranks, 8" in err, err
+
+
+@pytest.mark.parametrize("world, degrees, product", [
+    ("4", ["--ulysses-degree", "4"], "--cfg-parallel (2) x --ulysses-degree 4 x --ring-degree 1 = 8"),
+    ("3", [], "--cfg-parallel (2) x --ulysses-degree 1 x --ring-degree 1 = 2"),
+])
+def test_cfg_parallel_degrees_checked_against_world(world, degrees, product, monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", world)
+    monkeypatch.setenv("RANK", "1")
+    assert generate.main(["--cfg-parallel", *degrees]) == 2
+    err = capsys.readouterr().err
+    assert "error (rank 1)" in err and f"{product} must equal the number of ranks, {world}" in err, err
+
+
+# CFG 2 x ring 2 (both at once) in the fast lane; CFG 2 x Ulysses 2 in the full lane
+@pytest.mark.parametrize("u,r", [(1, 2), pytest.param(2, 1, marks=pytest.mark.slow)], ids=["U1xR2", "U2xR1"])
+def test_cfg_parallel_verifies(u, r, tmp_path, single_process):
+    """--cfg-parallel: two groups of U x R ranks, one per CFG branch; the same latents as one process."""
+    out = tmp_path / "video.npz"
+    proc = torchrun(4, *TINY, "--cfg-parallel", "--ulysses-degree", str(u), "--ring-degree", str(r),
+                    "--output", str(out), "--verify")
+    check_success(proc)
+    assert f"CFG 2 x Ulysses {u} x ring {r}" in proc.stdout and re.search(r"\| world size\s+\| 4 ", proc.stdout)
+    assert "agreed by 4 rank(s)" in proc.stdout  # one backend for both CFG groups
+    data = load_npz(out)
+    assert int(data["cfg_degree"]) == 2
+    got, want = data["latents"].astype(np.float64), single_process["latents"].astype(np.float64)
+    assert np.linalg.norm(got - want) / np.linalg.norm(want) <= FP32_TOL
 
 
 # ---- --verify has teeth -----------------------------------------------------------------------
