@@ -359,6 +359,23 @@ def test_model_path_runs_each_pipeline_family(family, tiny_pipelines, tmp_path):
     assert np.abs(got - want).max() <= 1  # uint8 frames: equal up to rounding
 
 
+@pytest.mark.slow  # torchrun of 4 ranks loading a pipeline, plus one process
+@pytest.mark.skipif(bool(_missing_for_model_path()), reason="needs the diffusers, transformers and accelerate packages")
+@pytest.mark.parametrize("family", ["wan", "cogvideox"])  # one call per branch / the branches batched
+def test_model_path_cfg_parallel(family, tiny_pipelines, tmp_path):
+    model = tiny_pipelines / family
+    parallel = torchrun(4, "--model-path", str(model), "--cfg-parallel", "--ulysses-degree", "2", *PIPELINE_ARGS,
+                        "--num-inference-steps", "3", "--output", str(tmp_path / "par.npz"))
+    single = python("--model-path", str(model), *PIPELINE_ARGS, "--num-inference-steps", "3",
+                    "--output", str(tmp_path / "one.npz"))
+    for proc in (parallel, single):
+        assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    assert "CFG 2 x Ulysses 2 x ring 1" in parallel.stdout
+    got, want = (load_npz(tmp_path / n)["video"].astype(int) for n in ("par.npz", "one.npz"))
+    assert got.shape == want.shape and want.std() > 5
+    assert np.abs(got - want).max() <= 1  # uint8 frames: equal up to rounding
+
+
 def test_model_path_refuses_a_directory_without_a_supported_transformer(tmp_path, capsys):
     if _missing_for_model_path():
         pytest.skip("needs the diffusers, transformers and accelerate packages")
