@@ -55,6 +55,17 @@ def _tokens(grid, tile, order):
         def full(c):
             return all((c[d] // tile[d] + 1) * tile[d] <= grid[d] for d in range(3))
         coords.sort(key=lambda c: (not full(c), c[0] // tile[0], c[1] // tile[1], c[2] // tile[2], c))
+        volume, n_full = math.prod(tile), sum(map(full, coords))
+        chunks = (len(coords) - n_full) // 128
+        if volume % 128 == 0 and chunks and n_full:  # 128-token chunks of edge tokens between the full tiles
+            tiles = [coords[i : i + volume] for i in range(0, n_full, volume)]
+            edge = coords[n_full:]
+            out = []
+            for t in range(len(tiles) + 1):  # chunk j goes after floor((j + 1) F / (C + 1)) full tiles
+                out += [c for j in range(chunks) if (j + 1) * len(tiles) // (chunks + 1) == t
+                        for c in edge[j * 128 : (j + 1) * 128]]
+                out += tiles[t] if t < len(tiles) else []
+            coords = out + edge[chunks * 128 :]
     return coords
 
 
@@ -311,7 +322,8 @@ def test_block_masks_at_full_video_scale_is_cheap():
 # ----------------------------------------------------------------------------- token order
 
 
-@pytest.mark.parametrize("grid,tile", [(GRID, TILE), ((4, 4, 4), (2, 2, 2)), ((3, 7, 5), (1, 7, 5))])
+@pytest.mark.parametrize("grid,tile", [(GRID, TILE), ((4, 4, 4), (2, 2, 2)), ((3, 7, 5), (1, 7, 5)),
+                                       ((5, 9, 16), (2, 4, 16)), ((9, 9, 17), (2, 4, 16))])
 def test_tile_major_permutation(grid, tile):
     n = math.prod(grid)
     perm = tile_major_permutation(VideoGrid(*grid), tile)
@@ -323,13 +335,20 @@ def test_tile_major_permutation(grid, tile):
     # The permuted order is the definition's tile-major order ...
     rm = _tokens(grid, tile, "row_major")
     assert [rm[i] for i in perm.tolist()] == _tokens(grid, tile, "tile_major")
-    # ... so every tile is one contiguous run, and full tiles hold tf*th*tw tokens.
+    # ... so every full tile is one contiguous run of tf*th*tw tokens on whole blocks (tiles of 128k tokens:
+    # 128-token blocks; otherwise at multiples of the volume, all before the edge tiles, each also one run).
     tids = [tuple(c[d] // tile[d] for d in range(3)) for c in _tokens(grid, tile, "tile_major")]
     runs = [(t, len(list(g))) for t, g in itertools.groupby(tids)]
-    assert len(runs) == len(set(tids)) == math.prod(math.ceil(s / t) for s, t in zip(grid, tile))
-    for t, length in runs:
+    volume = math.prod(tile)
+    if volume % 128:
+        assert len(runs) == len(set(tids)) == math.prod(math.ceil(s / t) for s, t in zip(grid, tile))
+    starts = [0] + list(itertools.accumulate(length for _, length in runs))
+    full_runs = 0
+    for (t, length), start in zip(runs, starts):
         if all((t[d] + 1) * tile[d] <= grid[d] for d in range(3)):
-            assert length == math.prod(tile)
+            full_runs += 1
+            assert length == volume and start % (128 if volume % 128 == 0 else volume) == 0, (t, start)
+    assert full_runs == math.prod(s // t for s, t in zip(grid, tile))
     perm[0] = -1  # the cached permutation must not be shared with callers
     assert tile_major_permutation(grid, tile)[0] != -1
 

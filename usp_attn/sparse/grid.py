@@ -102,6 +102,10 @@ def as_grid(owner: str, grid: Any) -> VideoGrid:
     return VideoGrid(f, h, w)
 
 
+#: Tokens per block of the block-sparse kernel (FlashAttention 4's 128 x 128 tiles on SM90/SM100).
+KERNEL_BLOCK = 128
+
+
 @functools.lru_cache(maxsize=16)
 def _cached_permutation(grid: VideoGrid, tile: tuple[int, int, int]) -> torch.Tensor:
     # Cached on CPU because patterns map positions through it on every mask call; the
@@ -110,13 +114,28 @@ def _cached_permutation(grid: VideoGrid, tile: tuple[int, int, int]) -> torch.Te
     c = grid.coords(rm)
     n = [-(-s // t) for s, t in zip(grid.shape, tile)]
     tile_id = ((c[:, 0] // tile[0]) * n[1] + c[:, 1] // tile[1]) * n[2] + c[:, 2] // tile[2]
-    # Partial edge tiles go after every full tile, so the full tiles start at multiples of the
-    # tile volume: with tiles of a multiple of 128 tokens they cover whole kernel blocks.
     volume = tile[0] * tile[1] * tile[2]
     partial = torch.bincount(tile_id, minlength=n[0] * n[1] * n[2])[tile_id] < volume
     # Inside one tile, row-major order of (f, y, x) equals the order of the global row-major
-    # index, so a stable sort by (partial, tile id) yields exactly "tiles in order, row-major inside".
-    return torch.sort(partial.to(torch.int64) * (n[0] * n[1] * n[2]) + tile_id, stable=True).indices
+    # index, so a stable sort by (partial, tile id) yields "tiles in order, row-major inside",
+    # the full tiles first: each starts at a multiple of the tile volume.
+    order = torch.sort(partial.to(torch.int64) * (n[0] * n[1] * n[2]) + tile_id, stable=True).indices
+    full_tokens = int((~partial).sum())
+    edge = order[full_tokens:]
+    chunks = edge.numel() // KERNEL_BLOCK
+    if volume % KERNEL_BLOCK or chunks == 0 or full_tokens == 0:
+        return order
+    # Tiles of whole kernel blocks: the edge tokens go in whole-block chunks spread evenly between
+    # the full tiles (the remainder last). Every full tile still fills whole blocks, and any run of
+    # blocks (a ring rank's segment) holds its share of the edge tiles, whose blocks are only
+    # partly kept and cost more; with them all at the end, the last ring rank did most of that work.
+    full = order[:full_tokens].view(-1, volume)
+    count = full.shape[0]
+    slot = (torch.arange(1, chunks + 1) * count) // (chunks + 1)  # full tiles before chunk j
+    keys = torch.cat([2 * torch.arange(count), 2 * slot - 1])
+    runs = [full[t] for t in range(count)] + [edge[j * KERNEL_BLOCK : (j + 1) * KERNEL_BLOCK] for j in range(chunks)]
+    placed = torch.sort(keys, stable=True).indices.tolist()
+    return torch.cat([runs[i] for i in placed] + [edge[chunks * KERNEL_BLOCK :]])
 
 
 @functools.lru_cache(maxsize=16)
@@ -137,10 +156,14 @@ def tile_major_permutation(grid: VideoGrid | tuple[int, int, int], tile: tuple[i
 
     The full tiles come first, in row-major order of their tile coordinates
     ``(f // tf, y // th, x // tw)``, then the smaller edge tiles of a grid that is not a multiple
-    of ``tile``, in the same order; the tokens inside a tile in row-major order. Every tile stays
-    contiguous, and every full tile starts at a multiple of the tile volume, so tiles of a
-    multiple of 128 tokens fill whole 128-token kernel blocks (the block-sparse kernel then runs
-    them without a mask; only blocks of the edge tiles are partly kept).
+    of ``tile``, in the same order; the tokens inside a tile in row-major order. Every full tile
+    is contiguous and starts at a multiple of the tile volume, so tiles of a multiple of 128
+    tokens fill whole 128-token kernel blocks (the block-sparse kernel then runs them without a
+    mask; only blocks of the edge tiles are partly kept). When the tile volume is a multiple of
+    128, the edge tokens (in that order) are cut into 128-token chunks spread evenly between the
+    full tiles (chunk ``j`` of ``C`` after ``floor((j + 1) * F / (C + 1))`` of the ``F`` full
+    tiles; the last ``< 128`` edge tokens at the end), so every part of the sequence, such as a
+    ring rank's segment, holds its share of the costlier edge blocks.
 
     Args:
         grid: :class:`VideoGrid` (or ``(frames, height, width)``).
