@@ -698,7 +698,7 @@ def broadcast_layout(choice: LayoutChoice | None, group: dist.ProcessGroup | Non
 def choose_layout(world: int | None = None, *, heads: int, tokens: int, head_size: int, kv_heads: int | None = None,
                   guidance: bool = False, layers: int = 1, batch: int = 1, cfg_degrees: Sequence[int] | None = None,
                   terms: CostTerms | None = None, measure: bool | None = None, group: dist.ProcessGroup | None = None,
-                  dtype: torch.dtype = torch.bfloat16) -> LayoutChoice:
+                  dtype: torch.dtype = torch.bfloat16, budget_ms: float = 200.0) -> LayoutChoice:
     """Pick ``(cfg, U, R)`` for ``world`` ranks; with a process group, every rank gets group rank 0's pick.
 
     Args:
@@ -711,6 +711,7 @@ def choose_layout(world: int | None = None, *, heads: int, tokens: int, head_siz
         group: the process group that must agree (default: the world when ``torch.distributed`` is
             initialised, else none); one broadcast from its rank 0.
         dtype: the kernel's dtype when measuring.
+        budget_ms: about this many milliseconds of timed calls per kernel point when measuring.
 
     Call it before ``init_sequence_parallel`` (whose degrees it decides): rank 0 then times the kernel
     that the automatic choice measures as fastest; once a sequence-parallel group is set up, a plain
@@ -734,7 +735,7 @@ def choose_layout(world: int | None = None, *, heads: int, tokens: int, head_siz
     if first:
         if terms is None:
             terms = (measure_terms(lengths_for(world, workload), heads=heads, head_size=head_size, dtype=dtype,
-                                   group=group if links is not None else None, links=links)
+                                   group=group if links is not None else None, links=links, budget_ms=budget_ms)
                      if measure else assumed_terms())
         costs = predict_layouts(world, workload, terms, cfg_degrees)
         best = pick_layout(costs)

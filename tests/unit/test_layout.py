@@ -235,7 +235,7 @@ def _links_on_gloo() -> tuple:
 
 def _measured_pick_on_gloo() -> tuple:
     """measure=True in a gloo group: rank 0 times the kernel (links stay assumed on gloo), all get its pick."""
-    choice = L.choose_layout(4, heads=2, tokens=64, head_size=16, measure=True, dtype=torch.float32)
+    choice = L.choose_layout(4, heads=2, tokens=64, head_size=16, measure=True, dtype=torch.float32, budget_ms=5.0)
     measured = choice.terms.measured() if choice.terms is not None else None
     return choice.layout, measured
 
