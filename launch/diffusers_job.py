@@ -93,7 +93,19 @@ def check_model_path(args) -> list[str]:
             if cls not in supported_models() and not getattr(model_class, "_cp_plan", None):
                 problems.append(f"--model-path {path!r}: its transformer {cls} has no sequence-parallel plan; "
                                 f"supported: {', '.join(supported_models())}")
+            if getattr(args, "cfg_parallel", False) and not _has_cfg_plan(model_class, cls):
+                from usp_attn.integrations.diffusers.cfg import CFG_PLANS
+
+                problems.append(f"--cfg-parallel: the transformer {cls} has no CFG plan (how its pipelines run the "
+                                f"guidance branches); known: {', '.join(sorted(CFG_PLANS))}")
     return problems
+
+
+def _has_cfg_plan(model_class, name: str) -> bool:
+    from usp_attn.integrations.diffusers.cfg import CFG_PLANS
+
+    names = [c.__name__ for c in model_class.__mro__] if isinstance(model_class, type) else [name]
+    return any(n in CFG_PLANS for n in names)
 
 
 def _quiet_other_ranks(rank: int) -> None:

@@ -5,10 +5,11 @@ with the same run in this process without any parallelism (no state: plain atten
 
 * the built-in model (launch/tiny_dit.py, random weights: 6 heads, 70 tokens) through launch's ``denoise``, which
   batches ``[negative, text]``; under CFG the batch is split (launch/builtin_job.py ``cfg_parallel``);
-* the real diffusers pipelines (0.42) of two families that call the transformer once per branch (Wan, Qwen-Image)
-  and two that batch the branches (CogVideoX, LTX-Video), with tiny random transformers
-  (tests/distributed/diffusers_models.py), precomputed prompt embeddings (no text encoder) and latent output (no
-  VAE). The two branches' text differs (Qwen-Image: 7 vs 5 text tokens; LTX-Video: a padded negative prompt).
+* the real diffusers pipelines (0.42) of every supported family: four that call the transformer once per branch
+  (Wan, Qwen-Image, and Flux and HunyuanVideo with true CFG) and two that batch the branches (CogVideoX, LTX-Video),
+  with tiny random transformers (tests/distributed/diffusers_models.py), precomputed prompt embeddings (no text
+  encoder) and latent output (no VAE). The two branches' text differs (Qwen-Image: 7 vs 5 text tokens; LTX-Video
+  and HunyuanVideo: a padded negative prompt).
 
 Tolerance (fp32): both runs do the same fp32 math except attention's summation order (Ulysses regroups heads, the
 ring merges partial softmaxes in fp32) and batch-size-dependent kernel blocking; the CFG split and gather copy
@@ -32,11 +33,13 @@ if str(LAUNCH) not in sys.path:
 
 RTOL_OF_MAX = 1e-4
 STEPS = 3
-# (cfg, U, R) of 4 ranks with cfg in {1, 2}
-LAYOUTS_4 = [(1, 4, 1), (1, 2, 2), (1, 1, 4), (2, 2, 1), (2, 1, 2)]
+# (cfg, U, R) of 4 ranks with cfg in {1, 2}: those with CFG and U2xR2 in the fast lane, the pure U4 and R4 (sequence
+# parallelism alone, tested at the model level in test_diffusers.py) in the full lane
+LAYOUTS_4 = [(2, 2, 1), (2, 1, 2), (1, 2, 2)]
+LAYOUTS_4_SLOW = [(1, 4, 1), (1, 1, 4)]
 LAYOUTS_8 = [(2, 4, 1), (2, 2, 2), (2, 1, 4)]
-PIPELINES = ("wan", "qwen", "cogvideox", "ltx")
-TWO_CALLS = ("wan", "qwen")
+PIPELINES = ("wan", "qwen", "flux", "hunyuan_video", "cogvideox", "ltx")
+TWO_CALLS = ("wan", "qwen", "flux", "hunyuan_video")
 
 
 def ensure_layout(cfg: int, ulysses: int, ring: int, **kwargs):
@@ -172,11 +175,19 @@ def _embeddings(family: str):
     if family == "qwen":  # the negative prompt has fewer tokens: the two CFG groups attend over different lengths
         return dict(prompt_embeds=text(7), prompt_embeds_mask=torch.ones(1, 7, dtype=torch.long),
                     negative_prompt_embeds=text(5), negative_prompt_embeds_mask=torch.ones(1, 5, dtype=torch.long))
+    negative_mask = torch.ones(1, 7, dtype=torch.long)
+    negative_mask[:, 4:] = 0  # a padded negative prompt
+    pooled = lambda: torch.randn(1, models.POOLED, generator=gen)  # noqa: E731
     if family == "ltx":
-        negative_mask = torch.ones(1, 7, dtype=torch.long)
-        negative_mask[:, 4:] = 0  # a padded negative prompt
         return dict(prompt_embeds=text(7), prompt_attention_mask=torch.ones(1, 7, dtype=torch.long),
                     negative_prompt_embeds=text(7), negative_prompt_attention_mask=negative_mask)
+    if family == "hunyuan_video":
+        return dict(prompt_embeds=text(7), pooled_prompt_embeds=pooled(),
+                    prompt_attention_mask=torch.ones(1, 7, dtype=torch.long), negative_prompt_embeds=text(7),
+                    negative_pooled_prompt_embeds=pooled(), negative_prompt_attention_mask=negative_mask)
+    if family == "flux":
+        return dict(prompt_embeds=text(7), pooled_prompt_embeds=pooled(), negative_prompt_embeds=text(7),
+                    negative_pooled_prompt_embeds=pooled())
     return dict(prompt_embeds=text(7), negative_prompt_embeds=text(7))
 
 
@@ -202,6 +213,16 @@ def _pipeline(family: str, heads: int):
         return diffusers.QwenImagePipeline(scheduler=diffusers.FlowMatchEulerDiscreteScheduler(), vae=None,
                                            text_encoder=None, tokenizer=None, transformer=transformer), \
             dict(height=64, width=80, true_cfg_scale=4.0)  # 4 x 5 = 20 tokens
+    if family == "flux":
+        return diffusers.FluxPipeline(scheduler=diffusers.FlowMatchEulerDiscreteScheduler(), vae=None,
+                                      text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None,
+                                      transformer=transformer), \
+            dict(height=64, width=80, true_cfg_scale=4.0)  # 4 x 5 = 20 tokens
+    if family == "hunyuan_video":
+        return diffusers.HunyuanVideoPipeline(text_encoder=None, tokenizer=None, text_encoder_2=None,
+                                              tokenizer_2=None, transformer=transformer, vae=None,
+                                              scheduler=diffusers.FlowMatchEulerDiscreteScheduler()), \
+            dict(height=48, width=80, num_frames=5, true_cfg_scale=4.0)  # 2 x 3 x 5 = 30 tokens
     if family == "cogvideox":
         return diffusers.CogVideoXPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=transformer,
                                            scheduler=diffusers.CogVideoXDDIMScheduler()), \

@@ -1,7 +1,7 @@
-"""CFG parallelism in real gloo groups: every (cfg, U, R) of 4 ranks with cfg in {1, 2} (and of 8 ranks, slow), the
-built-in model and four real diffusers pipelines (two-call: Wan, Qwen-Image; batched: CogVideoX, LTX-Video) equal
-the one-process run; the state's CFG layout; bad degrees fail alike on every rank. Cases and tolerances:
-cfg_cases.py."""
+"""CFG parallelism in real gloo groups: every (cfg, U, R) of 4 ranks with cfg in {1, 2} (U4 and R4 alone, and the
+layouts of 8 ranks, in the full lane); the built-in model and the real diffusers pipelines of every supported family
+(two-call: Wan, Qwen-Image, Flux and HunyuanVideo with true CFG; batched: CogVideoX, LTX-Video) equal the one-process
+run; the state's CFG layout; bad degrees fail alike on every rank. Cases and tolerances: cfg_cases.py."""
 
 from __future__ import annotations
 
@@ -47,6 +47,11 @@ def world4():
 
 
 @pytest.fixture(scope="module")
+def world4_slow():
+    return run_cases(4, _cases(cfg_cases.LAYOUTS_4_SLOW, with_errors=False), setup=reset_usp_attn_state, timeout=280)
+
+
+@pytest.fixture(scope="module")
 def world8():
     return run_cases(8, _cases(cfg_cases.LAYOUTS_8, with_errors=False), setup=reset_usp_attn_state, timeout=280)
 
@@ -74,6 +79,16 @@ def _check_layout(run, cfg, u, r):
 @pytest.mark.parametrize("layout", cfg_cases.LAYOUTS_4, ids=_layout_id)
 def test_builtin_model_matches_one_process(world4, layout):
     _check_layout(world4, *layout)
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("cfg_world4_slow")
+@pytest.mark.parametrize("layout", cfg_cases.LAYOUTS_4_SLOW, ids=_layout_id)
+def test_sequence_parallel_only_layouts(world4_slow, layout):
+    _check_layout(world4_slow, *layout)
+    if HAVE_DIFFUSERS:
+        for family in cfg_cases.PIPELINES:
+            _check_pipeline(world4_slow, family, *layout)
 
 
 def _check_pipeline(run, family, cfg, u, r):

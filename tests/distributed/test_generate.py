@@ -387,6 +387,17 @@ def test_model_path_refuses_a_directory_without_a_supported_transformer(tmp_path
     assert "neither a directory nor a hub id" in capsys.readouterr().err
 
 
+def test_cfg_parallel_refuses_a_transformer_without_a_cfg_plan(tmp_path, capsys, monkeypatch):
+    if _missing_for_model_path():
+        pytest.skip("needs the diffusers, transformers and accelerate packages")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    (tmp_path / "model_index.json").write_text('{"_class_name": "WanPipeline", "transformer": ["diffusers", '
+                                               '"SD3Transformer2DModel"]}')
+    assert generate.main(["--model-path", str(tmp_path), "--cfg-parallel", *PIPELINE_ARGS]) == 2
+    err = capsys.readouterr().err
+    assert "--cfg-parallel: the transformer SD3Transformer2DModel has no CFG plan" in err, err
+
+
 @pytest.mark.parametrize("ext", [".gif", ".mp4"])
 def test_video_output_written_or_missing_package_named(ext, tmp_path, capsys):
     out = tmp_path / f"video{ext}"

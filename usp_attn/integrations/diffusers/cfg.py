@@ -145,7 +145,10 @@ class CFGRun:
     def __init__(self, model: nn.Module, plan: CFGPlan, state: SequenceParallelState | None) -> None:
         self.model, self.plan, self._state = model, plan, state
         self.model_name = type(model).__name__
-        self.original = type(model).forward.__get__(model)
+        # Another wrapper may already sit on the instance (accelerate's offload hooks, diffusers' hook registry):
+        # call through it, and put it back on disable.
+        self._saved = model.__dict__.get("forward")
+        self.original = model.forward
         params = inspect.signature(type(model).forward).parameters
         self._positional = [n for n, p in list(params.items())[1:]
                             if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
@@ -168,7 +171,10 @@ class CFGRun:
         self.model.forward = self.forward
 
     def disable(self) -> None:
-        self.model.__dict__.pop("forward", None)
+        if self._saved is not None:
+            self.model.forward = self._saved
+        else:
+            self.model.__dict__.pop("forward", None)
         self.reset()
 
     def _arguments(self, args, kwargs) -> dict:
@@ -192,8 +198,10 @@ class CFGRun:
 
     # ---- one call on the branches batched ------------------------------------------------------------------
     def _batched(self, state, arguments: dict):
-        batched = {k: v for k, v in arguments.items() if k in self.plan.arguments and isinstance(v, torch.Tensor)}
-        sizes = {k: v.shape[0] if v.dim() else None for k, v in batched.items()}
+        # A 0-d tensor (a scalar timestep) is the same for every row: it stays whole.
+        batched = {k: v for k, v in arguments.items()
+                   if k in self.plan.arguments and isinstance(v, torch.Tensor) and v.dim()}
+        sizes = {k: v.shape[0] for k, v in batched.items()}
         batch = sizes.get("hidden_states", next(iter(sizes.values()), None))
         wrong = {k: s for k, s in sizes.items() if s != batch}
         if batch is None or wrong:
