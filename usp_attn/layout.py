@@ -482,11 +482,13 @@ def pick_layout(costs: Sequence[LayoutCost], tolerance: float = TIE_TOLERANCE) -
 
 
 # ---- measuring the terms -----------------------------------------------------------------------
-def _time_ms(call, device: torch.device, *, budget_ms: float = 200.0, max_reps: int = 20, stat=statistics.median
-             ) -> float:
+def _time_ms(call, device: torch.device, *, budget_ms: float = 200.0, max_reps: int = 20, stat=statistics.median,
+             reps: int | None = None) -> float:
     """Milliseconds per call (``stat`` of the timed rounds: the median, or ``min`` for a floor) after one
     warm-up call; on CUDA the calls are queued back to back between two events, so the host's launch
-    cost hides behind the GPU as in a model."""
+    cost hides behind the GPU as in a model. ``reps``: calls per round, fixed; ``None`` plans them from
+    one timed call and ``budget_ms``. A collective must pass ``reps``: planned counts differ between
+    ranks, and ranks making different numbers of collective calls hang."""
     cuda = device.type == "cuda"
     call()
     if cuda:
@@ -496,7 +498,8 @@ def _time_ms(call, device: torch.device, *, budget_ms: float = 200.0, max_reps: 
     if cuda:
         torch.cuda.synchronize(device)
     first = (time.perf_counter() - t0) * 1e3
-    reps = max(3, min(max_reps, int(budget_ms / max(first, 1e-3))))
+    if reps is None:
+        reps = max(3, min(max_reps, int(budget_ms / max(first, 1e-3))))
     if cuda:
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         rounds = []
@@ -597,9 +600,10 @@ def measure_links(group: dist.ProcessGroup | None = None, *, mib: int = 64, devi
         return float(t.item())
 
     dist.barrier(group=group)
-    latency = slowest(_time_ms(lambda: dist.all_to_all_single(tiny_r, tiny_s, group=group), device, max_reps=50))
-    a2a = slowest(_time_ms(lambda: dist.all_to_all_single(recv, send, group=group), device, max_reps=10))
-    p2p = slowest(_time_ms(ring_step, device, max_reps=10))
+    # fixed call counts: every rank must make the same number of collective calls
+    latency = slowest(_time_ms(lambda: dist.all_to_all_single(tiny_r, tiny_s, group=group), device, reps=20))
+    a2a = slowest(_time_ms(lambda: dist.all_to_all_single(recv, send, group=group), device, reps=5))
+    p2p = slowest(_time_ms(ring_step, device, reps=5))
     sent = 2 * n
     return Link(alltoall_gbps=sent * (world - 1) / world / (max(a2a - latency, 1e-6) * 1e6),
                 p2p_gbps=sent / (max(p2p - latency, 1e-6) * 1e6), latency_ms=latency)
@@ -677,21 +681,30 @@ class LayoutChoice:
         return self.cfg, self.ulysses, self.ring
 
 
-def broadcast_layout(choice: LayoutChoice | None, group: dist.ProcessGroup | None = None,
+def broadcast_layout(choice: LayoutChoice | BaseException | None, group: dist.ProcessGroup | None = None,
                      device: torch.device | None = None) -> LayoutChoice:
     """Group rank 0's ``choice`` on every rank of ``group`` (one broadcast of five numbers; other ranks
-    pass ``None``). ``device``: the tensor's device (default: the current CUDA device under NCCL, else CPU)."""
+    pass ``None``). Rank 0 passes the exception instead when it could not choose: every rank then raises
+    (``RuntimeError`` naming it; rank 0 its own exception) rather than waiting for a pick that never comes.
+    ``device``: the tensor's device (default: the current CUDA device under NCCL, else CPU)."""
     if device is None:
         device = (torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl"
                   else torch.device("cpu"))
     src = dist.get_global_rank(group, 0) if group is not None else 0
     first = dist.get_rank(group) == 0
-    values = [choice.cfg, choice.ulysses, choice.ring, choice.step_ms, choice.call_ms] if first else [0.0] * 5
+    if first and isinstance(choice, LayoutChoice):
+        values = [choice.cfg, choice.ulysses, choice.ring, choice.step_ms, choice.call_ms]
+    else:
+        values = [0.0] * 5  # cfg 0 from rank 0: it failed
     t = torch.tensor(values, dtype=torch.float64, device=device)
     dist.broadcast(t, src=src, group=group)
     if first:
+        if isinstance(choice, BaseException):
+            raise choice
         return choice
     cfg, u, r, step, call = t.tolist()
+    if cfg == 0:
+        raise RuntimeError("choose_layout failed on group rank 0 (its exception says why); no layout was chosen")
     return LayoutChoice(int(cfg), int(u), int(r), step, call)
 
 
@@ -724,6 +737,11 @@ def choose_layout(world: int | None = None, *, heads: int, tokens: int, head_siz
         world = dist.get_world_size(group) if group is not None else 1
     workload = Workload(heads=heads, tokens=tokens, head_size=head_size, kv_heads=kv_heads, guidance=guidance,
                         layers=layers, batch=batch, element_bytes=torch.tensor([], dtype=dtype).element_size())
+    valid, rejected = enumerate_layouts(world, workload, cfg_degrees)
+    if not valid:  # the same on every rank, before any collective
+        raise ValueError(f"no layout of {world} ranks can run this model: "
+                         + ("; ".join(f"cfg{c} x U{u} x R{r}: {why}" for (c, u, r), why in rejected)
+                            or f"no CFG degree in {tuple(cfg_degrees or ())} divides {world}"))
     first = group is None or dist.get_rank(group) == 0
     if measure is None:
         measure = terms is None and torch.cuda.is_available()
@@ -731,16 +749,24 @@ def choose_layout(world: int | None = None, *, heads: int, tokens: int, head_siz
     if terms is None and measure and group is not None and dist.get_world_size(group) > 1 \
             and dist.get_backend(group) == "nccl":
         links = measure_links(group)  # every rank takes part; the kernel below is rank 0's alone
+    alone = group is None or dist.get_world_size(group) == 1
     choice = None
     if first:
-        if terms is None:
-            terms = (measure_terms(lengths_for(world, workload), heads=heads, head_size=head_size, dtype=dtype,
-                                   group=group if links is not None else None, links=links, budget_ms=budget_ms)
-                     if measure else assumed_terms())
-        costs = predict_layouts(world, workload, terms, cfg_degrees)
-        best = pick_layout(costs)
-        choice = LayoutChoice(best.cfg, best.ulysses, best.ring, best.step_ms, best.call_ms, tuple(costs), terms)
-    if group is None or dist.get_world_size(group) == 1:
+        try:
+            if terms is None:
+                terms = (measure_terms(lengths_for(world, workload), heads=heads, head_size=head_size, dtype=dtype,
+                                       group=group if links is not None else None, links=links,
+                                       budget_ms=budget_ms)
+                         if measure else assumed_terms())
+            costs = predict_layouts(world, workload, terms, cfg_degrees)
+            best = pick_layout(costs)
+            choice = LayoutChoice(best.cfg, best.ulysses, best.ring, best.step_ms, best.call_ms, tuple(costs),
+                                  terms)
+        except Exception as exc:  # the peers wait in the broadcast: tell them, then raise here too
+            if alone:
+                raise
+            choice = exc
+    if alone:
         return choice
     return broadcast_layout(choice, group)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import time
 
 import pytest
 import torch
@@ -229,7 +230,15 @@ def _default_world_and_assumed_terms() -> tuple:
 
 
 def _links_on_gloo() -> tuple:
-    link = L.measure_links(mib=1)
+    """Rank 1's clock says every call takes a second: ranks that planned their call counts from their own
+    timings would make different numbers of collective calls and hang; the probes' counts are fixed."""
+    if dist.get_rank() == 1:
+        ticks = iter(range(10**6))
+        L.time = type("SlowClock", (), {"perf_counter": staticmethod(lambda: float(next(ticks)))})
+    try:
+        link = L.measure_links(mib=1)
+    finally:
+        L.time = time
     return link.alltoall_gbps > 0, link.p2p_gbps > 0, link.latency_ms > 0
 
 
@@ -240,7 +249,24 @@ def _measured_pick_on_gloo() -> tuple:
     return choice.layout, measured
 
 
-CASES = [_pick_with_rank_terms, _default_world_and_assumed_terms, _links_on_gloo, _measured_pick_on_gloo]
+def _errors_on_every_rank() -> tuple:
+    """No layout at all (cfg 2 only, 3 ranks): every rank raises before any collective. Rank 0 alone has
+    terms that cannot be used (nodes without an inter-node link): every rank raises, none hangs."""
+    found = []
+    try:
+        L.choose_layout(3, heads=4, tokens=64, head_size=16, guidance=True, cfg_degrees=(2,), measure=False)
+    except ValueError as exc:
+        found.append(str(exc))
+    bad = dataclasses.replace(L.assumed_terms(), gpus_per_node=2) if dist.get_rank() == 0 else L.assumed_terms()
+    try:
+        L.choose_layout(4, heads=4, tokens=64, head_size=16, terms=bad)
+    except (ValueError, RuntimeError) as exc:
+        found.append(f"{type(exc).__name__}: {exc}")
+    return found
+
+
+CASES = [_pick_with_rank_terms, _default_world_and_assumed_terms, _links_on_gloo, _measured_pick_on_gloo,
+         _errors_on_every_rank]
 
 
 @pytest.fixture(scope="module")
@@ -266,6 +292,14 @@ def test_default_group_is_the_world(group_run):
 def test_measured_pick_reaches_every_rank(group_run):
     (pick0, measured0), (pick1, measured1) = group_run.check(_measured_pick_on_gloo)
     assert pick0 == pick1 and measured0 == ["kernel", "kernel_lse"] and measured1 is None
+
+
+@pytest.mark.xdist_group("layout_group")
+def test_failures_reach_every_rank(group_run):
+    rank0, rank1 = group_run.check(_errors_on_every_rank)
+    assert rank0[0] == rank1[0] == "no layout of 3 ranks can run this model: no CFG degree in (2,) divides 3"
+    assert rank0[1] == "ValueError: terms with gpus_per_node need an inter-node link"
+    assert rank1[1].startswith("RuntimeError: choose_layout failed on group rank 0")
 
 
 @pytest.mark.xdist_group("layout_group")
