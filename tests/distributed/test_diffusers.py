@@ -277,6 +277,48 @@ def single_rank_groups_are_exact() -> None:
     usp_attn.destroy_sequence_parallel()
 
 
+SPARSE_GRID = (5, 4, 6)  # Wan tokens (frames, h, w): 120, tiles (2, 2, 3) with a partial last frame tile
+SPARSE_WINDOWS = {"sparse": (1, 2, 1), "full_window": (3, 2, 2)}  # full_window covers the grid: exactly dense
+
+
+def sparse_wan(ulysses: int, ring: int, window: str) -> dict:
+    """Wan with a sliding-tile pattern on its self-attention: the run reorders the tokens to tile-major order at
+    the cut and back at the gather; compared with the unparallelised model whose self-attention is the fp64
+    masked reference of the pattern in the model's own (row-major) order, and with the dense model."""
+    import diffusers.models.transformers.transformer_wan as wan_module
+
+    from usp_attn.integrations.diffusers import enable_sequence_parallel, set_sparsity
+    from usp_attn.sparse import SlidingTileSparsity, VideoGrid, masked_reference
+
+    state = _layout(ulysses, ring)
+    pattern = SlidingTileSparsity(VideoGrid(*SPARSE_GRID), tile=(2, 2, 3), window=SPARSE_WINDOWS[window])
+    model = models.build("wan", HEADS[state.world_size])
+    inputs = models.inputs("wan", SPARSE_GRID, batch=2)
+    tokens = pattern.grid.num_tokens
+    real = wan_module.dispatch_attention_fn
+
+    def masked_self_attention(query, key, value, attn_mask=None, **kwargs):
+        if key.shape[1] != tokens:  # cross-attention to the text: dense, as usual
+            return real(query, key, value, attn_mask=attn_mask, **kwargs)
+        return masked_reference(query.double(), key.double(), value.double(), pattern).to(query.dtype)
+
+    with torch.no_grad():
+        dense = model(**inputs)[0]
+        wan_module.dispatch_attention_fn = masked_self_attention
+        try:
+            reference = model(**inputs)[0]
+        finally:
+            wan_module.dispatch_attention_fn = real
+        enable_sequence_parallel(model, sparsity=pattern)
+        out = model(**inputs)[0]
+        set_sparsity(model, None)  # the next call dense again (e.g. the first steps of a sampler)
+        dense_again = model(**inputs)[0]
+    align_after = state.shard_align
+    return {"error": (out - reference).abs().max().item(), "scale": reference.abs().max().item(),
+            "pattern_effect": (reference - dense).abs().max().item(),
+            "dense_error": (dense_again - dense).abs().max().item(), "align_after": align_after}
+
+
 def benchmark_dry_run() -> list[dict]:
     """benchmarks/diffusers_families.py at tiny shapes (its CPU dry run), Flux only."""
     import usp_attn
@@ -291,6 +333,7 @@ def _cases(world: int) -> list:
     cases += [functools.partial(run_scenario, u, r, name, True) for w, u, r in RECORDED_ZIGZAG if w == world
               for name in RECORDED_ZIGZAG_SCENARIOS]
     cases.append(functools.partial(bad_inputs_fail_on_every_rank, *LAYOUTS[world][-1]))
+    cases += [functools.partial(sparse_wan, u, r, w) for u, r in LAYOUTS[world] for w in SPARSE_WINDOWS]
     if world == 2:
         cases.append(functools.partial(local_only_attention_is_caught, *LAYOUTS[world][0]))
         cases.append(functools.partial(unroutable_processor_is_refused, *LAYOUTS[world][0]))
@@ -346,6 +389,21 @@ def _check_matches(results: list[dict], name: str) -> None:
         assert res["hooks_left"] == 0 and not res["enabled_after_disable"], rank
     for res in results[1:]:  # full output on every rank, identical across ranks
         assert torch.equal(res["out"], results[0]["out"])
+
+
+@requires_diffusers
+@pytest.mark.parametrize("world,u,r,window", [
+    pytest.param(w, u, r, win, id=f"W{w}-U{u}xR{r}-{win}", marks=[pytest.mark.slow] if w >= 4 else [])
+    for w, layouts in LAYOUTS.items() for u, r in layouts for win in SPARSE_WINDOWS])
+def test_sparse_pattern_per_model_reorders_once_and_matches_the_masked_model(world, u, r, window):
+    for rank, res in enumerate(_run(world).check(functools.partial(sparse_wan, u, r, window))):
+        assert res["error"] <= RTOL_OF_MAX * res["scale"], (rank, res)
+        assert res["dense_error"] <= RTOL_OF_MAX * res["scale"], (rank, res)
+        assert res["align_after"] == 1, res  # the call's block alignment does not outlive it
+        if window == "sparse":  # the pattern changes the output: following it is what is tested
+            assert res["pattern_effect"] > 20 * RTOL_OF_MAX * res["scale"], (rank, res)
+        else:
+            assert res["pattern_effect"] <= RTOL_OF_MAX * res["scale"], (rank, res)
 
 
 @requires_diffusers

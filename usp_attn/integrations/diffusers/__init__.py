@@ -64,6 +64,7 @@ __all__ = [
     "from_diffusers_cp_plan",
     "is_sequence_parallel_enabled",
     "register_plan",
+    "set_sparsity",
     "supported_models",
 ]
 
@@ -155,7 +156,8 @@ def _family_plan(model) -> FamilyPlan:
 
 # ---- API -----------------------------------------------------------------------------------
 def enable_sequence_parallel(transformer: nn.Module, state: SequenceParallelState | None = None,
-                             plan: FamilyPlan | None = None, cfg_plan: CFGPlan | None = None) -> nn.Module:
+                             plan: FamilyPlan | None = None, cfg_plan: CFGPlan | None = None, *,
+                             sparsity=None) -> nn.Module:
     """Run ``transformer`` with its token sequence split across the sequence-parallel ranks.
 
     Call it on every rank after :func:`usp_attn.init_sequence_parallel`, with the same model (same weights)
@@ -168,6 +170,9 @@ def enable_sequence_parallel(transformer: nn.Module, state: SequenceParallelStat
         plan: use this plan instead of the registered one / the model's own ``_cp_plan``.
         cfg_plan: with ``cfg_degree > 1``, how the model's pipelines run the CFG branches, instead of the
             registered :class:`CFGPlan` (see :mod:`.cfg`: each CFG group computes one branch, one gather per step).
+        sparsity: a sparse pattern for the model's self and joint attention (lossy, opt-in; None = dense), e.g.
+            ``usp_attn.SlidingTileSparsity(usp_attn.VideoGrid(frames, h, w), tile, window)`` on the latent patch
+            grid; change it between calls with :func:`set_sparsity` (e.g. dense for the first steps).
 
     Returns:
         ``transformer`` itself, modified in place (hooks; processors only where the plan provides them).
@@ -206,6 +211,7 @@ def enable_sequence_parallel(transformer: nn.Module, state: SequenceParallelStat
         enable_cfg_parallel(transformer, state, cfg_plan)  # first: an unknown model fails before any hook
     run = SequenceParallelRun(transformer, family, state)
     try:
+        run.set_sparsity(sparsity)
         run.enable()
     except BaseException:
         disable_cfg_parallel(transformer)
@@ -230,6 +236,22 @@ def disable_sequence_parallel(transformer: nn.Module) -> nn.Module:
         delattr(transformer, _ATTR)
     disable_cfg_parallel(transformer)
     return transformer
+
+
+def set_sparsity(transformer: nn.Module, pattern) -> None:
+    """Use ``pattern`` (a :mod:`usp_attn.sparse` pattern, or None for dense) in ``transformer``'s self and joint
+    attention from its next call on; every rank must set the same. The tokens are reordered to the pattern's
+    tile-major order where the plan cuts them and restored where it gathers them, once per model call.
+    Joint attention with a text mask (HunyuanVideo, Qwen-Image with padded prompts) refuses a pattern.
+
+    Raises:
+        RuntimeError: sequence parallelism is not enabled on ``transformer``. TypeError: not a pattern.
+    """
+    run = getattr(transformer, _ATTR, None)
+    if run is None:
+        raise RuntimeError(f"set_sparsity: sequence parallelism is not enabled on this {type(transformer).__name__}; "
+                           "call enable_sequence_parallel() first")
+    run.set_sparsity(pattern)
 
 
 def is_sequence_parallel_enabled(transformer: nn.Module) -> bool:

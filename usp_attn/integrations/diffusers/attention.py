@@ -73,6 +73,7 @@ class ActiveAttention:
     encoder_given: bool
     seq_len: int
     routed: int = 0
+    sparsity: object = None  # the call's sparse pattern for self and joint attention (None: dense)
 
 
 _current: contextvars.ContextVar[ActiveAttention | None] = contextvars.ContextVar("usp_attn_attention", default=None)
@@ -237,10 +238,12 @@ class AttentionRouter:
             cross_mask = _cross_mask(mask, lq)
             return lambda: layer(q, k, v, cross_mask, load_balance=False)
         keys = _key_padding(mask, batch, lk, where)
+        sparse = {} if active.sparsity is None else {"sparsity": active.sparsity}
         if kind == "self":
-            return lambda: layer(q, k, v, keys, seq_len=total, load_balance=False)
+            return lambda: layer(q, k, v, keys, seq_len=total, load_balance=False, **sparse)
         text, prefix = lq - shard, family.joint_text == "prefix"
         counts = {"num_replicated_prefix": text} if prefix else {"num_replicated_suffix": text}
+        counts.update(sparse)
         if keys is None or not family.text_only_masks:
             return lambda: layer(q, k, v, keys, seq_len=total, load_balance=False, **counts)
         text_keys, image_keys = (keys[:, :text], keys[:, text:]) if prefix else (keys[:, shard:], keys[:, :shard])

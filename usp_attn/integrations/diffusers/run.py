@@ -13,6 +13,13 @@ Everything goes through public torch hooks on the model's own modules, removed a
 
 Every cut and gather is contiguous (``load_balance=False``), as the router's layer calls are, whatever layout a
 ``shard_sequence`` call on the user's own tensors recorded on the state.
+
+Sparse attention (:meth:`SequenceParallelRun.set_sparsity`): a sliding-tile pattern needs its tiles as contiguous
+128-token blocks, so the call puts the tokens in tile-major order once, where they are cut: every tensor the plan
+cuts is permuted along its token dimension before the cut (hidden states, RoPE tables, per-token timesteps alike,
+since all carry the same ``N`` tokens in the model's row-major order), every gathered output is permuted back, and
+the shards are cut on whole 128-token blocks for that call (when every rank gets at least one). Self and joint attention get the pattern in tile-major
+order; the blocks in between never see the difference (they act per token).
 """
 
 from __future__ import annotations
@@ -27,6 +34,8 @@ from usp_attn.distributed.sharding import gather_sequence, require_state, shard_
 from usp_attn.distributed.state import SequenceParallelState
 from usp_attn.integrations.diffusers import attention as routing
 from usp_attn.integrations.diffusers.plan import FamilyPlan, Gather, Shard
+from usp_attn.sparse.grid import KERNEL_BLOCK, tile_major_inverse_permutation, tile_major_permutation
+from usp_attn.sparse.patterns import SlidingTileSparsity, SparsityPattern
 
 __all__ = ["CallContext", "PlanProcessor", "SequenceParallelRun", "find_modules", "attention_modules"]
 
@@ -37,6 +46,9 @@ class CallContext:
 
     in_call: bool = False
     seq_len: int | None = None
+    sparsity: SparsityPattern | None = None  # the pattern the attention calls use (tile-major for sliding tile)
+    order: tuple | None = None  # (perm, inverse) int64 on the tokens' device: row-major <-> tile-major
+    saved_align: int | None = None  # the state's shard alignment before this call set whole blocks
 
     @property
     def sharding(self) -> bool:
@@ -84,6 +96,18 @@ class SequenceParallelRun:
         self._routed_processors: list = []
         self._kinds: dict[str, str] = {}  # attention module name -> its declared kind
         self.router = routing.AttentionRouter(self.model_name, family, state)
+        self.sparsity: SparsityPattern | None = None
+
+    def set_sparsity(self, pattern: SparsityPattern | None) -> None:
+        """The sparse pattern of the model's self and joint attention from the next call on (None: dense).
+
+        A :class:`~usp_attn.sparse.SlidingTileSparsity` describes the video grid in the model's own (row-major)
+        token order, or in tile-major order: either way the run reorders the tokens (module doc). Its grid must
+        have the call's ``N`` tokens. A dynamic pattern (``TopMassSparsity``) runs on the tokens as they are.
+        """
+        if pattern is not None and not isinstance(pattern, SparsityPattern):
+            raise TypeError(f"sparsity must be a usp_attn.sparse pattern or None, got {type(pattern).__name__}")
+        self.sparsity = pattern
 
     @property
     def state(self) -> SequenceParallelState:
@@ -170,7 +194,27 @@ class SequenceParallelRun:
         self.context = CallContext(in_call=True)
 
     def _end(self, module, args, output):
+        if self.context.saved_align is not None:
+            self.state.set_shard_align(self.context.saved_align)
         self.context = CallContext()
+
+    def _start_sparse(self, x: torch.Tensor, length: int) -> None:
+        """At the call's first cut: the pattern for its attention, and the token order that pattern needs."""
+        pattern, context = self.sparsity, self.context
+        if pattern is None:
+            return
+        if isinstance(pattern, SlidingTileSparsity):
+            if pattern.grid.num_tokens != length:
+                raise ValueError(f"{self.model_name}: the sparse pattern's grid {pattern.grid} has "
+                                 f"{pattern.grid.num_tokens} tokens, but this call has {length} video tokens")
+            pattern = pattern.with_token_order("tile_major")
+            context.order = (tile_major_permutation(pattern.grid, pattern.tile, device=x.device),
+                             tile_major_inverse_permutation(pattern.grid, pattern.tile, device=x.device))
+            state = self.state
+            if length >= KERNEL_BLOCK * state.world_size:  # whole blocks per shard (restored when the call ends);
+                context.saved_align = state.shard_align  # fewer tokens than that would leave ranks empty
+                state.set_shard_align(KERNEL_BLOCK)
+        context.sparsity = pattern
 
     def shard(self, x, spec: Shard, what: str):
         """This rank's token shard of ``x`` per ``spec`` (unchanged if it is not a tensor of ``spec.ndim`` dims)."""
@@ -184,11 +228,14 @@ class SequenceParallelRun:
                     f"{state.world_size} sequence-parallel ranks; use a larger input or fewer ranks"
                 )
             self.context.seq_len = length
+            self._start_sparse(x, length)
         elif length != self.context.seq_len:
             raise ValueError(
                 f"{self.model_name}: the {self.family.family} plan cuts {what} (shape {list(x.shape)}) along dim "
                 f"{spec.dim} of length {length}, but this call's token sequence has {self.context.seq_len} tokens"
             )
+        if self.context.order is not None:
+            x = x.index_select(spec.dim, self.context.order[0].to(x.device))
         return shard_sequence(x, spec.dim, self._state, record_length=False, load_balance=False)
 
     def _shard_value(self, value, spec, what):
@@ -243,6 +290,8 @@ class SequenceParallelRun:
                                      f"{list(x.shape)}; the plan gathers a {spec.ndim}-D tensor")
                 items[index] = gather_sequence(x, dim=spec.dim, state=self._state, total_length=self.context.seq_len,
                                                load_balance=False)
+                if self.context.order is not None:  # back to the model's token order
+                    items[index] = items[index].index_select(spec.dim, self.context.order[1].to(x.device))
             return items[0] if single else type(output)(items)
         return hook
 
@@ -253,7 +302,7 @@ class SequenceParallelRun:
             active = None
             if self.context.sharding:
                 active = routing.ActiveAttention(self.router, name, self._kinds.get(name), encoder is not None,
-                                                 self.context.seq_len)
+                                                 self.context.seq_len, sparsity=self.context.sparsity)
             module._usp_attn_active = (routing.attention_module_call(active), active)
         return hook
 
