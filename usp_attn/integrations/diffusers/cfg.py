@@ -246,7 +246,7 @@ class CFGRun:
     def _learn(self, text: dict, other: dict, state):
         if self.learning is None:
             self.learning = (text, other)
-            self.branches = None
+            self.branches, self.pairs = None, 0
             return self.original(**text, **other)
         first_text, first_other = self.learning
         self.learning = None
