@@ -151,7 +151,7 @@ class CostTerms:
         overlap_loss: share of the shorter of a hop's kernel and transfer that is not hidden by
             running them at the same time (0: perfect overlap, 1: none).
         sources: term name -> "measured: ..." or "assumed: ..." for kernel, kernel_lse, alltoall, p2p,
-            latency, hop_overhead and, on several nodes, inter.
+            latency, hop_overhead, overlap and, on several nodes, inter (a term without one is "given").
         device: what the terms describe (e.g. "NVIDIA H200", "assumed H200").
     """
 
@@ -175,15 +175,6 @@ class CostTerms:
     def assumed(self) -> list[str]:
         """Names of the terms that were assumed (not measured here)."""
         return [n for n, s in self.sources if s.startswith("assumed")]
-
-    def replace(self, **changes) -> "CostTerms":
-        """A copy with some fields changed; a changed term's source becomes "given" unless ``sources`` is passed."""
-        names = {"kernel": ["kernel"], "kernel_lse": ["kernel_lse"], "intra": ["alltoall", "p2p", "latency"],
-                 "inter": ["inter"], "hop_overhead_ms": ["hop_overhead"], "overlap_loss": ["overlap"]}
-        if "sources" not in changes:
-            touched = {n for field in changes for n in names.get(field, [])}
-            changes["sources"] = tuple((n, "given") if n in touched else (n, s) for n, s in self.sources)
-        return dataclasses.replace(self, **changes)
 
     def on_nodes(self, gpus_per_node: int, inter: Link, source: str) -> "CostTerms":
         """The same terms for several nodes of ``gpus_per_node`` GPUs joined by ``inter``."""
