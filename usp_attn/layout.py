@@ -657,6 +657,7 @@ class LayoutChoice:
         step_ms, call_ms: its predicted attention time per step and per layer call.
         candidates: every candidate's prediction (group rank 0 only; empty elsewhere).
         terms: the terms used (group rank 0 only; ``None`` elsewhere).
+        table: the printed form (:func:`format_layouts`; group rank 0 only, "" elsewhere).
     """
 
     cfg: int
@@ -666,6 +667,7 @@ class LayoutChoice:
     call_ms: float
     candidates: tuple[LayoutCost, ...] = ()
     terms: CostTerms | None = None
+    table: str = ""
 
     @property
     def layout(self) -> tuple[int, int, int]:
@@ -752,7 +754,7 @@ def choose_layout(world: int | None = None, *, heads: int, tokens: int, head_siz
             costs = predict_layouts(world, workload, terms, cfg_degrees)
             best = pick_layout(costs)
             choice = LayoutChoice(best.cfg, best.ulysses, best.ring, best.step_ms, best.call_ms, tuple(costs),
-                                  terms)
+                                  terms, format_layouts(world, workload, terms, cfg_degrees))
         except Exception as exc:  # the peers wait in the broadcast: tell them, then raise here too
             if alone:
                 raise

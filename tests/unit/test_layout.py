@@ -311,6 +311,8 @@ def test_choose_layout_without_a_group():
     choice = L.choose_layout(4, heads=12, tokens=32760, head_size=128, guidance=True, measure=False)
     assert choice.cfg * choice.ulysses * choice.ring == 4 and len(choice.candidates) == 5
     assert choice.terms.measured() == [] and choice.step_ms == min(c.step_ms for c in choice.candidates)
+    assert choice.table.startswith("layouts for 4 GPUs")
+    assert f"pick: cfg{choice.cfg} x U{choice.ulysses} x R{choice.ring} (" in choice.table
 
 
 # ---- the CLI ---------------------------------------------------------------------------------------
