@@ -780,7 +780,7 @@ def format_layouts(world: int, workload: Workload, terms: CostTerms, cfg_degrees
     for name, source in terms.sources:
         lines.append(f"  {name:<13} {source}")
     header = ("layout", "call ms", "step ms", "kernel", "ulysses", "ring exposed", "cfg gather", "h/rank",
-              "across nodes", "pads")
+              "across nodes", "pads / repeats")
     pick = pick_layout(costs) if costs else None
     rows = [(c.name + (" *" if c is pick else ""), f"{c.call_ms:.2f}", f"{c.step_ms:.1f}", f"{c.kernel_ms:.2f}",
              f"{c.ulysses_ms:.2f}", f"{c.ring_exposed_ms:.2f}", f"{c.cfg_gather_ms:.2f}", str(c.local_heads),
@@ -792,7 +792,7 @@ def format_layouts(world: int, workload: Workload, terms: CostTerms, cfg_degrees
     lines += [f"not a candidate: cfg{c} x U{u} x R{r}: {why}" for (c, u, r), why in rejected]
     if pick is not None:
         lines.append(f"pick: {pick.name} ({pick.step_ms:.1f} ms of attention per step"
-                     + (f"; pads {pick.padding}" if pick.padding else "") + ")")
+                     + (f"; {pick.padding}" if pick.padding else "") + ")")
     else:
         lines.append("pick: none (no layout can run)")
     return "\n".join(lines)
