@@ -13,18 +13,27 @@ For each model shape (Wan 1.3B 480p, Wan 14B 720p, HunyuanVideo 720p; usp_attn.l
 4. the same for 2 nodes x 8 GPUs (Wan 14B 720p, HunyuanVideo 720p), the inter-node link assumed
    (400 Gb/s InfiniBand per GPU).
 
+Part "layout-check" (under torchrun, N ranks): every (cfg, U, R) of N timed as one guided step of one
+attention layer of Wan 1.3B 480p beside the model's prediction (kernel and links measured here), and
+whether ``choose_layout``'s pick is the fastest measured (headline L1: measured pick / fastest <= 1.05).
+
     python -m benchmarks.run --parts layout --json layout.json      # one GPU
     python -m benchmarks.run --parts layout --dry-run               # CPU, a toy shape, fp32
+    torchrun --nproc-per-node 2 benchmarks/run.py --parts layout-check --json layout_check.json
 """
 
 from __future__ import annotations
 
-import torch
+import dataclasses
 
-from benchmarks.suite import Context, skipped
+import torch
+import torch.distributed as dist
+
+import usp_attn
+from benchmarks.suite import Context, headline, short_error, skipped
 from usp_attn import layout as L
 
-__all__ = ["layout_part"]
+__all__ = ["layout_part", "layout_check_part"]
 
 GPU = dict(models=L.MODELS, gpus=(2, 4, 8), nodes_models=("Wan 14B 720p", "HunyuanVideo 720p"),
            dtype=torch.bfloat16, budget_ms=200.0)
@@ -92,4 +101,82 @@ def layout_part(ctx: Context) -> list[dict]:
                                        "assumed: 400 Gb/s InfiniBand per GPU (all-to-all 40 GB/s, P2P 45 GB/s)")
             rows += _prediction_rows(model, 16, workload, two_nodes, nodes=2)
         ctx.free()
+    return rows
+
+
+# ---- several GPUs: predicted and measured side by side ---------------------------------------------
+CHECK_GPU = dict(model="Wan 1.3B 480p", workload=dataclasses.replace(L.MODELS["Wan 1.3B 480p"], layers=1),
+                 dtype=torch.bfloat16, budget_ms=200.0)
+CHECK_CPU = dict(model="toy", workload=dataclasses.replace(_TOY, layers=1), dtype=torch.float32, budget_ms=5.0)
+
+
+def _branches(workload: L.Workload, dtype, device) -> list[tuple[torch.Tensor, ...]]:
+    """The two guidance branches' full q, k, v ``[B, S, H, D]``, the same on every rank."""
+    w, out = workload, []
+    for i in range(2):
+        gen = torch.Generator(device=device).manual_seed(10 + i)
+        out.append(tuple(torch.randn(w.batch, w.tokens, n, w.head_size, generator=gen, device=device).to(dtype)
+                         for n in (w.heads, w.kv_heads, w.kv_heads)))
+    return out
+
+
+def layout_check_part(ctx: Context) -> list[dict]:
+    """Under torchrun: every (cfg, U, R) of the world timed as one guided step of one attention layer
+    (the branches' calls, then one CFG gather of a prediction-sized tensor when cfg = 2) beside the cost
+    model's prediction from terms measured here (kernel on each rank, links over the world), and
+    whether the automatic pick (``choose_layout``) is the fastest measured layout."""
+    if ctx.world < 2:
+        return [skipped("predicted vs measured layouts", "needs torchrun with 2 or more ranks")]
+    cfg = CHECK_GPU if ctx.cuda else CHECK_CPU
+    w, model = cfg["workload"], cfg["model"]
+    terms = L.measure_terms(L.lengths_for(ctx.world, w), heads=w.heads, head_size=w.head_size, dtype=cfg["dtype"],
+                            device=ctx.device, group=dist.group.WORLD, budget_ms=cfg["budget_ms"],
+                            measure_links_on="cuda" if ctx.cuda else "any")
+    predicted = {c.layout: c for c in L.predict_layouts(ctx.world, w, terms)}
+    pick = L.choose_layout(ctx.world, heads=w.heads, kv_heads=w.kv_heads, tokens=w.tokens, head_size=w.head_size,
+                           guidance=w.guidance, layers=w.layers, terms=terms).layout  # rank 0's terms, broadcast
+    full = _branches(w, cfg["dtype"], ctx.device)
+    gather_rows = torch.empty(max(1, w.gather_bytes // 4), dtype=torch.float32, device=ctx.device)
+    rows, measured = [], {}
+    one = usp_attn.LocalAttention(w.heads, w.head_size, num_kv_heads=w.kv_heads)
+    seconds = ctx.max_over_ranks(ctx.measure(lambda: [one(*qkv) for qkv in full], [()]).median)
+    alone = L.predict_layouts(1, w, terms)[0]
+    rows.append({"what": "guided attention step", "model": model, "gpus": 1, "layout": "1 GPU",
+                 "predicted_ms": alone.step_ms, "ms": seconds * 1e3, "ratio": seconds * 1e3 / alone.step_ms})
+    for layout, cost in predicted.items():
+        c, u, r = layout
+        row = {"what": "guided attention step", "model": model, "gpus": ctx.world, "layout": cost.name}
+        if ctx.out_of_time():
+            rows.append(skipped(**row, why="time budget spent"))
+            continue
+        state = usp_attn.init_sequence_parallel(u, r, cfg_degree=c)
+        try:
+            attn = usp_attn.USPAttention(w.heads, w.head_size, num_kv_heads=w.kv_heads)
+            mine = [full[state.cfg_rank]] if c > 1 else full
+            shards = [tuple(usp_attn.shard_sequence(x).contiguous() for x in qkv) for qkv in mine]
+
+            def step():
+                for qkv in shards:
+                    attn(*qkv)
+                if c > 1:
+                    usp_attn.cfg_gather(gather_rows[None])
+
+            seconds = ctx.max_over_ranks(ctx.measure(step, [()]).median)
+        except Exception as exc:  # a layout failing here is a result, not a crash
+            rows.append({**row, "note": f"error: {short_error(exc)}"})
+            continue
+        finally:
+            usp_attn.destroy_sequence_parallel()
+            dist.barrier()
+        measured[layout] = seconds * 1e3
+        rows.append({**row, "predicted_ms": cost.step_ms, "ms": seconds * 1e3, "ratio": seconds * 1e3 / cost.step_ms,
+                     "speedup": rows[0]["ms"] / (seconds * 1e3), "pick": "*" if layout == pick else "",
+                     "pads": cost.padding, "note": "links measured" if "alltoall" in terms.measured() else
+                     "links assumed"})
+    if measured and pick in measured:
+        fastest = min(measured, key=measured.get)
+        rows.append(headline("L1", f"automatic layout cfg{pick[0]} x U{pick[1]} x R{pick[2]}: measured time / the "
+                             f"fastest measured (cfg{fastest[0]} x U{fastest[1]} x R{fastest[2]})",
+                             measured[pick] / measured[fastest], "<= 1.05", model=model, gpus=ctx.world))
+    ctx.free()
     return rows

@@ -84,13 +84,15 @@ PARTS: dict[str, Part] = {
     "causal-balance": Part("benchmarks.causal_balance:causal_balance_part", "one", "causal ring work per rank: contiguous vs zigzag"),
     "layout": Part("benchmarks.layout_model:layout_part", "one",
                    "layout cost model: kernel terms measured here, predicted (cfg, U, R) times on 2/4/8 and 2x8 GPUs"),
+    "layout-check": Part("benchmarks.layout_model:layout_check_part", "any",
+                         "every (cfg, U, R) of the world: predicted vs measured guided step; is the pick the fastest"),
 }
 #: the one-GPU set, the short parts first
 ONE_GPU = ["env", "ceilings", "layer-overhead", "kernels", "ring-hops", "compile", "ring-backward", "causal-balance",
            "crossover", "sparse", "sparse-quality", "layout"]
 #: the multi-GPU set (under torchrun)
 MULTI_GPU = ["env", "scaling", "peers", "model-step", "communication", "safe-defaults", "training-step",
-             "diffusers-families", "text-padding"]
+             "diffusers-families", "text-padding", "layout-check"]
 GROUPS = {"one-gpu": ONE_GPU, "multi-gpu": MULTI_GPU}
 
 

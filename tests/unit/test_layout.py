@@ -265,8 +265,15 @@ def _errors_on_every_rank() -> tuple:
     return found
 
 
+def _layout_check_rows() -> list[dict]:
+    from benchmarks.layout_model import layout_check_part
+    from benchmarks.suite import Context
+
+    return layout_check_part(Context(device=torch.device("cpu"), dry_run=True, budget_s=60, target_s=0.05))
+
+
 CASES = [_pick_with_rank_terms, _default_world_and_assumed_terms, _links_on_gloo, _measured_pick_on_gloo,
-         _errors_on_every_rank]
+         _errors_on_every_rank, _layout_check_rows]
 
 
 @pytest.fixture(scope="module")
@@ -300,6 +307,19 @@ def test_failures_reach_every_rank(group_run):
     assert rank0[0] == rank1[0] == "no layout of 3 ranks can run this model: no CFG degree in (2,) divides 3"
     assert rank0[1] == "ValueError: terms with gpus_per_node need an inter-node link"
     assert rank1[1].startswith("RuntimeError: choose_layout failed on group rank 0")
+
+
+@pytest.mark.xdist_group("layout_group")
+def test_layout_check_part_on_two_ranks(group_run):
+    """The torchrun part: every layout of 2 ranks timed beside its prediction, the pick among them, and the
+    headline comparing the pick with the fastest measured (the numbers describe this CPU)."""
+    rows = group_run.check(_layout_check_rows)[0]
+    steps = [r for r in rows if r.get("what") == "guided attention step"]
+    assert [r["layout"] for r in steps] == ["1 GPU", "cfg2 x U1 x R1", "cfg1 x U2 x R1", "cfg1 x U1 x R2"]
+    assert all(r["ms"] > 0 and r["predicted_ms"] > 0 for r in steps)
+    assert [r.get("pick") for r in steps[1:]].count("*") == 1 and steps[1]["note"] == "links measured"
+    (head,) = [r for r in rows if r.get("metric") == "L1"]
+    assert head["value"] >= 1.0 and head["gpus"] == 2
 
 
 @pytest.mark.xdist_group("layout_group")
