@@ -25,6 +25,7 @@ whether ``choose_layout``'s pick is the fastest measured (headline L1: measured 
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import torch
 import torch.distributed as dist
@@ -106,8 +107,8 @@ def layout_part(ctx: Context) -> list[dict]:
 
 # ---- several GPUs: predicted and measured side by side ---------------------------------------------
 CHECK_GPU = dict(model="Wan 1.3B 480p", workload=dataclasses.replace(L.MODELS["Wan 1.3B 480p"], layers=1),
-                 dtype=torch.bfloat16, budget_ms=200.0)
-CHECK_CPU = dict(model="toy", workload=dataclasses.replace(_TOY, layers=1), dtype=torch.float32, budget_ms=5.0)
+                 dtype=torch.bfloat16, budget_ms=200.0, mib=64)
+CHECK_CPU = dict(model="toy", workload=dataclasses.replace(_TOY, layers=1), dtype=torch.float32, budget_ms=5.0, mib=1)
 
 
 def _branches(workload: L.Workload, dtype, device) -> list[tuple[torch.Tensor, ...]]:
@@ -129,20 +130,31 @@ def layout_check_part(ctx: Context) -> list[dict]:
         return [skipped("predicted vs measured layouts", "needs torchrun with 2 or more ranks")]
     cfg = CHECK_GPU if ctx.cuda else CHECK_CPU
     w, model = cfg["workload"], cfg["model"]
-    terms = L.measure_terms(L.lengths_for(ctx.world, w), heads=w.heads, head_size=w.head_size, dtype=cfg["dtype"],
-                            device=ctx.device, group=dist.group.WORLD, budget_ms=cfg["budget_ms"],
-                            measure_links_on="cuda" if ctx.cuda else "any")
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", ctx.world))  # torchrun: ranks per node, node-major
+    lengths = L.lengths_for(ctx.world, w)
+    if per_node < ctx.world and ctx.world % per_node == 0:  # several nodes: probe inside and between them
+        intra, inter = L.measure_node_links(per_node, mib=cfg["mib"])
+        terms = L.measure_terms(lengths, heads=w.heads, head_size=w.head_size, dtype=cfg["dtype"], device=ctx.device,
+                                budget_ms=cfg["budget_ms"])
+        terms = L.with_measured_links(terms, intra=intra, inter=inter, gpus_per_node=per_node,
+                                      where=f"{per_node} ranks of a node")
+    else:
+        terms = L.measure_terms(lengths, heads=w.heads, head_size=w.head_size, dtype=cfg["dtype"],
+                                device=ctx.device, group=dist.group.WORLD, budget_ms=cfg["budget_ms"],
+                                measure_links_on="cuda" if ctx.cuda else "any")
     predicted = {c.layout: c for c in L.predict_layouts(ctx.world, w, terms)}
     pick = L.choose_layout(ctx.world, heads=w.heads, kv_heads=w.kv_heads, tokens=w.tokens, head_size=w.head_size,
                            guidance=w.guidance, layers=w.layers, terms=terms).layout  # rank 0's terms, broadcast
     full = _branches(w, cfg["dtype"], ctx.device)
     gather_rows = torch.empty(max(1, w.gather_bytes // 4), dtype=torch.float32, device=ctx.device)
-    rows, measured = [], {}
+    rows = [{"what": f"term {name}", "model": model, "note": source} for name, source in terms.sources]
+    measured = {}
     one = usp_attn.LocalAttention(w.heads, w.head_size, num_kv_heads=w.kv_heads)
     seconds = ctx.max_over_ranks(ctx.measure(lambda: [one(*qkv) for qkv in full], [()]).median)
     alone = L.predict_layouts(1, w, terms)[0]
     rows.append({"what": "guided attention step", "model": model, "gpus": 1, "layout": "1 GPU",
                  "predicted_ms": alone.step_ms, "ms": seconds * 1e3, "ratio": seconds * 1e3 / alone.step_ms})
+    one_gpu_ms = seconds * 1e3
     for layout, cost in predicted.items():
         c, u, r = layout
         row = {"what": "guided attention step", "model": model, "gpus": ctx.world, "layout": cost.name}
@@ -170,9 +182,9 @@ def layout_check_part(ctx: Context) -> list[dict]:
             dist.barrier()
         measured[layout] = seconds * 1e3
         rows.append({**row, "predicted_ms": cost.step_ms, "ms": seconds * 1e3, "ratio": seconds * 1e3 / cost.step_ms,
-                     "speedup": rows[0]["ms"] / (seconds * 1e3), "pick": "*" if layout == pick else "",
-                     "pads": cost.padding, "note": "links measured" if "alltoall" in terms.measured() else
-                     "links assumed"})
+                     "speedup": one_gpu_ms / (seconds * 1e3), "pick": "*" if layout == pick else "",
+                     "pads": cost.padding, "across_nodes": ",".join(cost.spans_nodes),
+                     "note": "links measured" if "alltoall" in terms.measured() else "links assumed"})
     if measured and pick in measured:
         fastest = min(measured, key=measured.get)
         rows.append(headline("L1", f"automatic layout cfg{pick[0]} x U{pick[1]} x R{pick[2]}: measured time / the "

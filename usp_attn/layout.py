@@ -74,6 +74,8 @@ __all__ = [
     "layouts_info",
     "placement",
     "lengths_for",
+    "measure_node_links",
+    "with_measured_links",
     "INFINIBAND_400G",
 ]
 
@@ -631,14 +633,65 @@ def measure_terms(lengths: Sequence[int], *, heads: int, head_size: int, dtype: 
     if links is None and group is not None and dist.get_world_size(group) > 1 and (
             measure_links_on == "any" or dist.get_backend(group) == "nccl"):
         links = measure_links(group)
+    terms = dataclasses.replace(base, kernel=kernel, kernel_lse=kernel_lse, intra=intra,
+                                sources=tuple(sources.items()), device=what)
     if links is not None:
-        intra = links
-        n = dist.get_world_size(group) if group is not None else "?"
-        sources["alltoall"] = f"measured: {n}-rank all_to_all_single, {intra.alltoall_gbps:.0f} GB/s per rank"
-        sources["p2p"] = f"measured: {n}-rank ring step, {intra.p2p_gbps:.0f} GB/s"
-        sources["latency"] = f"measured: 4-byte all-to-all, {intra.latency_ms * 1e3:.0f} us"
-    return dataclasses.replace(base, kernel=kernel, kernel_lse=kernel_lse, intra=intra,
-                               sources=tuple(sources.items()), device=what)
+        n = dist.get_world_size(group) if group is not None else None
+        terms = with_measured_links(terms, intra=links, where=f"{n} ranks" if n else "")
+    return terms
+
+
+def with_measured_links(terms: CostTerms, *, intra: Link | None = None, inter: Link | None = None,
+                        gpus_per_node: int | None = None, where: str = "") -> CostTerms:
+    """``terms`` with links measured by :func:`measure_links` / :func:`measure_node_links`, their sources
+    marked measured (``where``: what was probed, for the source text). ``inter`` needs ``gpus_per_node``."""
+    sources = dict(terms.sources)
+    at = f" ({where})" if where else ""
+    if intra is not None:
+        sources["alltoall"] = f"measured{at}: all_to_all_single, {intra.alltoall_gbps:.0f} GB/s per rank"
+        sources["p2p"] = f"measured{at}: ring step, {intra.p2p_gbps:.0f} GB/s"
+        sources["latency"] = f"measured{at}: 4-byte all-to-all, {intra.latency_ms * 1e3:.0f} us"
+        terms = dataclasses.replace(terms, intra=intra)
+    if inter is not None:
+        if gpus_per_node is None:
+            raise ValueError("an inter-node link needs gpus_per_node")
+        sources["inter"] = (f"measured: between nodes of {gpus_per_node}, all-to-all {inter.alltoall_gbps:.0f} GB/s, "
+                            f"P2P {inter.p2p_gbps:.0f} GB/s, {inter.latency_ms * 1e3:.0f} us")
+        terms = dataclasses.replace(terms, inter=inter, gpus_per_node=int(gpus_per_node))
+    return dataclasses.replace(terms, sources=tuple(sources.items()))
+
+
+def measure_node_links(gpus_per_node: int, *, mib: int = 64) -> tuple[Link | None, Link | None]:
+    """Probe the links inside a node and between nodes of the default group, whose global ranks are
+    node-major (node n holds ranks n*gpus_per_node ..): every node's ranks probe together, then every set
+    of same-position ranks across the nodes, each set at the same time as the others (as a layout loads
+    them). A collective: every rank of the world calls it.
+
+    Args:
+        gpus_per_node: ranks per node (torchrun's LOCAL_WORLD_SIZE); must divide the world size.
+        mib: message size per rank, MiB.
+
+    Returns:
+        ``(intra, inter)``: ``None`` where there is nothing to probe (one GPU per node; one node).
+    """
+    world, rank = dist.get_world_size(), dist.get_rank()
+    if isinstance(gpus_per_node, bool) or not isinstance(gpus_per_node, int) or gpus_per_node < 1 \
+            or world % gpus_per_node:
+        raise ValueError(f"gpus_per_node must be a positive int dividing the world size {world}, got {gpus_per_node!r}")
+    g = gpus_per_node
+    found: dict[str, Link | None] = {"intra": None, "inter": None}
+    for kind, sets in (("intra", [list(range(n * g, (n + 1) * g)) for n in range(world // g)]),
+                       ("inter", [list(range(i, world, g)) for i in range(g)])):
+        if len(sets[0]) < 2:
+            continue
+        groups = [dist.new_group(members) for members in sets]  # every rank makes every group, in order
+        try:
+            mine = next(grp for grp, members in zip(groups, sets) if rank in members)
+            found[kind] = measure_links(mine, mib=mib)
+        finally:
+            for grp in groups:
+                dist.destroy_process_group(grp)
+    return found["intra"], found["inter"]
 
 
 def lengths_for(world: int, workload: Workload) -> list[int]:

@@ -57,7 +57,22 @@ def guided_step(cfg: int, u: int, r: int) -> dict:
         usp_attn.destroy_sequence_parallel()
 
 
-CASES = [functools.partial(guided_step, *layout) for layout in LAYOUTS]
+def layout_check_on_two_nodes() -> list[dict]:
+    """The layout-check benchmark part as torchrun would run it on 2 nodes of 2: links probed inside and
+    between the simulated nodes, every layout timed beside its prediction."""
+    import os
+
+    from benchmarks.layout_model import layout_check_part
+    from benchmarks.suite import Context
+
+    os.environ["LOCAL_WORLD_SIZE"] = str(GPUS_PER_NODE)
+    try:
+        return layout_check_part(Context(device=torch.device("cpu"), dry_run=True, budget_s=60, target_s=0.05))
+    finally:
+        del os.environ["LOCAL_WORLD_SIZE"]
+
+
+CASES = [functools.partial(guided_step, *layout) for layout in LAYOUTS] + [layout_check_on_two_nodes]
 pytestmark = pytest.mark.xdist_group("layout_nodes")  # one worker spawns the 4 ranks once
 
 
@@ -82,3 +97,19 @@ def test_layout_across_two_nodes_matches_one_process(group_run, layout):
     assert sorted(cost.spans_nodes) == crossing
     assert crossing == {(2, 2, 1): ["cfg"], (2, 1, 2): ["cfg"], (1, 4, 1): ["ulysses"], (1, 2, 2): ["ring"],
                         (1, 1, 4): ["ring"]}[layout]
+
+
+def test_layout_check_part_measures_both_links_on_two_nodes(group_run):
+    rows = group_run.check(layout_check_on_two_nodes)[0]
+    steps = {r["layout"]: r for r in rows if r.get("what") == "guided attention step"}
+    assert set(steps) == {"1 GPU"} | {"cfg{} x U{} x R{}".format(*t) for t in LAYOUTS}
+    assert all(r["ms"] > 0 and r["predicted_ms"] > 0 and r["note"] == "links measured"
+               for name, r in steps.items() if name != "1 GPU")
+    assert {name: r["across_nodes"] for name, r in steps.items() if name != "1 GPU"} == {
+        "cfg2 x U2 x R1": "cfg", "cfg2 x U1 x R2": "cfg", "cfg1 x U4 x R1": "ulysses", "cfg1 x U2 x R2": "ring",
+        "cfg1 x U1 x R4": "ring"}
+    assert [r.get("pick") for r in steps.values()].count("*") == 1
+    assert [r["metric"] for r in rows if "metric" in r] == ["L1"]
+    terms = {r["what"]: r["note"] for r in rows if r["what"].startswith("term ")}
+    assert terms["term inter"].startswith("measured: between nodes of 2")
+    assert terms["term p2p"].startswith("measured (2 ranks of a node)") and terms["term kernel"].startswith("measured")
