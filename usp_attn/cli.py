@@ -73,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="also predict every (cfg, U, R) layout of N GPUs for H heads, S tokens, head size D "
                       "with the cost model (kernel timed here on CUDA, else assumed H200 terms), and the pick")
     info.add_argument("--guidance", action="store_true",
-                      help="with --layouts: the model runs two guidance passes per step, so CFG parallel is a candidate")
+                      help="with --layouts: the model runs two guidance passes per step (CFG parallel a candidate)")
     info.add_argument("--layers", type=positive_int, default=1, metavar="N",
                       help="with --layouts: self-attention layers per pass, for the per-step times (default: 1)")
     info.add_argument("--nodes", type=positive_int, default=1, metavar="K",

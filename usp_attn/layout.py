@@ -829,7 +829,8 @@ def format_layouts(world: int, workload: Workload, terms: CostTerms, cfg_degrees
     lines = [f"layouts for {world} GPUs{nodes}: H={w.heads} H_kv={w.kv_heads} S={w.tokens} D={w.head_size} "
              f"B={w.batch}, {'guidance (2 passes per step)' if w.guidance else 'one pass per step'}, "
              f"{w.layers} layer(s) per pass; terms: {terms.device or 'given'}",
-             f"measured here: {', '.join(terms.measured()) or 'nothing'}; assumed: {', '.join(terms.assumed()) or 'nothing'}"]
+             f"measured here: {', '.join(terms.measured()) or 'nothing'}; "
+             f"assumed: {', '.join(terms.assumed()) or 'nothing'}"]
     for name, source in terms.sources:
         lines.append(f"  {name:<13} {source}")
     header = ("layout", "call ms", "step ms", "kernel", "ulysses", "ring exposed", "cfg gather", "h/rank",

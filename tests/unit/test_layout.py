@@ -341,7 +341,8 @@ def test_info_layouts_prints_every_candidate_and_the_pick(capsys):
     out = capsys.readouterr().out
     table = out[out.index("layouts for 8 GPUs: H=12 H_kv=12 S=32760 D=128"):]
     assert "measured here: nothing; assumed: kernel, kernel_lse, alltoall, p2p, latency" in table
-    names = [f"cfg{c} x U{u} x R{r}" for c, u, r in L.enumerate_layouts(8, L.Workload(12, 32760, 128, guidance=True))[0]]
+    valid = L.enumerate_layouts(8, L.Workload(12, 32760, 128, guidance=True))[0]
+    names = [f"cfg{c} x U{u} x R{r}" for c, u, r in valid]
     assert len(names) == 7 and all(n in table for n in names)
     assert "q heads 12 -> 16 (+4 zero)" in table  # Ulysses-8 pads
     pick = L.pick_layout(L.predict_layouts(8, L.Workload(12, 32760, 128, guidance=True, layers=30),
