@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import statistics
 import time
 from typing import Iterable, Sequence
@@ -791,6 +792,11 @@ def choose_layout(world: int | None = None, *, heads: int, tokens: int, head_siz
     first = group is None or dist.get_rank(group) == 0
     if measure is None:
         measure = terms is None and torch.cuda.is_available()
+    if group is None and measure and terms is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # each torchrun rank would time its own kernel and could pick a different layout
+        raise ValueError("choose_layout(measure=True) under torchrun needs torch.distributed initialised (rank 0 "
+                         "measures and broadcasts); initialise it first, or pass measure=False (assumed terms: "
+                         "the same pick on every rank without a collective)")
     links = None
     if terms is None and measure and group is not None and dist.get_world_size(group) > 1 \
             and dist.get_backend(group) == "nccl":

@@ -327,6 +327,14 @@ def test_links_measured_on_a_real_group(group_run):
     assert group_run.check(_links_on_gloo) == [(True, True, True)] * 2
 
 
+def test_measuring_under_torchrun_without_a_group_is_refused(monkeypatch):
+    """Each rank would time its own kernel and could pick differently: refused, unless the terms are assumed."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match="needs torch.distributed initialised"):
+        L.choose_layout(2, heads=4, tokens=64, head_size=16, measure=True)
+    assert L.choose_layout(2, heads=4, tokens=64, head_size=16, measure=False).layout in {(1, 2, 1), (1, 1, 2)}
+
+
 def test_choose_layout_without_a_group():
     choice = L.choose_layout(4, heads=12, tokens=32760, head_size=128, guidance=True, measure=False)
     assert choice.cfg * choice.ulysses * choice.ring == 4 and len(choice.candidates) == 5
