@@ -306,7 +306,8 @@ class ReplicatedRows:
     def check_counts(self, causal: bool) -> None:
         names = ("num_replicated_prefix", "num_replicated_suffix", "num_replicated_kv_prefix",
                  "num_replicated_kv_suffix")
-        for name, n in zip(names, dataclasses.astuple(self)):
+        # not dataclasses.astuple: it deep-copies, and this runs on every sequence-parallel call
+        for name, n in zip(names, (self.prefix, self.suffix, self.kv_prefix, self.kv_suffix)):
             check_int(name, n, minimum=0)
         if causal and self.any:
             raise ValueError(

@@ -24,7 +24,12 @@ __all__ = ["grad_required", "check_backward", "attend_with_grad", "block_backwar
 
 def grad_required(*tensors) -> bool:
     """Whether autograd will record an op on these tensors (grad mode on, one requires grad)."""
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    if not torch.is_grad_enabled():
+        return False
+    for t in tensors:  # a loop, not any(<generator>): this runs several times per layer call
+        if t is not None and t.requires_grad:
+            return True
+    return False
 
 
 def check_backward(impl: AttentionBackend) -> None:

@@ -114,9 +114,13 @@ def _plain_sig(x):
     return x if x is None or type(x) is int else ("not an int", type(x).__name__)
 
 
+def _records(t) -> bool:
+    return isinstance(t, torch.Tensor) and t.requires_grad
+
+
 def _option_sig(value):
     # Flags and counts compare exactly; a frozen dataclass (a sparse pattern) compares as itself.
-    if type(value) is bool:
+    if value is None or type(value) is bool or type(value) is int:  # the usual values, without a lookup
         return value
     params = getattr(type(value), "__dataclass_params__", None)
     if params is not None and params.frozen:
@@ -145,8 +149,8 @@ class CallSignature(NamedTuple):
 
     @classmethod
     def of(cls, q, k, v, attn_mask, n_pre, n_suf, total, **options) -> "CallSignature":
-        grad = torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in (q, k, v))
-        extra = tuple((name, _option_sig(value)) for name, value in sorted(options.items()))
+        grad = torch.is_grad_enabled() and (_records(q) or _records(k) or _records(v))
+        extra = tuple([(name, _option_sig(options[name])) for name in sorted(options)])  # once per call: no generator
         return cls(_tensor_sig(q), _tensor_sig(k), _tensor_sig(v), None if attn_mask is None else _tensor_sig(attn_mask),
                    _plain_sig(n_pre), _plain_sig(n_suf), _plain_sig(total), grad, extra)
 

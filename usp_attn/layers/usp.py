@@ -56,7 +56,7 @@ from usp_attn.ring.forward import ring_attention
 from usp_attn.layers.replicated import attend_with_masked_replicated_keys
 from usp_attn.ring.backward import RingPlan, ring_attention_with_grad
 from usp_attn.ulysses.steps import UlyssesSteps
-from usp_attn.selector import AttentionBackendUnavailableError
+from usp_attn.selector import AttentionBackendUnavailableError, settings_version
 from usp_attn.sparse.attend import attend_sparse, check_sparsity, segments_read
 from usp_attn.sparse.balance import head_order
 from usp_attn.sparse.gate import judge, sample_rows
@@ -298,6 +298,18 @@ class USPAttention(nn.Module):
         agreed = self.__dict__.get("_agreed")
         agreed = agreed[1] if agreed is not None and agreed[0] is state.guard else None
         reason = state.guard.check_reason(agreed, signature)
+        unmasked = attn_mask is None and text_mask is None
+        steady = self.__dict__.get("_steady_call")
+        if reason is None and unmasked and steady is not None and steady[0] is state.guard \
+                and steady[1].signature == signature:
+            # The checks below read what the signature holds (shapes, dtypes, devices, counts, the global
+            # length, layout, pattern, gradients): the last call with this signature passed them. The scalars,
+            # whose types the signature does not pin (True == 1), are checked again.
+            check_return_lse(return_lse)
+            check_load_balance(load_balance)
+            check_seq_len(seq_len)
+            rows.check_counts(self.causal)
+            return steady[1]
         error, local_len, sizes, key_mask = None, None, None, None
         try:
             check_qkv(q, k, v, num_heads=self.num_heads, num_kv_heads=self.num_kv_heads,
@@ -330,8 +342,11 @@ class USPAttention(nn.Module):
             sparsity.check(sum(sizes), self.num_heads)
         order = None if sparsity is None else head_order(sparsity, self.num_heads, self.num_kv_heads,
                                                           state.ulysses_degree)
-        return _Call(rows, sizes, balanced, key_mask, text_mask, return_lse, signature, grad_required(q, k, v),
+        call = _Call(rows, sizes, balanced, key_mask, text_mask, return_lse, signature, grad_required(q, k, v),
                      sparsity, order)
+        if unmasked and total is not None:  # sizes from the global length, not exchanged: reusable as they are
+            self.__dict__["_steady_call"] = (state.guard, call)  # nn.Module.__setattr__ is slow
+        return call
 
     def _check_sparse_call(self, sparsity, attn_mask, text_mask, balanced, grad, total, state) -> None:
         where = "USPAttention"
@@ -353,6 +368,15 @@ class USPAttention(nn.Module):
         u_deg = state.ulysses_degree
         if u_deg == 1:
             return None  # U == 1: the rank's rows (contiguous, or [c_r | c_2W-1-r] zigzag) are in global order
+        made = self.__dict__.get("_steady_steps")
+        if made is not None and made[0] is call:  # the steady call again: the same steps
+            return made[1]
+        steps = self._make_ulysses(state, call)
+        self.__dict__["_steady_steps"] = (call, steps)
+        return steps
+
+    def _make_ulysses(self, state, call: _Call) -> UlyssesSteps:
+        u_deg = state.ulysses_degree
         r_rank, world = state.ring_rank, state.world_size
         # Causal on the zigzag layout: the segment in global order [F_g | B_g] (see distributed/zigzag).
         zigzag = call.balanced and self.causal
@@ -369,7 +393,13 @@ class USPAttention(nn.Module):
             return self._attend_sparse(state, call, q_all, k_all, v_all)
         rows, seg, return_lse = call.rows, call.segment(state), call.return_lse
         split = call.text_mask is not None
-        kernel = self._kernel(state, q_all, k_all, v_all, key_mask is not None, rows, call.sizes, return_lse, split)
+        chosen = self.__dict__.get("_steady_kernel")
+        if chosen is not None and chosen[0] is call and chosen[1] == settings_version():
+            kernel = chosen[2]  # the steady call again, no selection setting changed: the same kernel
+        else:
+            kernel = self._kernel(state, q_all, k_all, v_all, key_mask is not None, rows, call.sizes, return_lse,
+                                  split)
+            self.__dict__["_steady_kernel"] = (call, settings_version(), kernel)
         kernels = BlockKernels(self.local, kernel)
         text_k = text_v = None
         if split:

@@ -74,9 +74,9 @@ class UlyssesSteps:
         qp, kp, vp = plan.prepare_q(q), plan.prepare_kv(k), plan.prepare_kv(v)
         exchange = functools.partial(sequence_to_heads_with_grad, group_rank=u) if self.grad else sequence_to_heads
         shard_q, shard_k = slice(rows.prefix, rows.prefix + s_r), slice(k_pre, k_pre + s_r)
-        buf, ranges = exchange([qp[:, shard_q], kp[:, shard_k], vp[:, shard_k]], self.group_sizes, self.group,
-                               pad_front=k_pre, pad_back=k_suf)
-        for part, (a, b), is_kv in zip((qp, kp, vp), ranges, (False, True, True)):
+        shards = [qp[:, shard_q], kp[:, shard_k], vp[:, shard_k]] if rows.any else [qp, kp, vp]  # no views for nothing
+        buf, ranges = exchange(shards, self.group_sizes, self.group, pad_front=k_pre, pad_back=k_suf)
+        for part, (a, b), is_kv in zip((qp, kp, vp) if rows.any else (), ranges, (False, True, True)):
             before, after = (k_pre, k_suf) if is_kv else (rows.prefix, rows.suffix)
             if before:
                 buf[k_pre - before : k_pre, :, a:b].copy_(plan.local_block(part[:, :before], u, is_kv).transpose(0, 1))
