@@ -68,6 +68,7 @@ __all__ = [
     "length_bucket",
     "measure",
     "choose",
+    "agree_once",
     "set_kernel_choice",
     "kernel_choice_settings",
     "measuring_possible",
@@ -325,32 +326,52 @@ def choose(
     key = (shape, tuple(candidates))
     if key in _decided:
         return _decided[key]
-    world = dist.get_world_size(group) if group is not None and dist.is_initialized() else 1
-    rank = dist.get_rank(group) if world > 1 else 0
-    outcome = None
-    if rank == 0:
-        try:
-            outcome = _from_cache_file(shape, candidates, platform)
-            if outcome is None:
-                outcome = measure(candidates, platform, q, k, v, causal=causal, softmax_scale=softmax_scale,
-                                  need_lse=shape.need_lse)
-                _to_cache_file(shape, candidates, platform, outcome)
-        except Exception as exc:  # never leave the other ranks waiting in the broadcast
-            outcome = f"{type(exc).__name__}: {exc}"
-    if world > 1:
-        box = [outcome]
-        dist.broadcast_object_list(box, src=dist.get_global_rank(group, 0), group=group)
-        outcome = box[0]
-    if isinstance(outcome, str):
-        log_once(logging.WARNING, f"usp_attn: measuring attention kernels for {shape.describe()} failed "
-                                  f"({outcome}); using the static rule")
-        outcome = None
-    _decided[key] = outcome
+
+    def decide():
+        outcome = _from_cache_file(shape, candidates, platform)
+        if outcome is None:
+            outcome = measure(candidates, platform, q, k, v, causal=causal, softmax_scale=softmax_scale,
+                              need_lse=shape.need_lse)
+            _to_cache_file(shape, candidates, platform, outcome)
+        return outcome
+
+    outcome = agree_once(key, decide, group, f"measuring attention kernels for "
+                         f"{shape.describe()}", "using the static rule")
     if outcome is None:
         return None
     table = ", ".join(f"{name} {'failed' if ms is None else f'{ms:.3f} ms'}" for name, ms in outcome.timings)
     logger.info("usp_attn: measured kernel choice for %s: %s (%s; %s)", shape.describe(), outcome.winner.kernel,
                 table, outcome.source)
+    return outcome
+
+
+def agree_once(key, decide: Callable[[], object], group: dist.ProcessGroup | None, what: str, fallback: str, *,
+               everyone: bool = False):
+    """``decide()``'s result, decided once per process for ``key`` on the group's rank 0 and broadcast,
+    so every rank of ``group`` keeps the same value; ``None`` on every rank if it raised (logged once:
+    ``what`` failed, ``fallback``). Every rank must call this for the same ``key`` at the same point.
+
+    ``everyone``: every rank runs ``decide()`` (what it does involves the whole group, e.g. timing a
+    collective), rank 0's result is kept. A rank whose run raised still joins the broadcast.
+    """
+    if key in _decided:
+        return _decided[key]
+    world = dist.get_world_size(group) if group is not None and dist.is_initialized() else 1
+    rank = dist.get_rank(group) if world > 1 else 0
+    outcome = None
+    if rank == 0 or everyone:
+        try:
+            outcome = decide()
+        except Exception as exc:  # never leave the other ranks waiting in the broadcast
+            outcome = f"{type(exc).__name__}: {exc}"
+    if world > 1:
+        box = [outcome if rank == 0 else None]
+        dist.broadcast_object_list(box, src=dist.get_global_rank(group, 0), group=group)
+        outcome = box[0]
+    if isinstance(outcome, str):
+        log_once(logging.WARNING, f"usp_attn: {what} failed ({outcome}); {fallback}")
+        outcome = None
+    _decided[key] = outcome
     return outcome
 
 

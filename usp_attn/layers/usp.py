@@ -34,6 +34,7 @@ from usp_attn.arguments import (
     ReplicatedRows,
     check_group_device,
     check_load_balance,
+    check_positive_int,
     check_qkv,
     check_return_lse,
     check_seq_len,
@@ -55,6 +56,7 @@ from usp_attn.layers.local import LocalAttention
 from usp_attn.ring.forward import ring_attention
 from usp_attn.layers.replicated import attend_with_masked_replicated_keys
 from usp_attn.ring.backward import RingPlan, ring_attention_with_grad
+from usp_attn.ulysses import pipelined
 from usp_attn.ulysses.steps import UlyssesSteps
 from usp_attn.selector import AttentionBackendUnavailableError, settings_version
 from usp_attn.sparse.attend import attend_sparse, check_sparsity, segments_read
@@ -103,6 +105,11 @@ class USPAttention(nn.Module):
             full on every rank; no communication at all.
         state: the :class:`SequenceParallelState` to use (default: the global one at
             call time; none initialised = a single rank, i.e. ``LocalAttention``).
+        ulysses_pipeline: head groups the Ulysses all-to-alls are pipelined over, each group's
+            transfers overlapping another's attention (:mod:`usp_attn.ulysses.pipelined`): ``None``
+            (default) measured per call class on CUDA, 1 on the CPU; ``1`` off; an int ``G``: that
+            many (at most the heads per Ulysses rank). Inference calls without the LSE only; the
+            output is the unpipelined output bit for bit.
 
     Shapes (``forward``):
         q: ``[B, n_pre + s_r + n_suf, H, D]``, this rank's shard ``s_r`` of the sequence with
@@ -143,6 +150,7 @@ class USPAttention(nn.Module):
         *,
         state: SequenceParallelState | None = None,
         sparse_gate=None,
+        ulysses_pipeline: int | None = None,
     ) -> None:
         super().__init__()
         self.local = LocalAttention(
@@ -157,6 +165,8 @@ class USPAttention(nn.Module):
         if state is not None:
             self._check_state(state)
         self._op_id = compiled.register(self)  # how the compiled graph's op finds this layer
+        self.ulysses_pipeline = None if ulysses_pipeline is None else check_positive_int("ulysses_pipeline",
+                                                                                         ulysses_pipeline)
 
     def __setstate__(self, state) -> None:  # a copy (deepcopy, pickle) is another layer: its own op id
         super().__setstate__(state)
@@ -237,6 +247,9 @@ class USPAttention(nn.Module):
         try:
             if call.grad:  # training: every step below is recorded with its adjoint
                 q, k, v = self._for_training(state, call, q, k, v)
+            groups = self._pipeline_groups(state, call, q, k, v)
+            if groups > 1:  # the Ulysses steps overlapped with attention over head groups (ulysses/pipelined.py)
+                return self._pipelined(state, call, q, k, v, groups)
             # 1. Ulysses: sequence shard -> head shard of the whole segment (replicated rows reserved around it).
             ulysses = self._ulysses(state, call)
             q_all, k_all, v_all, key_mask = ulysses.to_heads(q, k, v, call.key_mask) if ulysses else (q, k, v,
@@ -363,6 +376,46 @@ class USPAttention(nn.Module):
                 f"{where}: {type(sparsity).__name__} is dynamic: it chooses key blocks from the whole sequence's "
                 "pooled keys, which a ring rank does not hold (ring_degree > 1); run it with Ulysses only "
                 "(ring_degree=1), or use a static pattern such as SlidingTileSparsity under ring")
+
+    def _pipeline_groups(self, state, call: _Call, q, k, v) -> int:
+        """How many head groups this call's Ulysses steps run in (1: not pipelined)."""
+        setting = self.ulysses_pipeline
+        if setting == 1 or state.ulysses_degree == 1 or call.grad or call.sparsity is not None or call.return_lse:
+            return 1
+        local_heads = -(-self.num_heads // state.ulysses_degree)
+        if setting is not None:
+            return min(setting, local_heads)
+        chosen = self.__dict__.get("_pipeline")
+        if chosen is not None and chosen[0] is call:
+            return chosen[1]
+        plan = HeadPlan.make(self.num_heads, self.num_kv_heads, state.ulysses_degree)
+        rows = call.rows.prefix + call.segment(state) + call.rows.suffix
+        counts = pipelined.candidate_counts(plan, q.shape[0], rows, q.device)
+        # The same on every rank of the group (never a rank's own shard): they all decide at this call.
+        key = (self.num_heads, self.num_kv_heads, self.head_size, self.causal, q.dtype, q.shape[0], call.sizes,
+               call.rows, call.balanced, call.key_mask is not None, call.text_mask is not None, state.ulysses_degree,
+               state.ring_degree, state.generation)
+
+        def run(count):
+            return self._pipelined(state, call, q, k, v, count) if count > 1 else self._unpipelined(state, call, q,
+                                                                                                      k, v)
+
+        count = pipelined.choose_group_count(key, run, counts, state.ulysses_group, q.device)
+        self.__dict__["_pipeline"] = (call, count)  # nn.Module.__setattr__ is slow
+        return count
+
+    def _pipelined(self, state, call: _Call, q, k, v, groups: int):
+        def attend(q_all, k_all, v_all, key_mask):
+            return self._attend(state, call, q_all, k_all, v_all, key_mask)[0]
+
+        return pipelined.run_pipelined(self._ulysses(state, call), q, k, v, call.key_mask, groups, attend,
+                                       functools.partial(self._gather_replicated, state))
+
+    def _unpipelined(self, state, call: _Call, q, k, v):
+        ulysses = self._ulysses(state, call)
+        q_all, k_all, v_all, key_mask = ulysses.to_heads(q, k, v, call.key_mask)
+        out_all, lse_all = self._attend(state, call, q_all, k_all, v_all, key_mask)
+        return self._back(state, call, ulysses, out_all, lse_all)
 
     def _ulysses(self, state, call: _Call) -> UlyssesSteps | None:
         u_deg = state.ulysses_degree

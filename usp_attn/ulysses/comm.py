@@ -37,6 +37,7 @@ def sequence_to_heads(
     *,
     pad_front: int = 0,
     pad_back: int = 0,
+    async_op: bool = False,
 ) -> tuple[torch.Tensor, list[tuple[int, int]]]:
     """All-to-all ``[B, s_r, H_t, D]`` tensors (one dtype, ``H_t % U == 0``) into head shards.
 
@@ -47,6 +48,8 @@ def sequence_to_heads(
         pad_front, pad_back: extra (uninitialised) sequence rows reserved before and after
             the segment in the result, so the caller can place replicated tokens there
             without another copy.
+        async_op: start the all-to-all and return its work handle as a third result (wait on
+            it before reading the segment rows).
 
     Returns:
         ``buf [pad_front + S_seg + pad_back, B, Hc, D]`` (sequence-major) and, for each
@@ -67,14 +70,15 @@ def sequence_to_heads(
     seg = sum(shard_lengths)
     buf = torch.empty(pad_front + seg + pad_back, batch, start, d, dtype=first.dtype, device=first.device)
     even = all(n == s_r for n in shard_lengths)
-    dist.all_to_all_single(
+    work = dist.all_to_all_single(
         buf[pad_front : pad_front + seg],
         send.view(world * s_r, batch, start, d),
         output_split_sizes=None if even else list(shard_lengths),
         input_split_sizes=None if even else [s_r] * world,
         group=group,
+        async_op=async_op,
     )
-    return buf, ranges
+    return (buf, ranges, work) if async_op else (buf, ranges)
 
 
 def heads_to_sequence(

@@ -68,14 +68,28 @@ class UlyssesSteps:
         """``q [B, pre+s_r+suf, H, D]``, ``k, v [B, k_pre+s_r+k_suf, H_kv, D]``, key mask ``[B, k rows]``
         -> ``q_all [B, pre+S_seg+suf, h, D]``, ``k_all, v_all [B, k_pre+S_seg+k_suf, h_kv, D]`` (views
         of one buffer) and the key mask over ``k_all``'s rows."""
+        q_all, k_all, v_all = self.finish_to_heads(self.start_to_heads(q, k, v))
+        return q_all, k_all, v_all, self.key_mask_to_heads(key_mask)
+
+    def start_to_heads(self, q, k, v, *, async_op: bool = False):
+        """The all-to-all of :meth:`to_heads` started (``async_op``: not waited for; never with
+        gradients), the replicated rows written beside it; :meth:`finish_to_heads` gives the views."""
         plan, rows, seg, u = self.heads, self.rows, self.segment, self.rank
         k_pre, k_suf = rows.key_prefix, rows.key_suffix
         s_r = self.group_sizes[u]
         qp, kp, vp = plan.prepare_q(q), plan.prepare_kv(k), plan.prepare_kv(v)
-        exchange = functools.partial(sequence_to_heads_with_grad, group_rank=u) if self.grad else sequence_to_heads
         shard_q, shard_k = slice(rows.prefix, rows.prefix + s_r), slice(k_pre, k_pre + s_r)
         shards = [qp[:, shard_q], kp[:, shard_k], vp[:, shard_k]] if rows.any else [qp, kp, vp]  # no views for nothing
-        buf, ranges = exchange(shards, self.group_sizes, self.group, pad_front=k_pre, pad_back=k_suf)
+        work = None
+        if self.grad:
+            buf, ranges = sequence_to_heads_with_grad(shards, self.group_sizes, self.group, group_rank=u,
+                                                      pad_front=k_pre, pad_back=k_suf)
+        elif async_op:
+            buf, ranges, work = sequence_to_heads(shards, self.group_sizes, self.group, pad_front=k_pre,
+                                                  pad_back=k_suf, async_op=True)
+        else:
+            buf, ranges = sequence_to_heads(shards, self.group_sizes, self.group, pad_front=k_pre, pad_back=k_suf)
+        # The replicated rows lie outside the rows the all-to-all writes: filled while it runs.
         for part, (a, b), is_kv in zip((qp, kp, vp) if rows.any else (), ranges, (False, True, True)):
             before, after = (k_pre, k_suf) if is_kv else (rows.prefix, rows.suffix)
             if before:
@@ -83,20 +97,36 @@ class UlyssesSteps:
             if after:
                 tail = plan.local_block(part[:, part.shape[1] - after :], u, is_kv)
                 buf[k_pre + seg : k_pre + seg + after, :, a:b].copy_(tail.transpose(0, 1))
+        return buf, ranges, work
+
+    def finish_to_heads(self, started):
+        """Wait for :meth:`start_to_heads`' all-to-all; ``(q_all, k_all, v_all)`` as :meth:`to_heads`."""
+        buf, ranges, work = started
+        if work is not None:
+            work.wait()
+        rows, seg, k_pre = self.rows, self.segment, self.rows.key_prefix
         if self.zigzag_pieces is not None:  # no replicated rows with causal: buf is the segment
             buf = to_global_order(buf, self.zigzag_pieces, dim=0)
         (qa, qb), (ka, kb), (va, vb) = ranges
         q_all = buf[k_pre - rows.prefix : k_pre + seg + rows.suffix, :, qa:qb].transpose(0, 1)
         k_all, v_all = buf[:, :, ka:kb].transpose(0, 1), buf[:, :, va:vb].transpose(0, 1)
-        if key_mask is not None:
-            is_bool = key_mask.dtype == torch.bool  # bool travels as uint8, an additive mask as it is
-            shard_mask = key_mask[:, shard_k].to(torch.uint8) if is_bool else key_mask[:, shard_k]
-            seg_mask = gather_group_sequence(shard_mask, self.group_sizes, self.group)
-            seg_mask = seg_mask.bool() if is_bool else seg_mask
-            if self.zigzag_pieces is not None:
-                seg_mask = to_global_order(seg_mask, self.zigzag_pieces, dim=1)
-            key_mask = torch.cat([key_mask[:, :k_pre], seg_mask, key_mask[:, k_pre + s_r :]], dim=1)
-        return q_all, k_all, v_all, key_mask
+        return q_all, k_all, v_all
+
+    def key_mask_to_heads(self, key_mask):
+        """This rank's key mask ``[B, k rows]`` -> the mask over ``k_all``'s rows (gathered over the group);
+        None stays None."""
+        if key_mask is None:
+            return None
+        rows, u = self.rows, self.rank
+        k_pre, s_r = rows.key_prefix, self.group_sizes[u]
+        shard_k = slice(k_pre, k_pre + s_r)
+        is_bool = key_mask.dtype == torch.bool  # bool travels as uint8, an additive mask as it is
+        shard_mask = key_mask[:, shard_k].to(torch.uint8) if is_bool else key_mask[:, shard_k]
+        seg_mask = gather_group_sequence(shard_mask, self.group_sizes, self.group)
+        seg_mask = seg_mask.bool() if is_bool else seg_mask
+        if self.zigzag_pieces is not None:
+            seg_mask = to_global_order(seg_mask, self.zigzag_pieces, dim=1)
+        return torch.cat([key_mask[:, :k_pre], seg_mask, key_mask[:, k_pre + s_r :]], dim=1)
 
     def to_sequence(self, out_seg, lse_seg=None):
         """``out_seg [B, S_seg, h, D]`` (and ``lse_seg [B, h, S_seg]``) -> this rank's rows
