@@ -86,6 +86,11 @@ PARTS: dict[str, Part] = {
                    "layout cost model: kernel terms measured here, predicted (cfg, U, R) times on 2/4/8 and 2x8 GPUs"),
     "layout-check": Part("benchmarks.layout_model:layout_check_part", "any",
                          "every (cfg, U, R) of the world: predicted vs measured guided step; is the pick the fastest"),
+    "host-cost": Part("benchmarks.host_cost:host_cost_part", "one",
+                      "eager vs CUDA-graph-captured LocalAttention / raw kernel (call-and-wait); DiT block eager, "
+                      "compiled, captured", inference=False),
+    "ulysses-overlap": Part("benchmarks.host_cost:ulysses_overlap_part", "any",
+                            "Ulysses-2 at Wan 14B 720p: efficiency with and without the head-group pipeline"),
 }
 #: the one-GPU set, the short parts first
 ONE_GPU = ["env", "ceilings", "layer-overhead", "kernels", "ring-hops", "compile", "ring-backward", "causal-balance",
