@@ -174,3 +174,33 @@ def compiled_layer_replay(u: int, r: int) -> str:
     finally:
         usp_attn.destroy_sequence_parallel()
         torch._dynamo.reset()
+
+
+def pipeline_equals_unpipelined(u: int, r: int) -> str:
+    """USPAttention pipelined over every head-group count (and the automatic count) against the unpipelined layer
+    at U x R = 2, bf16 at Wan 1.3B's heads: "equal" (bit for bit), or what differed. Also captured in a graph."""
+    dev = _device()
+    usp_attn.init_sequence_parallel(u, r, ranks=_groups(2), timeout=TIMEOUT_S)
+    try:
+        cuda = dev.type == "cuda"
+        s, h, d, dtype = (32760, 12, 128, torch.bfloat16) if cuda else (64, 4, 16, torch.float32)
+        g = torch.Generator(device=dev).manual_seed(3)
+        q, k, v = (usp_attn.shard_sequence(torch.randn(1, s, h, d, generator=g, device=dev, dtype=dtype))
+                   for _ in range(3))
+        expected = usp_attn.USPAttention(h, d, ulysses_pipeline=1)(q, k, v)
+        layers = [usp_attn.USPAttention(h, d, ulysses_pipeline=n) for n in range(2, h // u + 1)]
+        layers.append(usp_attn.USPAttention(h, d))  # the automatic count
+        for layer in layers:
+            out = layer(q, k, v)
+            if not (torch.equal(out, expected) or r > 1 and not cuda):
+                return f"ulysses_pipeline={layer.ulysses_pipeline}: differs"
+        if not cuda:
+            return "no CUDA"
+        piped = usp_attn.USPAttention(h, d, ulysses_pipeline=3)
+        piped(q, k, v)
+        graph, out = capture(lambda: piped(q, k, v))
+        graph.replay()
+        torch.cuda.synchronize(dev)
+        return "equal" if torch.equal(out, expected) else "captured pipeline differs"
+    finally:
+        usp_attn.destroy_sequence_parallel()

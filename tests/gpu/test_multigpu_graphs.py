@@ -18,7 +18,8 @@ pytestmark = [*MULTIGPU, pytest.mark.skipif(WORLD % 2 != 0, reason=f"the cases p
 
 LAYOUTS = [(2, 1), (1, 2)]
 CASES = [functools.partial(fn, u, r) for u, r in LAYOUTS
-         for fn in (cases.layer_replay, cases.block_replay, cases.compiled_layer_replay)]
+         for fn in (cases.layer_replay, cases.block_replay, cases.compiled_layer_replay,
+                    cases.pipeline_equals_unpipelined)]
 EXPECTED = ("equal",) if BACKEND == "nccl" else ("no CUDA",)  # gloo dry run: the eager steps only
 
 
@@ -42,4 +43,10 @@ def test_dit_block_replay_equals_eager(group, u, r):
 @pytest.mark.parametrize("u,r", LAYOUTS, ids=["ulysses2", "ring2"])
 def test_reduce_overhead_compile_equals_eager(group, u, r):
     results = group.check(functools.partial(cases.compiled_layer_replay, u, r))
+    assert all(res in EXPECTED for res in results), results
+
+
+@pytest.mark.parametrize("u,r", LAYOUTS, ids=["ulysses2", "ring2"])
+def test_ulysses_pipeline_equals_unpipelined(group, u, r):
+    results = group.check(functools.partial(cases.pipeline_equals_unpipelined, u, r))
     assert all(res in EXPECTED for res in results), results
