@@ -76,3 +76,21 @@ def auto_on_cpu(u: int, r: int) -> int:
         return layer.__dict__["_pipeline"][1]
     finally:
         usp_attn.destroy_sequence_parallel()
+
+
+def counts_differ(u: int, r: int) -> str:
+    """Rank 0 pipelines over 2 groups, the others not: the first call raises on every rank, naming the setting
+    (the ranks would otherwise run different numbers of all-to-alls)."""
+    import torch.distributed as dist
+
+    usp_attn.init_sequence_parallel(ulysses_degree=u, ring_degree=r, timeout=30)
+    try:
+        q, k, v, _ = _inputs(4, 4, 0, 0)
+        layer = usp_attn.USPAttention(4, HEAD, ulysses_pipeline=2 if dist.get_rank() == 0 else 1)
+        try:
+            layer(*(usp_attn.shard_sequence(t) for t in (q, k, v)))
+        except ValueError as exc:
+            return str(exc)
+        return "no error"
+    finally:
+        usp_attn.destroy_sequence_parallel()

@@ -18,7 +18,7 @@ LAYOUTS = {2: [(2, 1)], 4: [(4, 1), (2, 2)]}
 
 def _cases(world):
     out = [P(cases.every_group_count, u, r, name) for u, r in LAYOUTS[world] for name in cases.CONFIGS]
-    return out + [P(cases.auto_on_cpu, *LAYOUTS[world][0])]
+    return out + [P(cases.auto_on_cpu, *LAYOUTS[world][0]), P(cases.counts_differ, *LAYOUTS[world][0])]
 
 
 @functools.cache
@@ -54,3 +54,9 @@ def test_every_group_count_is_bit_identical(world, u, r, name):
                                    for w in LAYOUTS])
 def test_automatic_count_is_one_on_the_cpu(world):
     assert _run(world).check(P(cases.auto_on_cpu, *LAYOUTS[world][0])) == [1] * world
+
+
+@pytest.mark.xdist_group("ulysses_pipeline_world2")
+def test_ranks_with_different_group_counts_fail_the_first_call():
+    for message in _run(2).check(P(cases.counts_differ, 2, 1)):
+        assert "ulysses_pipeline: rank 0: 2; rank 1: 1" in message, message

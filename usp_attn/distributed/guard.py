@@ -161,6 +161,7 @@ class CallSignature(NamedTuple):
         summary = {
             "num_heads, num_kv_heads, head_size": (layer.num_heads, layer.num_kv_heads, layer.head_size),
             "causal": layer.causal,
+            "ulysses_pipeline": getattr(layer, "ulysses_pipeline", None),  # the number of all-to-alls depends on it
             "softmax_scale": layer.local.softmax_scale,
             "q shape (B, H, D)": (q[0][0], q[0][2], q[0][3]) if tensors_ok else None,
             "k shape (B, H_kv, D)": (k[0][0], k[0][2], k[0][3]) if tensors_ok else None,

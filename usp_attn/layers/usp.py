@@ -389,9 +389,12 @@ class USPAttention(nn.Module):
         if chosen is not None and chosen[0] is call:
             return chosen[1]
         plan = HeadPlan.make(self.num_heads, self.num_kv_heads, state.ulysses_degree)
-        rows = call.rows.prefix + call.segment(state) + call.rows.suffix
+        u_deg = state.ulysses_degree
+        longest = max(sum(call.sizes[g * u_deg : (g + 1) * u_deg]) for g in range(state.ring_degree))
+        rows = call.rows.prefix + longest + call.rows.suffix
         counts = pipelined.candidate_counts(plan, q.shape[0], rows, q.device)
-        # The same on every rank of the group (never a rank's own shard): they all decide at this call.
+        # The same on every SP rank (never a rank's own shard): they all decide at this call, together, since
+        # under the ring every Ulysses group must run the same groups (each group runs its own ring).
         key = (self.num_heads, self.num_kv_heads, self.head_size, self.causal, q.dtype, q.shape[0], call.sizes,
                call.rows, call.balanced, call.key_mask is not None, call.text_mask is not None, state.ulysses_degree,
                state.ring_degree, state.generation)
@@ -400,7 +403,7 @@ class USPAttention(nn.Module):
             return self._pipelined(state, call, q, k, v, count) if count > 1 else self._unpipelined(state, call, q,
                                                                                                       k, v)
 
-        count = pipelined.choose_group_count(key, run, counts, state.ulysses_group, q.device)
+        count = pipelined.choose_group_count(key, run, counts, state.sp_group, q.device)
         self.__dict__["_pipeline"] = (call, count)  # nn.Module.__setattr__ is slow
         return count
 

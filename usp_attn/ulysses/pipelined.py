@@ -175,7 +175,13 @@ def candidate_counts(plan: HeadPlan, batch: int, rows: int, device: torch.device
 def choose_group_count(key, run, counts: tuple[int, ...], group, device: torch.device, *, rounds: int = 5) -> int:
     """The group count for a call class ``key``: ``run(count)`` (one whole layer call, on every rank) timed
     for 1 and each of ``counts`` in interleaved rounds on every rank together; rank 0's medians decide, the
-    count is broadcast and kept for the process. A count is chosen only if it beats one group."""
+    count is broadcast and kept for the process. A count is chosen only if it beats one group. ``group``: every
+    rank that must run the same groups (the sequence-parallel group: under the ring, every Ulysses group)."""
+    if device.type != "cuda":
+        return 1
+    # rank 0's candidates for every rank: the trials are collective, so every rank must run the same ones
+    counts = measured_choice.agree_once(("ulysses pipeline counts", key), lambda: tuple(counts), group,
+                                        "listing Ulysses pipeline counts", "one group (no pipelining)")
     if not counts:
         return 1
 
