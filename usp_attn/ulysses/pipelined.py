@@ -99,7 +99,8 @@ def run_pipelined(steps: UlyssesSteps, q, k, v, key_mask, count: int, attend, ga
     k5, v5 = (plan.prepare_kv(t).unflatten(2, (u_deg, m)) for t in (k, v))
     ratio = h // m
     if count > m:  # groups share kv heads: each takes the kv head of each of its query heads
-        k5, v5 = k5.repeat_interleave(ratio, dim=3), v5.repeat_interleave(ratio, dim=3)
+        # expand, not repeat_interleave: no repeat counts to read back from the device (capturable)
+        k5, v5 = (t.unsqueeze(4).expand(*t.shape[:4], ratio, t.shape[4]).flatten(3, 4) for t in (k5, v5))
     mask_all = steps.key_mask_to_heads(key_mask)  # no head dimension: gathered once for every group
     device = q.device
 
