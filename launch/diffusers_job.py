@@ -26,6 +26,9 @@ __all__ = ["check_model_path", "run_model_path", "read_model_index"]
 
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 TRANSFORMER_KEYS = ("transformer", "transformer_2")
+#: Transformers whose latent patch grid this job derives for --sparse-tile: hidden states [B, C, F, H, W] and a
+#: (frames, rows, columns) patch size in the config.
+SPARSE_GRIDS = frozenset({"WanTransformer3DModel"})
 
 
 def read_model_index(path: str) -> dict | None:
@@ -93,6 +96,10 @@ def check_model_path(args) -> list[str]:
             if cls not in supported_models() and not getattr(model_class, "_cp_plan", None):
                 problems.append(f"--model-path {path!r}: its transformer {cls} has no sequence-parallel plan; "
                                 f"supported: {', '.join(supported_models())}")
+            if getattr(args, "sparse_tile", None) is not None and cls not in SPARSE_GRIDS:
+                problems.append(f"--sparse-tile/--sparse-window: the transformer {cls} has no known video grid here; "
+                                f"supported: {', '.join(sorted(SPARSE_GRIDS))} (other models: pass a pattern to "
+                                "usp_attn.integrations.diffusers.enable_sequence_parallel(..., sparsity=))")
             if getattr(args, "cfg_parallel", False) and not _has_cfg_plan(model_class, cls):
                 from usp_attn.integrations.diffusers.cfg import CFG_PLANS
 
@@ -132,14 +139,19 @@ def run_model_path(args, state, device, dtype, rank: int) -> dict:
     _quiet_other_ranks(rank)
     pipe = DiffusionPipeline.from_pretrained(args.model_path, torch_dtype=dtype).to(device)
     transformers_ = [getattr(pipe, k, None) for k in TRANSFORMER_KEYS]
+    steps_done, patterns = [0], []
     for transformer in transformers_:
         if transformer is not None:
             enable_sequence_parallel(transformer)
+            if getattr(args, "sparse_tile", None) is not None:
+                transformer.register_forward_pre_hook(_sparse_schedule(args, transformer, steps_done, patterns),
+                                                      with_kwargs=True)
     pipe.set_progress_bar_config(disable=True)
     progress = Progress(args.num_inference_steps, enabled=rank == 0)
 
     def on_step_end(_pipe, i, t, kwargs):
         progress.step(device)
+        steps_done[0] += 1
         return {}
 
     wanted = dict(prompt=args.prompt, negative_prompt=args.negative_prompt, height=args.height, width=args.width,
@@ -151,9 +163,36 @@ def run_model_path(args, state, device, dtype, rank: int) -> dict:
     progress.close()
     frames = out.frames[0] if hasattr(out, "frames") else out.images  # video [F, H, W, 3] / images [N, H, W, 3]
     video = torch.from_numpy(frames).mul(255).round().clamp(0, 255).to(torch.uint8)
-    return {"video": video, "step_times": progress.times, "peak": peak_memory(device),
-            "tokens": _tokens(pipe, args, is_video="num_frames" in accepted), "layer_backend": None,
-            "batch": 2 if getattr(pipe, "do_classifier_free_guidance", False) else 1}
+    result = {"video": video, "step_times": progress.times, "peak": peak_memory(device),
+              "tokens": _tokens(pipe, args, is_video="num_frames" in accepted), "layer_backend": None,
+              "batch": 2 if getattr(pipe, "do_classifier_free_guidance", False) else 1}
+    if patterns:
+        pattern = patterns[-1]
+        result["sparse"] = (f"sliding tile {pattern.tile}, window {pattern.window} on the {pattern.grid} grid: "
+                            f"{pattern.density():.1%} of the pairs kept from step {args.dense_steps} on")
+    return result
+
+
+def _sparse_schedule(args, transformer, steps_done: list, patterns: list):
+    """A forward pre-hook: the sliding-tile pattern of this call's latent grid from step ``--dense-steps`` on
+    (dense before), set before the model cuts its tokens. ``patterns`` collects the patterns used."""
+    from usp_attn.integrations.diffusers import set_sparsity
+    from usp_attn.sparse import SlidingTileSparsity, VideoGrid
+
+    patch = tuple(transformer.config.patch_size)
+
+    def hook(module, hook_args, kwargs):
+        latents = kwargs.get("hidden_states", hook_args[0] if hook_args else None)
+        f, h, w = latents.shape[2:]
+        pattern = None
+        if steps_done[0] >= args.dense_steps:
+            grid = VideoGrid(f // patch[0], h // patch[1], w // patch[2])
+            pattern = SlidingTileSparsity(grid, args.sparse_tile, args.sparse_window)
+            if not patterns or patterns[-1] != pattern:
+                patterns.append(pattern)
+        set_sparsity(module, pattern)
+
+    return hook
 
 
 def _tokens(pipe, args, is_video: bool) -> int | None:

@@ -163,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="attention heads; need not be divisible by --ulysses-degree (USPAttention pads heads)")
     model.add_argument("--num-layers", type=positive_int, default=TinyDiTConfig.num_layers,
                        help="transformer blocks")
-    sparse = p.add_argument_group("sparse self-attention (lossy, opt-in; built-in model)")
+    sparse = p.add_argument_group("sparse self-attention (lossy, opt-in; the built-in model and Wan pipelines)")
     sparse.add_argument("--sparse-tile", type=triple, default=None, metavar="F,H,W",
                         help="sliding-tile attention: tokens per tile in frames, rows, columns (e.g. 1,4,4)")
     sparse.add_argument("--sparse-window", type=triple, default=None, metavar="F,H,W",
@@ -219,9 +219,6 @@ def check_args(args, world_size: int) -> list[str]:
     problems += check_output(args.output, writes=rank_zero, verify=args.verify and args.model_path is None)
     if (args.sparse_tile is None) != (args.sparse_window is None):
         problems.append("--sparse-tile and --sparse-window go together (the tile size and the window in tiles)")
-    elif args.sparse_tile is not None and args.model_path is not None:
-        problems.append("--sparse-tile/--sparse-window apply to the built-in model; with --model-path pass a "
-                        "pattern to usp_attn.integrations.diffusers.enable_sequence_parallel(..., sparsity=)")
     if args.model_path is None:
         problems += builtin_problems(args)
     else:

@@ -57,8 +57,10 @@ def test_cpu_dry_run_runs_every_step(tmp_path):
     assert all(s["exit"] == 0 and s["result"] == "ok" for s in steps), steps
 
     # the multi-GPU tests on 4 CPU ranks: every scenario in the 6 layouts of groups of 1, 2 and 4, the safe
-    # defaults (5 tests; the one about CPU tensors under NCCL skipped)
-    assert _pytest_counts((tmp_path / "multigpu.log").read_text()) == {"passed": 6 * len(SCENARIOS) + 4, "skipped": 1}
+    # defaults (5 tests; the one about CPU tensors under NCCL skipped), and the CUDA-graph cases' eager steps
+    # (4 cases x Ulysses-2 and ring-2; capture needs CUDA)
+    assert _pytest_counts((tmp_path / "multigpu.log").read_text()) == {"passed": 6 * len(SCENARIOS) + 4 + 8,
+                                                                       "skipped": 1}
 
     gen = _rows(results, "main job")
     assert [(r["layout"], r["dtype"]) for r in gen] == [("1x4", "fp32"), ("4x1", "bf16")]
