@@ -108,6 +108,14 @@ def check_model_path(args) -> list[str]:
     return problems
 
 
+def model_can_split_guidance(path: str) -> bool:
+    """Whether every transformer of the pipeline directory has a CFG plan (so --layout auto may pick CFG 2)."""
+    import diffusers
+
+    classes = _transformer_classes(read_model_index(path) or {})
+    return bool(classes) and all(_has_cfg_plan(getattr(diffusers, c, None), c) for c in classes)
+
+
 def _has_cfg_plan(model_class, name: str) -> bool:
     from usp_attn.integrations.diffusers.cfg import CFG_PLANS
 

@@ -20,6 +20,9 @@ and twice as many ranks as the sequence-parallel layout:
 
     torchrun --nproc-per-node 4 launch/generate.py --cfg-parallel --ulysses-degree 2 --verify
 
+--layout auto chooses the three (CFG, Ulysses, ring) for the number of ranks from the cost
+model of usp_attn.layout, with the same pick on every rank.
+
 Exit status: 0 success, 1 failure (including a failed --verify), 2 bad arguments.
 """
 
@@ -44,7 +47,8 @@ from flow_match import VAE_STRIDE, latent_grid
 from job_output import check_output, write_outputs
 from run_report import print_summary
 from tiny_dit import TinyDiTConfig
-from diffusers_job import check_model_path, run_model_path
+from diffusers_job import check_model_path, model_can_split_guidance, read_model_index, run_model_path
+import auto_layout
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 PATCH = TinyDiTConfig.patch_size  # Wan's (1, 2, 2), for the built-in model and Wan 2.1 alike
@@ -122,6 +126,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "--guidance-scale > 1. With --model-path, for pipelines that batch the two branches (CogVideoX, "
                    "LTX-Video) or call the transformer once per branch (Wan, Qwen-Image, Flux and HunyuanVideo "
                    "with true CFG)")
+    p.add_argument("--layout", choices=("auto",), default=None,
+                   help="auto: choose --cfg-parallel, --ulysses-degree and --ring-degree for the number of ranks "
+                   "from the cost model of usp_attn.layout (kernel and links timed on CUDA, else assumed H200 "
+                   "figures); rank 0 decides, every rank runs its pick. With --model-path, the heads and sizes "
+                   "come from the pipeline directory's config files")
     p.add_argument("--sp-timeout", type=seconds, default=DEFAULT_TIMEOUT.total_seconds(), metavar="SECONDS",
                    help="bound on every sequence-parallel collective: when a rank dies or hangs, the others stop "
                    "after this long with an error naming it (needs more than the slowest rank's model loading and "
@@ -190,7 +199,16 @@ def check_args(args, world_size: int) -> list[str]:
     problems = []
     u, r = args.ulysses_degree, args.ring_degree
     cfg = 2 if args.cfg_parallel else 1
-    if cfg * u * r != world_size:
+    if args.layout == "auto":
+        if (cfg, u, r) != (1, 1, 1):
+            problems.append("--layout auto chooses --cfg-parallel, --ulysses-degree and --ring-degree itself; "
+                            "drop them, or drop --layout auto")
+        try:
+            layout_workload(args)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            problems.append(f"--layout auto: {exc}")
+        u = r = 1  # the pick is made for the world size, so the degrees cannot disagree with it
+    elif cfg * u * r != world_size:
         product = f"--ulysses-degree {u} x --ring-degree {r} = {u * r}"
         if cfg > 1:
             product = f"--cfg-parallel (2) x --ulysses-degree {u} x --ring-degree {r} = {cfg * u * r}"
@@ -226,6 +244,29 @@ def check_args(args, world_size: int) -> list[str]:
     return problems
 
 
+def layout_workload(args):
+    """The attention shape that --layout auto lays out (raises naming what is missing)."""
+    if args.model_path is None:
+        return auto_layout.builtin_workload(args)
+    index = read_model_index(args.model_path) if os.path.isdir(args.model_path) else None
+    if index is None:
+        raise ValueError(f"--model-path {args.model_path!r} is not a local pipeline directory; the layout is chosen "
+                         "from its config files (transformer/config.json), so download it first or give the degrees")
+    return auto_layout.model_path_workload(args, index)
+
+
+def choose_layout(args, world: int, rank: int) -> None:
+    """--layout auto: set the degrees to the cost model's pick (the same on every rank)."""
+    can_split = args.model_path is None or model_can_split_guidance(args.model_path)
+    choice = auto_layout.choose(args, layout_workload(args), world, cfg_allowed=can_split, timeout=args.sp_timeout)
+    args.cfg_parallel, args.ulysses_degree, args.ring_degree = choice.cfg == 2, choice.ulysses, choice.ring
+    if rank == 0:
+        if args.verbose:
+            print(choice.table, flush=True)
+        print(f"layout auto: CFG {choice.cfg} x Ulysses {choice.ulysses} x ring {choice.ring} for {world} rank(s), "
+              f"predicted {choice.step_ms:.1f} ms of attention per step", flush=True)
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -245,10 +286,14 @@ def main(argv=None) -> int:
     t_start = time.perf_counter()
     AttentionConfig.from_args(args).apply()
     try:
+        if args.layout == "auto":
+            choose_layout(args, world, rank)
         state = usp_attn.init_sequence_parallel(args.ulysses_degree, args.ring_degree, strict=args.attention_strict,
                                                 timeout=args.sp_timeout, cfg_degree=2 if args.cfg_parallel else 1)
-    except (ValueError, AttentionBackendUnavailableError) as exc:
+    except (ValueError, RuntimeError, AttentionBackendUnavailableError) as exc:
         print(f"{parser.prog}: error (rank {rank}): {exc}", file=sys.stderr)
+        if args.layout == "auto":
+            auto_layout.finish()
         return 1
     try:
         device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
@@ -269,6 +314,8 @@ def main(argv=None) -> int:
         return status
     finally:
         usp_attn.destroy_sequence_parallel()
+        if args.layout == "auto":
+            auto_layout.finish()  # the default group it started on CUDA, if any
 
 
 def describe_backend(agreement) -> str:

@@ -12,6 +12,7 @@ trained model at its defaults) is checked to draw what its prompt asks for.
 from __future__ import annotations
 
 import functools
+import json
 import importlib.util
 import os
 import re
@@ -233,6 +234,77 @@ def test_cfg_parallel_verifies(u, r, tmp_path, single_process):
     assert int(data["cfg_degree"]) == 2
     got, want = data["latents"].astype(np.float64), single_process["latents"].astype(np.float64)
     assert np.linalg.norm(got - want) / np.linalg.norm(want) <= FP32_TOL
+
+
+# ---- --layout auto -------------------------------------------------------------------------------
+def test_layout_auto_runs_the_cost_models_pick_and_verifies(tmp_path, single_process):
+    """4 CPU ranks: every rank runs the pick of choose_layout (assumed terms, no GPU) for the tiny model's shape,
+    and the result equals the one-process run."""
+    from usp_attn.layout import choose_layout
+
+    want = choose_layout(4, heads=6, tokens=70, head_size=16, guidance=True, layers=2, measure=False)
+    cfg, u, r = want.layout
+    out = tmp_path / "video.npz"
+    proc = torchrun(4, *TINY, "--layout", "auto", "--output", str(out), "--verify")
+    check_success(proc)
+    assert proc.stdout.count("layout auto: ") == 1  # rank 0 alone says it
+    assert f"layout auto: CFG {cfg} x Ulysses {u} x ring {r} for 4 rank(s)" in proc.stdout, proc.stdout
+    data = load_npz(out)
+    assert (int(data["cfg_degree"]), int(data["ulysses_degree"]), int(data["ring_degree"])) == (cfg, u, r)
+    got, want_latents = data["latents"].astype(np.float64), single_process["latents"].astype(np.float64)
+    assert np.linalg.norm(got - want_latents) / np.linalg.norm(want_latents) <= FP32_TOL
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--layout", "auto", "--ulysses-degree", "2"], "--layout auto chooses --cfg-parallel, --ulysses-degree and "
+                                                    "--ring-degree itself"),
+    (["--layout", "auto", "--model-path", "org/model"], "--layout auto: --model-path 'org/model' is not a local "
+                                                        "pipeline directory"),
+])
+def test_layout_auto_refuses_what_it_cannot_choose_for(args, message, monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "2")
+    assert generate.main(args) == 2
+    err = capsys.readouterr().err
+    assert "error (rank 2)" in err and message in err, err
+
+
+def _pipeline_dir(root: Path, pipeline: str, transformer: dict, vae: dict) -> Path:
+    for name, data in (("model_index.json", {"_class_name": pipeline}), ("transformer/config.json", transformer),
+                       ("vae/config.json", vae)):
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(json.dumps(data))
+    return root
+
+
+@pytest.mark.parametrize("pipeline, transformer, vae, size, want", [
+    # Wan 2.1 14B at 720p, 81 frames: 21 x 45 x 80 patches
+    ("WanPipeline", {"num_attention_heads": 40, "attention_head_dim": 128, "num_layers": 40, "patch_size": [1, 2, 2]},
+     {"scale_factor_spatial": 8, "scale_factor_temporal": 4}, (81, 720, 1280), (40, 75600, 128, 40)),
+    # HunyuanVideo at 720p, 129 frames: 33 x 45 x 80 patches; double- and single-stream blocks both attend
+    ("HunyuanVideoPipeline", {"num_attention_heads": 24, "attention_head_dim": 128, "num_layers": 20,
+                              "num_single_layers": 40, "patch_size": 2, "patch_size_t": 1},
+     {"spatial_compression_ratio": 8, "temporal_compression_ratio": 4}, (129, 720, 1280), (24, 118800, 128, 60)),
+    # Flux at 1024 x 1024: 2 x 2 latent patches packed into tokens, the VAE's stride from its four levels
+    ("FluxPipeline", {"num_attention_heads": 24, "attention_head_dim": 128, "num_layers": 19, "num_single_layers": 38,
+                      "patch_size": 1}, {"block_out_channels": [128, 256, 512, 512]}, (1, 1024, 1024),
+     (24, 4096, 128, 57)),
+    # LTX-Video at 704 x 480, 161 frames: its VAE config leaves the ratios to the patch and scaling levels (32, 8)
+    ("LTXPipeline", {"num_attention_heads": 32, "attention_head_dim": 64, "num_layers": 28, "patch_size": 1,
+                     "patch_size_t": 1}, {"patch_size": 4, "patch_size_t": 1,
+                                          "spatio_temporal_scaling": [True, True, True, False]},
+     (161, 480, 704), (32, 21 * 15 * 22, 64, 28)),
+])
+def test_layout_auto_reads_the_model_shape_from_the_pipeline_directory(pipeline, transformer, vae, size, want,
+                                                                      tmp_path):
+    pytest.importorskip("diffusers")  # whether the pipeline takes frames comes from its signature
+    import auto_layout
+
+    root = _pipeline_dir(tmp_path, pipeline, transformer, vae)
+    args = generate.build_parser().parse_args(["--model-path", str(root), "--num-frames", str(size[0]), "--height",
+                                               str(size[1]), "--width", str(size[2]), "--guidance-scale", "5"])
+    w = auto_layout.model_path_workload(args, json.loads((root / "model_index.json").read_text()))
+    assert (w.heads, w.tokens, w.head_size, w.layers) == want and w.guidance
 
 
 # ---- --verify has teeth -----------------------------------------------------------------------
