@@ -1,7 +1,8 @@
 #!/usr/bin/env python
-"""Train the built-in video DiT on moving coloured shapes (CPU, a few minutes).
+"""Train the built-in video DiT on moving coloured shapes (a few minutes on a GPU; the CPU works, slower).
 
     python launch/train_builtin.py                       # writes ./moving_shapes.pt
+    python launch/train_builtin.py --steps 7000 --batch 32 --device cuda   # how the shipped weights were made
     python launch/train_builtin.py --steps 20 --out /tmp/w.pt   # a quick try
     python launch/train_builtin.py --out launch/weights/moving_shapes.pt --overwrite   # replace the shipped weights
 
@@ -39,20 +40,23 @@ if str(LAUNCH) not in sys.path:
 
 from builtin_weights import TRAINED_VIDEO, WEIGHTS_PATH, save_weights  # noqa: E402
 from flow_match import latent_grid  # noqa: E402
-from moving_shapes import encode_prompts, random_prompts, render_clips  # noqa: E402
+from moving_shapes import COLOURS, DIRECTIONS, SHAPES, Prompt, encode_prompts, random_prompts, render_clips  # noqa: E402
 from tiny_dit import TinyDiTConfig, TinyWanDiT  # noqa: E402
 
 from usp_attn.config import positive_int  # noqa: E402
 
+VOCABULARY = (tuple(COLOURS), SHAPES, tuple(DIRECTIONS))  # in Prompt's field order
 SHIFT = 3.0  # training noise levels: u uniform, s = 3u / (1 + 2u), so a quarter of them above 0.9
 
 
-def train(steps: int, batch: int, lr: float, seed: int, log_every: int = 50) -> tuple[TinyWanDiT, dict]:
-    """Train a fresh model; returns the EMA model and what the weights file records about the run."""
+def train(steps: int, batch: int, lr: float, seed: int, log_every: int = 50, cfg: TinyDiTConfig | None = None,
+          device: str = "cpu") -> tuple[TinyWanDiT, dict]:
+    """Train a fresh model; returns the EMA model (on the CPU) and what the weights file records about the run.
+    The clips are drawn on the CPU from the seeded generator, so a run's data does not depend on ``device``."""
     torch.manual_seed(seed)
-    cfg = TinyDiTConfig()
-    model = TinyWanDiT(cfg, sequence_parallel=False).train()
-    ema = TinyWanDiT(cfg, sequence_parallel=False).eval()
+    cfg = cfg or TinyDiTConfig()
+    model = TinyWanDiT(cfg, sequence_parallel=False).to(device).train()
+    ema = TinyWanDiT(cfg, sequence_parallel=False).to(device).eval()
     ema.load_state_dict(model.state_dict())
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.99))
     warmup = max(1, steps // 20)
@@ -60,13 +64,25 @@ def train(steps: int, batch: int, lr: float, seed: int, log_every: int = 50) -> 
         opt, lambda i: min(1.0, (i + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(i, steps) / steps)))
     gen = torch.Generator().manual_seed(seed + 1)
     frames, _, _ = latent_grid(*TRAINED_VIDEO)
+    rendered: dict[Prompt, torch.Tensor] = {}
+
+    def clip(prompt: Prompt) -> torch.Tensor:
+        """The clip of a prompt, its unnamed attributes drawn at random. The path is fixed by the direction, so
+        there are only 72 clips: each is rendered once."""
+        full = Prompt(*(value or choices[int(torch.randint(len(choices), (1,), generator=gen))]
+                        for value, choices in zip(dataclasses.astuple(prompt), VOCABULARY)))
+        if full not in rendered:
+            rendered[full] = render_clips([full], frames, TRAINED_VIDEO[1], TRAINED_VIDEO[2], gen)[0]
+        return rendered[full]
+
     t0, recent = time.perf_counter(), []
     for step in range(steps):
         prompts = random_prompts(batch, gen, drop=0.15)
-        x0 = render_clips(prompts, frames, TRAINED_VIDEO[1], TRAINED_VIDEO[2], gen)
+        x0 = torch.stack([clip(p) for p in prompts])
         text = encode_prompts(prompts, cfg.text_dim)
         noise = torch.randn(x0.shape, generator=gen)
         u = torch.rand(batch, generator=gen)
+        x0, text, noise, u = (t.to(device) for t in (x0, text, noise, u))
         s = SHIFT * u / (1 + (SHIFT - 1) * u)  # noise levels as the sampler's shifted steps visit them
         xs = x0 + s.view(-1, 1, 1, 1, 1) * (noise - x0)
         clean = xs - s.view(-1, 1, 1, 1, 1) * model(xs, 1000 * s, text)  # the network's own prediction
@@ -86,8 +102,8 @@ def train(steps: int, batch: int, lr: float, seed: int, log_every: int = 50) -> 
                   f"lr {sched.get_last_lr()[0]:.2e}  {time.perf_counter() - t0:.0f} s", flush=True)
     info = {"steps": steps, "batch": batch, "lr": lr, "seed": seed, "final_loss": sum(recent) / len(recent),
             "train_seconds": round(time.perf_counter() - t0), "config": dataclasses.asdict(cfg),
-            "video": list(TRAINED_VIDEO)}
-    return ema, info
+            "video": list(TRAINED_VIDEO), "device": str(device)}
+    return ema.cpu(), info
 
 
 DEFAULT_OUT = "moving_shapes.pt"  # in the current directory: a run never lands on the shipped weights by default
@@ -133,6 +149,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=positive_float, default=2e-3, help="peak learning rate")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--device", default=None,
+                   help="where the model trains: cpu, cuda, cuda:1 (default: cuda when available, else cpu)")
+    p.add_argument("--num-layers", type=positive_int, default=TinyDiTConfig.num_layers,
+                   help="transformer blocks (generate.py uses trained weights only for its own model shape)")
     p.add_argument("--out", default=DEFAULT_OUT,
                    help=f"weights file to write (default: {DEFAULT_OUT} in the current directory); generate.py "
                    f"loads {WEIGHTS_PATH}")
@@ -148,7 +168,13 @@ def main(argv=None) -> int:
         parser.error(problem)
     if args.threads:
         torch.set_num_threads(args.threads)
-    model, info = train(args.steps, args.batch, args.lr, args.seed)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        torch.empty(0, device=device)
+    except (RuntimeError, ValueError, AssertionError) as exc:  # a CPU-only torch asserts on "cuda"
+        parser.error(f"--device {device!r} cannot be used here: {exc}")
+    cfg = dataclasses.replace(TinyDiTConfig(), num_layers=args.num_layers)
+    model, info = train(args.steps, args.batch, args.lr, args.seed, cfg=cfg, device=device)
     out, status = args.out, 0
     for attempt in range(1, 100):
         try:

@@ -44,8 +44,9 @@ def fake_training(monkeypatch, tmp_path):
     shipped weights points at a copy, so even a wrong default cannot touch the real file."""
     calls = []
 
-    def fake_train(steps, batch, lr, seed, log_every=50):
+    def fake_train(steps, batch, lr, seed, log_every=50, cfg=None, device="cpu"):
         calls.append(steps)
+        fake_train.last = (cfg, device)
         return torch.nn.Linear(2, 2), {"steps": steps, "train_seconds": 0}
 
     copy = tmp_path / "shipped" / "moving_shapes.pt"
@@ -77,6 +78,20 @@ def test_train_default_writes_a_new_file_in_the_current_directory(fake_training,
     err = _usage_error(capsys, train_builtin.main, ["--steps", "2"])
     assert "already exists" in err and written.read_bytes() == before, err
     assert fake_training == [2]
+
+
+def test_train_device_and_depth_reach_the_training(fake_training, tmp_path, capsys):
+    assert train_builtin.main(["--steps", "2", "--device", "cpu", "--num-layers", "3", "--out",
+                               str(tmp_path / "w.pt")]) == 0
+    cfg, device = train_builtin.train.last
+    assert (cfg.num_layers, cfg.hidden_size, device) == (3, 128, "cpu")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_train_unusable_device_is_a_usage_error(fake_training, tmp_path, capsys):
+    err = _usage_error(capsys, train_builtin.main, ["--device", "cuda", "--out", str(tmp_path / "w.pt")])
+    assert "--device 'cuda' cannot be used here" in err, err
+    assert fake_training == [] and not (tmp_path / "w.pt").exists()
 
 
 def test_train_refuses_an_existing_file_before_training(fake_training, tmp_path, capsys):
