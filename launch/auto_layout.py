@@ -55,7 +55,10 @@ def _vae_strides(vae: dict) -> tuple[int, int]:
 
 def _is_video(pipeline: str) -> bool:
     """Whether the pipeline class takes a frame count (as generate.py passes one)."""
-    import diffusers
+    try:
+        import diffusers
+    except ImportError:  # check_model_path names the missing package
+        return False
 
     cls = getattr(diffusers, pipeline, None)
     return cls is not None and "num_frames" in inspect.signature(cls.__call__).parameters
