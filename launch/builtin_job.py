@@ -121,6 +121,7 @@ def run_builtin(args, state, device, dtype, rank: int) -> dict:
     if pattern is not None:
         result["sparse"] = (f"sliding tile {pattern.tile}, window {pattern.window}: {pattern.density():.1%} of the "
                             f"pairs kept from step {args.dense_steps} on")
+        result["first_sparse_step"] = args.dense_steps
     if args.verify:
         inputs = (noise, text, negative, sigmas)
         t0 = time.perf_counter()

@@ -178,6 +178,7 @@ def run_model_path(args, state, device, dtype, rank: int) -> dict:
         pattern = patterns[-1]
         result["sparse"] = (f"sliding tile {pattern.tile}, window {pattern.window} on the {pattern.grid} grid: "
                             f"{pattern.density():.1%} of the pairs kept from step {args.dense_steps} on")
+        result["first_sparse_step"] = args.dense_steps
     return result
 
 

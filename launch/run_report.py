@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import resource
+import statistics
 import sys
 import time
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["FP32_TOLERANCE", "Progress", "judge", "low_precision_bound", "peak_memory", "print_summary", "relative_error"]
+__all__ = ["FP32_TOLERANCE", "Progress", "judge", "low_precision_bound", "peak_memory", "print_summary", "relative_error", "step_time"]
 
 # How --verify judges the sequence-parallel result P against one-process reruns of the same
 # steps (same weights, inputs and kernel; no sequence parallelism):
@@ -109,10 +110,21 @@ def _mib(n: float) -> str:
     return f"{n / 2**20:.0f} MiB"
 
 
+def step_time(times: list[float], first_sparse_step: int | None = None) -> str:
+    """The summary's step time: the median of the steps after the first, so that one step that compiles a
+    kernel (the first call, and the first sparse step after dense ones) does not stand for every step; those
+    steps are shown beside it."""
+    if len(times) < 2:
+        return f"{times[0]:.3f} s" if times else "-"
+    firsts = [f"first {times[0]:.3f} s"]
+    if first_sparse_step is not None and 0 < first_sparse_step < len(times):
+        firsts.append(f"first sparse {times[first_sparse_step]:.3f} s")
+    return f"{statistics.median(times[1:]):.3f} s median ({', '.join(firsts)})"
+
+
 def print_summary(args, state, dtype, result: dict) -> None:
     """The closing table (rank 0)."""
     times = result["step_times"]
-    steady = times[1:] or times
     rows = [("prompt", repr(args.prompt))] if args.prompt else []
     rows += [("weights", result["weights"])] if result.get("weights") else []
     rows += [
@@ -126,7 +138,7 @@ def print_summary(args, state, dtype, result: dict) -> None:
             f" (layers: {result['layer_backend']})" if result["layer_backend"] not in (None, state.backend) else "")),
         ("dtype", str(dtype).replace("torch.", "")),
         ("steps", str(len(times))),
-        ("time per step", f"{sum(steady) / len(steady):.3f} s" + (f" (first {times[0]:.3f} s)" if len(times) > 1 else "")),
+        ("time per step", step_time(times, result.get("first_sparse_step"))),
         ("denoising total", f"{sum(times):.2f} s"),
         ("wall (setup to end)", f"{result['wall']:.2f} s"),
         ("peak memory", f"{_mib(result['peak'][1])} ({result['peak'][0]}, max over ranks)"),
