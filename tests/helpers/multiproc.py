@@ -24,6 +24,8 @@ Two entry points:
             def test_case(group, case):
                 group.check(case)
 
+``backend="nccl"`` runs the same group with one process per GPU (rank r on GPU r): tests/gpu/multigpu.py.
+
 Rules for ``fn`` / cases: module-level functions (or ``functools.partial`` of them) so the
 spawned processes can import them; inside, use ``torch.distributed`` normally (the default
 group is initialised; ``dist.get_rank()`` tells the rank); return values must be picklable.
@@ -40,6 +42,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import functools
+import os
 import pickle
 import queue as queue_module
 import time
@@ -140,15 +143,17 @@ def run_cases(
     setup: Callable[[], None] | None = None,
     timeout: float = 120.0,
     collective_timeout: float = 30.0,
+    backend: str = "gloo",
 ) -> GroupRun:
-    """Spawn ``world_size`` gloo ranks once and run each case in all of them, in order.
+    """Spawn ``world_size`` ranks once and run each case in all of them, in order.
 
     Args:
         world_size: number of processes (ranks 0..world_size-1).
         cases: picklable callables taking no arguments (use ``functools.partial`` for args).
         setup: called in every rank before each case (e.g. resetting global state).
         timeout: seconds for the whole run; past it the ranks are killed and reported.
-        collective_timeout: gloo timeout of the default group's collectives, in seconds.
+        collective_timeout: timeout of the default group's collectives, in seconds.
+        backend: the default group's backend: "gloo" (CPU) or "nccl" (rank r on GPU r).
 
     Returns:
         A :class:`GroupRun`; nothing is raised here for failing cases (use ``check``), only
@@ -168,7 +173,7 @@ def run_cases(
     procs = [
         ctx.Process(
             target=_rank_main,
-            args=(rank, world_size, store.port, list(cases), setup, messages, collective_timeout, timeout),
+            args=(rank, world_size, backend, store.port, list(cases), setup, messages, collective_timeout, timeout),
             name=f"usp_attn-test-rank{rank}",
             daemon=True,
         )
@@ -267,17 +272,23 @@ class _Tracker:
 
 
 # ---- inside each spawned rank ------------------------------------------------------------------
-def _rank_main(rank, world_size, port, cases, setup, messages, collective_timeout, timeout) -> None:
+def _rank_main(rank, world_size, backend, port, cases, setup, messages, collective_timeout, timeout) -> None:
     import torch
 
-    # Several ranks share a few cores: one intra-op thread each avoids oversubscription (~3x faster).
-    torch.set_num_threads(1)
     try:
+        kwargs = {}
+        if backend == "nccl":
+            # NVLink multicast stays off: on shared hosts it can take the GPUs out of service.
+            for name in ("NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST", "NVSHMEM_DISABLE_NVLS"):
+                os.environ.setdefault(name, "0" if name == "NCCL_NVLS_ENABLE" else "1")
+            kwargs["device_id"] = torch.device("cuda", rank)
+            torch.cuda.set_device(rank)
+        else:
+            # Several ranks share a few cores: one intra-op thread each avoids oversubscription (~3x faster).
+            torch.set_num_threads(1)
         store = dist.TCPStore(_HOST, port, None, False, timeout=datetime.timedelta(seconds=timeout))
-        dist.init_process_group(
-            "gloo", store=store, rank=rank, world_size=world_size,
-            timeout=datetime.timedelta(seconds=collective_timeout),
-        )
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world_size,
+                                timeout=datetime.timedelta(seconds=collective_timeout), **kwargs)
         # A second group for the pass/fail handshake, so it never queues behind a data collective.
         control = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout))
     except BaseException:
