@@ -56,3 +56,18 @@ def key_padding_mask(b, s_k, *, seed=1, drop=0.3, empty_batch=None):
     if empty_batch is not None:
         mask[empty_batch] = False
     return mask.cuda()
+
+
+def fa_with_backward(dtype: torch.dtype):
+    """This GPU's ``fa`` backend, or a skip saying why it cannot run a backward with the LSE at ``dtype`` here."""
+    from usp_attn import AttentionBackendEnum
+    from usp_attn.backends import BACKEND_CLASSES, make_backend
+    from usp_attn.platforms import current_platform
+
+    reason = BACKEND_CLASSES[AttentionBackendEnum.FA].unsupported_reason(current_platform(), 128, dtype, need_lse=True)
+    if reason:
+        pytest.skip(f"fa cannot run here: {reason}")
+    impl = make_backend(AttentionBackendEnum.FA, current_platform())
+    if not impl.supports_backward(impl.platform):
+        pytest.skip(f"fa ({impl.generation}) has no backward on this GPU")
+    return impl

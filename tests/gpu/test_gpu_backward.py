@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.gpu.common import BF16, FP16, FP32, GPU, key_padding_mask, make_qkv, rel_err
+from tests.gpu.common import BF16, FP16, FP32, GPU, fa_with_backward, key_padding_mask, make_qkv, rel_err
 from tests.helpers.reference_grad import reference_grads
 from usp_attn import AttentionBackendEnum, LocalAttention, global_force_attn_backend_context_manager
 from usp_attn.backends import BACKEND_CLASSES, make_backend
@@ -64,12 +64,7 @@ def test_sdpa_backward_blockwise(dtype, head_size, masked, causal):
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("dtype", [BF16, FP16], ids=["bf16", "fp16"])
 def test_fa_backward_blockwise(dtype, causal):
-    reason = BACKEND_CLASSES[AttentionBackendEnum.FA].unsupported_reason(current_platform(), 128, dtype, need_lse=True)
-    if reason:
-        pytest.skip(f"fa cannot run here: {reason}")
-    impl = make_backend(AttentionBackendEnum.FA, current_platform())
-    if not impl.supports_backward(impl.platform):
-        pytest.skip(f"fa ({impl.generation}) has no backward on this GPU")
+    impl = fa_with_backward(dtype)
     q, k, v = make_qkv(B, S, H, 128, dtype, h_kv=H_KV, seed=13)
     dout = make_qkv(B, S, H, 128, dtype, seed=14)[0]
     got = _blockwise(impl, q, k, v, dout, None, causal)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.gpu.common import BF16, FP16, FP32, GPU, make_qkv, rel_err
+from tests.gpu.common import BF16, FP16, FP32, GPU, fa_with_backward, make_qkv, rel_err
 from tests.helpers.reference_lse import attention_lse_fp64
 from usp_attn import AttentionBackendEnum, LocalAttention, global_force_attn_backend_context_manager
 from usp_attn.backends import BACKEND_CLASSES, make_backend
@@ -71,12 +71,7 @@ def test_sdpa_backward_with_dlse(dtype, head_size, causal):
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("dtype", [BF16, FP16], ids=["bf16", "fp16"])
 def test_fa_backward_with_dlse(dtype, causal):
-    reason = BACKEND_CLASSES[AttentionBackendEnum.FA].unsupported_reason(current_platform(), 128, dtype, need_lse=True)
-    if reason:
-        pytest.skip(f"fa cannot run here: {reason}")
-    impl = make_backend(AttentionBackendEnum.FA, current_platform())
-    if not impl.supports_backward(impl.platform):
-        pytest.skip(f"fa ({impl.generation}) has no backward on this GPU")
+    impl = fa_with_backward(dtype)
     q, k, v, dout, dlse = _inputs(dtype, 128, 23)
     got = _blockwise(impl, q, k, v, dout, dlse, causal)
     errors = [rel_err(g, r) for g, r in zip(got, _reference(q, k, v, dout, dlse, causal))]
