@@ -37,7 +37,9 @@ STEPS = 3
 # parallelism alone, tested at the model level in test_diffusers.py) in the full lane
 LAYOUTS_4 = [(2, 2, 1), (2, 1, 2), (1, 2, 2)]
 LAYOUTS_4_SLOW = [(1, 4, 1), (1, 1, 4)]
-LAYOUTS_8 = [(2, 4, 1), (2, 2, 2), (2, 1, 4)]
+# every (cfg, U, R) of 8 ranks, in the full lane: with CFG, and sequence parallelism alone (U8 splits more heads
+# than some models have: the Ulysses layer pads them)
+LAYOUTS_8 = [(2, 4, 1), (2, 2, 2), (2, 1, 4), (1, 8, 1), (1, 4, 2), (1, 2, 4), (1, 1, 8)]
 PIPELINES = ("wan", "qwen", "flux", "hunyuan_video", "cogvideox", "ltx")
 TWO_CALLS = ("wan", "qwen", "flux", "hunyuan_video")
 

@@ -1,5 +1,5 @@
-"""CFG parallelism in real gloo groups: every (cfg, U, R) of 4 ranks with cfg in {1, 2} (U4 and R4 alone, and the
-layouts of 8 ranks, in the full lane); the built-in model and the real diffusers pipelines of every supported family
+"""CFG parallelism in real gloo groups: every (cfg, U, R) of 4 and of 8 ranks with cfg in {1, 2} (U4 and R4 alone,
+and those of 8 ranks, in the full lane); the built-in model and the real diffusers pipelines of every supported family
 (two-call: Wan, Qwen-Image, Flux and HunyuanVideo with true CFG; batched: CogVideoX, LTX-Video) equal the one-process
 run; the state's CFG layout; bad degrees fail alike on every rank. Cases and tolerances: cfg_cases.py."""
 
