@@ -277,8 +277,13 @@ def main(argv=None) -> int:
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     problems = check_args(args, world)
     if problems:  # every rank finds the same problems from the same arguments: all exit, none hangs
-        lines = problems if len(problems) == 1 else [f"{len(problems)} problems:"] + [f"  - {p}" for p in problems]
-        print(f"{parser.prog}: error (rank {rank}): " + "\n".join(lines), file=sys.stderr)
+        # The ranks of one machine check the same files and packages: its first rank speaks for them (rank 0
+        # also checks the output it writes); the others exit quietly, as after an argparse error.
+        if rank == 0 or os.environ.get("LOCAL_RANK", "0") == "0":
+            lines = problems if len(problems) == 1 else [f"{len(problems)} problems:"] + [f"  - {p}" for p in problems]
+            print(f"{parser.prog}: error (rank {rank}): " + "\n".join(lines), file=sys.stderr)
+        elif "TORCHELASTIC_RUN_ID" in os.environ:
+            time.sleep(QUIET_RANK_WAIT)
         return 2
     logging.basicConfig(format="%(levelname)s %(message)s",
                         level=(logging.INFO if args.verbose else logging.WARNING) if rank == 0 else logging.ERROR)

@@ -244,6 +244,18 @@ def test_bad_argument_usage_on_rank_zero_only(monkeypatch, capsys):
     assert exc.value.code == 0 and capsys.readouterr().out == ""
 
 
+def test_argument_problems_said_once_per_machine(monkeypatch, capsys):
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)  # not under torchrun: no wait for rank 0
+    monkeypatch.setenv("WORLD_SIZE", "16")
+    for rank, local_rank, says in [("0", "0", True), ("3", "3", False), ("8", "0", True)]:  # two machines of 8
+        monkeypatch.setenv("RANK", rank)
+        monkeypatch.setenv("LOCAL_RANK", local_rank)
+        assert generate.main(["--ulysses-degree", "4", "--output", "none"]) == 2
+        err = capsys.readouterr().err
+        assert (f"error (rank {rank}): --ulysses-degree 4 x --ring-degree 1 = 4 must equal the number of ranks, 16"
+                in err) if says else err == "", (rank, err)
+
+
 # ---- item 13: prompts outside the built-in model's vocabulary ---------------------------------------------
 def test_prompt_with_unknown_words_is_refused_with_the_vocabulary(capsys):
     assert generate.main(["--prompt", "a cat playing piano", "--output", "none"]) == 2
