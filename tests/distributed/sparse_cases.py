@@ -171,3 +171,46 @@ def gate_verdict_is_the_groups(ulysses: int, ring: int, max_error: float) -> dic
     return {"verdicts": verdicts, "sparse_err": float((outs[1].double() - sparse).norm() / sparse.norm()),
             "dense_err": float((outs[1].double() - dense).norm() / dense.norm()),
             "same_twice": bool(torch.equal(outs[0], outs[1]))}
+
+
+GRAD_RTOL = 2e-4  # of the largest reference gradient, as for the dense layers (tests/distributed/grad_cases.py)
+#: name -> (pattern, kv heads): GQA with per-head windows, the dynamic pattern, and MHA whose heads the Ulysses-2
+#: split permutes (the permutation's adjoint is tested too)
+GRAD_CASES = {"tile_major_per_head": (PATTERNS["tile_major_per_head"], 2), "top_mass": (PATTERNS["top_mass"], 2),
+              "uneven_heads": (UNEVEN_HEADS, 4)}
+
+
+def gradients_match_reference(ulysses: int, ring: int, name: str) -> dict:
+    """Training through a pattern under Ulysses (ring_degree 1) with text rows: the output and the LSE
+    both carry a gradient; this rank's q, k, v gradients equal the fp64 masked reference's: exactly those of
+    its grid rows, and 1/W of them on the replicated text rows (each rank counts the text rows' loss 1/W,
+    the convention of the dense layers)."""
+    state = ensure_layout(ulysses, ring)
+    (pattern, kv_heads), (pre, suf) = GRAD_CASES[name], ROWS["text"]
+    q, k, v, n = _inputs(pattern, pre, suf, kv_heads=kv_heads, seed=5)
+    gen = torch.Generator().manual_seed(6)
+    g_out, g_lse = torch.randn(q.shape, generator=gen), torch.randn(q.shape[0], q.shape[2], q.shape[1], generator=gen)
+    full = [t.double().requires_grad_() for t in (q, k, v)]
+    ref, ref_lse = masked_reference(*full, pattern, num_replicated_prefix=pre, num_replicated_suffix=suf,
+                                    return_lse=True)
+    ((ref * g_out.double()).sum() + (ref_lse * g_lse.double()).sum()).backward()
+
+    world = state.world_size
+    mine = [_shard(t, pre, n).requires_grad_() for t in (q, k, v)]
+    out, lse = usp_attn.USPAttention(4, 16, kv_heads)(*mine, num_replicated_prefix=pre, num_replicated_suffix=suf,
+                                                      sparsity=pattern, return_lse=True)
+    weight = torch.ones(out.shape[1])
+    weight[:pre] = weight[out.shape[1] - suf :] = 1.0 / world
+    go = _shard(g_out, pre, n) * weight[None, :, None, None]
+    gl = _shard(g_lse.transpose(1, 2), pre, n).transpose(1, 2) * weight[None, None, :]
+    ((out * go).sum() + (lse * gl).sum()).backward()
+    errors = {}
+    for label, got, ref_t in zip(("dq", "dk", "dv"), mine, full):
+        want, grad = _shard(ref_t.grad, pre, n), got.grad.double()
+        scale = ref_t.grad.abs().max()
+        errors[label] = float((grad[:, pre : grad.shape[1] - suf] - want[:, pre : want.shape[1] - suf]).abs().max()
+                              / scale)
+        text = torch.cat([grad[:, :pre], grad[:, grad.shape[1] - suf :]], 1) * world
+        errors[label + "_text"] = float((text - torch.cat([want[:, :pre], want[:, want.shape[1] - suf :]], 1))
+                                        .abs().max() / scale)
+    return errors

@@ -1,7 +1,8 @@
 """Sparse patterns in the layers on one process: LocalAttention/USPAttention(sparsity=...) equal the fp64 masked
 reference on the exact masked path (CPU) and through the block-sparse kernel (FA4's stand-in, which keeps only
 the listed blocks and evaluates the mask function's meaning), including edge tiles, per-head windows, text rows
-and GQA; the block plan is what the pattern says; bad calls are clear errors."""
+and GQA, gradients included (on the masked path); the block plan is what the pattern says; bad calls are clear
+errors."""
 
 from __future__ import annotations
 
@@ -62,6 +63,39 @@ def test_masked_path_equals_the_reference(pattern, text):
     assert (lse.double() - ref_lse).abs().max() <= 1e-5
 
 
+@pytest.mark.parametrize("pattern", PATTERNS, ids=["tile", "tile_major_per_head", "top_mass"])
+@pytest.mark.parametrize("layer_cls", [LocalAttention, usp_attn.USPAttention])
+def test_gradients_equal_the_reference(pattern, layer_cls):
+    """Training through a pattern (text rows, GQA; the output and the LSE both carry a gradient): fp64 inputs,
+    so the layer's q, k, v gradients match the fp64 reference's autograd to rounding."""
+    n, text = (pattern.grid.num_tokens if hasattr(pattern, "grid") else 120), (3, 2)
+    q, k, v = (t.requires_grad_() for t in _qkv(text[0] + n + text[1], dtype=torch.float64))
+    gen = torch.Generator().manual_seed(1)
+    g_out, g_lse = torch.randn(q.shape, generator=gen, dtype=torch.float64), None
+    rows = dict(num_replicated_prefix=text[0], num_replicated_suffix=text[1])
+    if layer_cls is LocalAttention:
+        out, lse = LocalAttention(4, 16, 2)(q, k, v, sparsity=pattern, replicated=ReplicatedRows(*text),
+                                            return_lse=True)
+    else:
+        out, lse = usp_attn.USPAttention(4, 16, 2)(q, k, v, sparsity=pattern, return_lse=True, **rows)
+    g_lse = torch.randn(lse.shape, generator=gen, dtype=torch.float64)
+    got = torch.autograd.grad((out * g_out).sum() + (lse * g_lse).sum(), (q, k, v))
+    ref, ref_lse = masked_reference(q, k, v, pattern, return_lse=True, **rows)
+    want = torch.autograd.grad((ref * g_out).sum() + (ref_lse * g_lse).sum(), (q, k, v))
+    for name, a, b in zip("qkv", got, want):
+        assert float((a - b).abs().max() / b.abs().max()) <= 1e-12, name
+
+
+def test_gradients_never_take_the_forward_only_block_kernel(monkeypatch):
+    fake = fake_kernels.install(monkeypatch, fake_kernels.fake_flash_attn4())
+    monkeypatch.setitem(__import__("sys").modules, "flash_attn.cute.block_sparsity", fake.block_sparsity)
+    q, k, v = _qkv(32, dtype=torch.bfloat16)
+    with override_platform(HOPPER_FA4):
+        layer = LocalAttention(4, 16, 2)
+        assert layer._block_kernel(q, k, v) is not None  # inference: FA4's block sparsity
+        assert layer._block_kernel(q.requires_grad_(), k, v) is None  # training: the exact masked path
+
+
 @pytest.mark.parametrize("dims, window, whole", [
     ((2, 8, 16), (1, 1, 1), True),  # tiles of 128 tokens fill whole blocks: no mask function
     ((3, 9, 17), (1, 2, 1), False),  # edge tiles: partly kept blocks through the mask function
@@ -114,7 +148,6 @@ def test_block_plan_is_the_pattern_at_block_granularity():
     ("mask", "attn_mask cannot be combined"),
     ("causal", "causal"),
     ("grid", "grid"),
-    ("grad", "no_grad"),
     ("type", "sparsity must be"),
     ("rows_only", "pass sparsity="),
 ])
@@ -129,8 +162,6 @@ def test_bad_sparse_calls_are_clear_errors(case, message):
         layer = LocalAttention(4, 16, 2, causal=True)
     elif case == "grid":
         q, k, v = _qkv(n + 1)
-    elif case == "grad":
-        q.requires_grad_()
     elif case == "type":
         kwargs["sparsity"] = (1, 2, 2)
     elif case == "rows_only":

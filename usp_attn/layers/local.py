@@ -228,8 +228,6 @@ class LocalAttention(nn.Module):
         grid = rows.check_rows(q.shape[1], k.shape[1], False)
         check_sparsity(sparsity, num_grid_tokens=grid, num_heads=self.num_heads, causal=self.causal,
                        where="LocalAttention")
-        if grad_required(q, k, v):
-            raise ValueError("sparse attention is inference-only here: run it under torch.no_grad()")
         gate, key = self.sparse_gate, (tuple(q.shape), tuple(k.shape), q.dtype, sparsity, rows)
         verdict = None if gate is None else self._gate_verdicts.get(key)
         if verdict is not False:
@@ -239,8 +237,9 @@ class LocalAttention(nn.Module):
                                      block_kernel=self._block_kernel(q, k, v))
         if gate is not None and verdict is None:
             picked = sample_rows(rows.prefix, grid, gate, q.device)
-            verdict = self._gate_verdicts[key] = judge(gate, out[:, picked], self._attend_lse(q[:, picked], k, v)[0],
-                                                       None, str(sparsity))
+            with torch.no_grad():
+                dense = self._attend_lse(q[:, picked], k, v)[0]
+            verdict = self._gate_verdicts[key] = judge(gate, out[:, picked], dense, None, str(sparsity))
         if verdict is False:  # the gate found the pattern too lossy for this shape class: dense, text rows too
             out, lse = self._attend_lse(q, k, v)
         return (out, lse) if return_lse else out
@@ -250,7 +249,12 @@ class LocalAttention(nn.Module):
 
     def _block_kernel(self, q, k, v):
         """The block-sparse forward of the backend the selector picks with block sparsity
-        required, or None (the exact masked path), for the grid part of a sparse call."""
+        required, or None (the exact masked path), for the grid part of a sparse call. Under
+        autograd None: the block-sparse kernels have no backward here, the masked path's kernels do."""
+        if grad_required(q, k, v):
+            log_once(logging.INFO, "usp_attn: sparse attention with gradients runs on the exact masked path (the "
+                                   "block-sparse kernel is forward only here)")
+            return None
         try:
             sel = get_attn_backend(self.head_size, q.dtype, self.supported_attention_backends, need_lse=True,
                                    strict=False, need_block_sparse=True)

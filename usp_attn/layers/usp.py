@@ -287,8 +287,10 @@ class USPAttention(nn.Module):
     def _for_training(self, state, call: _Call, q, k, v):
         """Refuse a kernel without a backward before any collective; replicated rows' gradients
         become their mean over the group (see distributed/collectives_grad)."""
-        need_lse = state.ring_degree > 1 or call.return_lse
-        check_backward(self.local.selection(q.dtype, need_mask=call.key_mask is not None, need_lse=need_lse).impl)
+        sparse = call.sparsity is not None  # the exact masked path, with the LSE of its merges
+        need_lse = state.ring_degree > 1 or call.return_lse or sparse
+        check_backward(self.local.selection(q.dtype, need_mask=call.key_mask is not None or sparse,
+                                            need_lse=need_lse).impl)
         rows = call.rows
         if not rows.any:
             return q, k, v
@@ -369,8 +371,10 @@ class USPAttention(nn.Module):
         if balanced:
             raise ValueError(f"{where}: sparsity= needs the contiguous layout; the zigzag layout (load_balance=True) "
                              "is for causal attention")
-        if grad:
-            raise ValueError(f"{where}: sparse attention is inference-only here: run it under torch.no_grad()")
+        if grad and state.ring_degree > 1:
+            raise ValueError(f"{where}: sparse attention has no backward under ring (ring_degree > 1): its hops skip "
+                             "and send by the pattern, which the ring's backward pass does not; train it with Ulysses "
+                             "only (ring_degree=1), or run under torch.no_grad()")
         if sparsity.dynamic and state.ring_degree > 1:
             raise ValueError(
                 f"{where}: {type(sparsity).__name__} is dynamic: it chooses key blocks from the whole sequence's "
@@ -485,7 +489,8 @@ class USPAttention(nn.Module):
             return out, lse
         rows = call.rows
         picked = sample_rows(rows.prefix, q_all.shape[1] - rows.prefix - rows.suffix, gate, q_all.device)
-        dense = self._dense_rows(state, call, q_all[:, picked], k_all, v_all)
+        with torch.no_grad():
+            dense = self._dense_rows(state, call, q_all[:, picked], k_all, v_all)
         verdicts[call.signature] = judge(gate, out[:, picked], dense, state.sp_group, str(call.sparsity))
         if verdicts[call.signature]:
             return out, lse

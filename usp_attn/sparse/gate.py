@@ -80,8 +80,8 @@ def sample_rows(first: int, count: int, gate: AccuracyGate, device) -> torch.Ten
 def judge(gate: AccuracyGate, sparse_rows: torch.Tensor, dense_rows: torch.Tensor, group, what: str) -> bool:
     """The gate's verdict (True = keep the pattern) for sampled rows ``[B, n, h, D]`` of both outputs; the
     error is summed over ``group`` (None: this process alone), so every rank of it returns the same."""
-    diff = (sparse_rows.double() - dense_rows.double()).pow(2).sum()
-    sums = torch.stack([diff, dense_rows.double().pow(2).sum()])
+    sparse_rows, dense_rows = sparse_rows.detach().double(), dense_rows.detach().double()  # a verdict, no gradient
+    sums = torch.stack([(sparse_rows - dense_rows).pow(2).sum(), dense_rows.pow(2).sum()])
     if group is not None:
         dist.all_reduce(sums, group=group)
     num, den = sums.tolist()  # one host read, once per shape class
