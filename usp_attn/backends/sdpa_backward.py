@@ -76,7 +76,10 @@ def cuda_fused_backward(kernel, q, k, v, out, dout, lse, *, causal, scale, bias=
     h, h_kv = q.shape[2], k.shape[2]
     s_q, s_k = q.shape[1], k.shape[1]
     qt, kt, vt = q.transpose(1, 2), expand_kv_heads(k, h).transpose(1, 2), expand_kv_heads(v, h).transpose(1, 2)
-    ot, gt = out.transpose(1, 2), dout.transpose(1, 2)
+    # The output and its gradient in the layout the forward ops write ([B, S, H, D] in memory): the efficient
+    # backward reads an `out` laid out [B, H, S, D] in memory wrongly, without an error (dq and dk off by 15-50 %
+    # on an H200, or an illegal memory access), and a masked forward's zeroing of empty rows can return that layout.
+    ot, gt = out.contiguous().transpose(1, 2), dout.contiguous().transpose(1, 2)
     seed = torch.empty((), dtype=torch.int64, device=q.device)
     offset = torch.empty((), dtype=torch.int64, device=q.device)
     if kernel == "cudnn":
