@@ -1,8 +1,7 @@
 """Sparse attention composes with Ulysses and ring: every layout of 2 and 4 ranks equals the fp64 masked
 reference of the whole sequence (fp32 within 1e-5 relative: one fp32 softmax's rounding, as for dense), with
 text rows, uneven shards, GQA, per-head windows and a dynamic pattern (Ulysses only); gradients under
-Ulysses equal the reference's (under ring they are refused); bad or disagreeing patterns raise the same error on
-every rank. On the CPU the exact masked path runs; the GPU block kernel
+every layout equal the reference's; bad or disagreeing patterns raise the same error on every rank. On the CPU the exact masked path runs; the GPU block kernel
 is tested against the same reference in tests/gpu/test_gpu_sparse.py."""
 
 from __future__ import annotations
@@ -15,7 +14,7 @@ from tests.distributed import sp_cases, sparse_cases
 from tests.helpers.multiproc import runs_per_world
 from tests.helpers.state import reset_usp_attn_state
 
-BAD = ("grid", "causal", "dynamic_ring", "grad", "type")
+BAD = ("grid", "causal", "dynamic_ring", "type")
 GATE_LIMITS = (1e-6, 10.0)  # far below this pattern's error (dense), far above it (sparse)
 
 
@@ -43,11 +42,16 @@ def _cases(world):
     cases += [functools.partial(sparse_cases.balanced_heads_match_reference, u, r) for u, r in _ulysses(world)]
     cases += [functools.partial(sparse_cases.gate_verdict_is_the_groups, u, r, e)
               for u, r in sp_cases.layouts(world) if u * r > 1 for e in GATE_LIMITS]
-    cases += [functools.partial(sparse_cases.gradients_match_reference, u, 1, name)
-              for u, r in _ulysses(world) if r == 1 for name in sparse_cases.GRAD_CASES]
+    cases += [functools.partial(sparse_cases.gradients_match_reference, u, r, name) for u, r, name in _grad_cases(world)]
     cases.append(functools.partial(sparse_cases.differing_patterns_fail_alike, 1, world))
     cases += [functools.partial(sparse_cases.bad_pattern_fails_alike, 1, world, what) for what in BAD]
     return cases
+
+
+def _grad_cases(world):
+    """Every layout of ``world`` ranks with each gradient case (the dynamic pattern without ring: refused there)."""
+    return [(u, r, name) for u, r in sp_cases.layouts(world) if u * r > 1 for name in sparse_cases.GRAD_CASES
+            if not (r > 1 and name == "top_mass")]
 
 
 def _ulysses(world):
@@ -145,14 +149,15 @@ def test_the_accuracy_gate_decides_for_the_whole_group(world, u, r, limit):
         assert (res["dense_err"] if keep else res["sparse_err"]) > 1e-3, (rank, res)  # the two really differ
 
 
-@pytest.mark.parametrize("world,name", [pytest.param(w, name, id=f"W{w}-U{w}-{name}", marks=_params(w))
-                                        for w in (2, 4) for name in sparse_cases.GRAD_CASES])
-def test_gradients_under_ulysses_equal_the_masked_reference(world, name):
-    """Sparse training under Ulysses (ring refuses it: test_bad_patterns_fail_alike's "grad")."""
+@pytest.mark.parametrize("world,u,r,name", [pytest.param(w, *c, id=f"W{w}-U{c[0]}xR{c[1]}-{c[2]}", marks=_params(w))
+                                            for w in (2, 4) for c in _grad_cases(w)])
+def test_gradients_equal_the_masked_reference(world, u, r, name):
+    """Sparse training in every layout: Ulysses (heads permuted for balance), ring (each hop's part of the
+    pattern, forward and backward) and both."""
     from usp_attn.sparse.balance import head_order
 
-    if name == "uneven_heads" and world == 2:
+    if name == "uneven_heads" and u == 2:
         assert head_order(sparse_cases.UNEVEN_HEADS, 4, 4, 2) is not None  # the case really permutes
-    for rank, errors in enumerate(_run(world).check(functools.partial(sparse_cases.gradients_match_reference, world,
-                                                                      1, name))):
+    for rank, errors in enumerate(_run(world).check(functools.partial(sparse_cases.gradients_match_reference, u, r,
+                                                                      name))):
         assert max(errors.values()) <= sparse_cases.GRAD_RTOL, (rank, errors)

@@ -59,7 +59,7 @@ from usp_attn.ring.backward import RingPlan, ring_attention_with_grad
 from usp_attn.ulysses import pipelined
 from usp_attn.ulysses.steps import UlyssesSteps
 from usp_attn.selector import AttentionBackendUnavailableError, settings_version
-from usp_attn.sparse.attend import attend_sparse, check_sparsity, segments_read
+from usp_attn.sparse.attend import attend_sparse, check_sparsity, hop_backward, segments_read
 from usp_attn.sparse.balance import head_order
 from usp_attn.sparse.gate import judge, sample_rows
 from usp_attn.sparse.patterns import SparsityPattern
@@ -340,7 +340,7 @@ class USPAttention(nn.Module):
             if total is not None:
                 sizes = check_shard_length(state, total, balanced, local_len, q.shape[1], rows)
             if sparsity is not None:
-                self._check_sparse_call(sparsity, attn_mask, text_mask, balanced, grad, total, state)
+                self._check_sparse_call(sparsity, attn_mask, text_mask, balanced, total, state)
         except (ValueError, TypeError) as exc:
             if reason is None:
                 raise
@@ -363,7 +363,7 @@ class USPAttention(nn.Module):
             self.__dict__["_steady_call"] = (state.guard, call)  # nn.Module.__setattr__ is slow
         return call
 
-    def _check_sparse_call(self, sparsity, attn_mask, text_mask, balanced, grad, total, state) -> None:
+    def _check_sparse_call(self, sparsity, attn_mask, text_mask, balanced, total, state) -> None:
         where = "USPAttention"
         check_sparsity(sparsity, num_grid_tokens=total, num_heads=self.num_heads, causal=self.causal, where=where)
         if attn_mask is not None or text_mask is not None:
@@ -371,10 +371,6 @@ class USPAttention(nn.Module):
         if balanced:
             raise ValueError(f"{where}: sparsity= needs the contiguous layout; the zigzag layout (load_balance=True) "
                              "is for causal attention")
-        if grad and state.ring_degree > 1:
-            raise ValueError(f"{where}: sparse attention has no backward under ring (ring_degree > 1): its hops skip "
-                             "and send by the pattern, which the ring's backward pass does not; train it with Ulysses "
-                             "only (ring_degree=1), or run under torch.no_grad()")
         if sparsity.dynamic and state.ring_degree > 1:
             raise ValueError(
                 f"{where}: {type(sparsity).__name__} is dynamic: it chooses key blocks from the whole sequence's "
@@ -533,6 +529,17 @@ class USPAttention(nn.Module):
         text_k = text_v = None
         if rows.key_prefix or rows.key_suffix:  # text K/V: attended densely once, here
             text_k, text_v = _replicated(k_all, k_pre, seg), _replicated(v_all, k_pre, seg)
+        if call.grad:  # the ring's backward sends every block around the ring again, with its dk/dv
+            kernels = BlockKernels(self.local, self.local.kernel_for(q_all, k_all, v_all, need_lse=True),
+                                   self.local.kernel_for(q_all, k_all, v_all, need_mask=True, need_lse=True))
+            new_exchange = functools.partial(RingExchange, state.ring_ranks, state.ring_rank, state.ring_group,
+                                             state.timeout)
+            check_backward(kernels.impl)  # the kernels agreed for the group: the same on every rank
+            check_backward(kernels.masked_kernel[1])
+            plan = RingPlan(kernels, new_exchange, state.ring_rank, lengths, False, sparse_hop=hop)
+            out, lse = ring_attention_with_grad(plan, q_all, k_all[:, own], v_all[:, own], text_k=text_k,
+                                                text_v=text_v, return_lse=True)
+            return out, (lse if call.return_lse else None)
         exchange = RingExchange(state.ring_ranks, state.ring_rank, state.ring_group, state.timeout) \
             if hop.needs is None else \
             DirectExchange(state.ring_ranks, state.ring_rank, state.ring_group, state.timeout, hop.needs)
@@ -663,6 +670,10 @@ class _SparseHop:
         return attend_sparse(self.attend, q, k, v, self.pattern, q_text=self.q_text, k_text=(0, 0), q_range=self.q_span,
                              k_range=self.spans[source], heads=self.heads, scale=self.scale,
                              block_kernel=self.block_kernel)
+
+    def backward(self, source, q, k, v, out, dout, lse, dlse, backward):
+        return hop_backward(backward, q, k, v, out, dout, lse, dlse, self.pattern, q_text=self.q_text,
+                            q_range=self.q_span, k_range=self.spans[source], heads=self.heads)
 
 
 def _replicated(x: torch.Tensor, prefix: int, seg: int) -> torch.Tensor:

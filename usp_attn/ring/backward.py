@@ -16,7 +16,9 @@ step t both overlap the block computed at step t+1 (two exchanges in flight, pos
 the same order on every rank). Causal: the same calls are made as in the forward
 (:mod:`~usp_attn.ring.plan`: whole blocks, the diagonal, or zigzag halves); a
 block no call touches passes its accumulator on unchanged. Replicated (text) K/V blocks
-are local: their gradients are computed once, while the first transfer is in flight.
+are local: their gradients are computed once, while the first transfer is in flight. A sparse
+pattern's hop (``RingPlan.sparse_hop``) computes its part of the block, as in the forward: a hop the
+pattern leaves empty makes no call and passes the block and its accumulator on.
 
 The returned LSE is differentiable: its gradient ``dlse`` enters every block's backward
 (:func:`~usp_attn.kernels.block_backward`), so a loss that uses it gets
@@ -51,6 +53,9 @@ class RingPlan:
         block_lengths: every ring rank's K/V block length, in ring order.
         causal: causal over the ring's global order.
         front_lengths: zigzag layout: every block's early-half length; ``None``: contiguous.
+        sparse_hop: a static sparse pattern's part of each hop (see
+            :func:`~usp_attn.ring.forward.ring_attention`), with ``sparse_hop.backward(source, ...)`` giving a
+            hop's gradients; ``None``: dense.
     """
 
     kernels: BlockKernels
@@ -59,6 +64,7 @@ class RingPlan:
     block_lengths: tuple[int, ...]
     causal: bool
     front_lengths: tuple[int, ...] | None = None
+    sparse_hop: object | None = None
 
     @property
     def layout(self) -> RingLayout:
@@ -74,7 +80,7 @@ class _RingAttention(torch.autograd.Function):
         out, lse = ring_attention(
             plan.kernels.attend, q, k, v, exchange=plan.new_exchange(), ring_rank=plan.ring_rank,
             block_lengths=plan.block_lengths, causal=plan.causal, key_mask=key_mask,
-            local_blocks=local_blocks, return_lse=True, front_lengths=plan.front_lengths,
+            local_blocks=local_blocks, return_lse=True, front_lengths=plan.front_lengths, sparse_hop=plan.sparse_hop,
         )
         ctx.save_for_backward(q, k, v, key_mask, text_k, text_v, text_mask, out, lse)
         ctx.plan = plan
@@ -122,15 +128,19 @@ def ring_backward(plan, q, k, v, key_mask, text_k, text_v, text_mask, out, lse, 
     acc_dtype = torch.promote_types(k.dtype, torch.float32)
     dq = torch.zeros(q.shape, dtype=torch.promote_types(q.dtype, torch.float32), device=q.device)
 
-    def block_grads(k_blk, v_blk, mask_blk, call):
+    hop = plan.sparse_hop
+
+    def block_grads(k_blk, v_blk, mask_blk, call, source=None):
         """dq of the call's rows (added here) and dk/dv of the call's keys."""
         rows = slice(0, num_rows) if call is None else call.rows
         keys = slice(0, k_blk.shape[1]) if call is None else call.keys
-        bdq, bdk, bdv = plan.kernels.backward(
-            q[:, rows], k_blk[:, keys], v_blk[:, keys], out[:, rows], dout[:, rows], lse[:, :, rows],
-            mask=key_mask_4d(mask_blk, keys), causal=call is not None and call.causal,
-            dlse=None if dlse is None else dlse[:, :, rows],
-        )
+        args = (q[:, rows], k_blk[:, keys], v_blk[:, keys], out[:, rows], dout[:, rows], lse[:, :, rows])
+        drows = None if dlse is None else dlse[:, :, rows]
+        if hop is not None and call is not None:  # the pattern's part of the hop, as the forward computed it
+            bdq, bdk, bdv = hop.backward(source, *args, drows, plan.kernels.backward)
+        else:
+            bdq, bdk, bdv = plan.kernels.backward(*args, mask=key_mask_4d(mask_blk, keys),
+                                                  causal=call is not None and call.causal, dlse=drows)
         dq[:, rows].add_(bdq)
         return keys, bdk, bdv
 
@@ -153,9 +163,9 @@ def ring_backward(plan, q, k, v, key_mask, text_k, text_v, text_mask, out, lse, 
         if not last:
             shape = shape_of(sources[step + 1])
             kv_exchange.start(block, [(shape, k.dtype)] * 2 + [(shape[:2], m.dtype) for m in mask_like])
-        calls = layout.calls(me, source, num_rows)
+        calls = layout.calls(me, source, num_rows) if hop is None or hop.has_work(source) else ()
         mask = block[2] if key_mask is not None else None
-        block_parts = [block_grads(block[0], block[1], mask, call) for call in calls]
+        block_parts = [block_grads(block[0], block[1], mask, call, source) for call in calls]
         if step == 0:
             acc = [torch.zeros(shape_of(source), dtype=acc_dtype, device=k.device) for _ in range(2)]
         else:

@@ -34,7 +34,7 @@ from usp_attn.logs import log_once
 from usp_attn.ring.merge import merge
 from usp_attn.sparse.patterns import SparsityPattern
 
-__all__ = ["BLOCK", "BlockPlan", "attend_sparse", "block_plan", "check_sparsity", "segments_read"]
+__all__ = ["BLOCK", "BlockPlan", "attend_sparse", "block_plan", "check_sparsity", "hop_backward", "segments_read"]
 
 #: Rows and keys per kernel block of the block-sparse kernel (FA4's tile on SM90 and SM100).
 BLOCK = 128
@@ -223,16 +223,20 @@ def _grid_attention(attend, q, k, v, pattern, q_range, k_range, heads, scale, bl
     return _masked(attend, q, k, v, pattern, q_range, k_range, heads, scale)
 
 
+def _row_chunks(pattern, batch: int, nq: int, nk: int, heads) -> list[slice]:
+    """Query-row chunks whose token mask stays within :data:`_MASK_ELEMENTS` booleans."""
+    per_row = max(1, len(heads) * nk * (batch if pattern.dynamic else 1))
+    step = max(1, min(nq, _MASK_ELEMENTS // per_row))
+    return [slice(start, min(nq, start + step)) for start in range(0, nq, step)]
+
+
 def _masked(attend, q, k, v, pattern, q_range, k_range, heads, scale):
     """The exact masked path, in chunks of query rows so the token mask stays bounded."""
     batch, nq, nk = q.shape[0], q.shape[1], k.shape[1]
     q_pos, k_pos = _positions(q_range, q.device), _positions(k_range, q.device)
     extra = {"q": q, "k": k, "scale": scale} if pattern.dynamic else {}
-    per_row = max(1, len(heads) * nk * (batch if pattern.dynamic else 1))
-    step = max(1, min(nq, _MASK_ELEMENTS // per_row))
     outs, lses = [], []
-    for start in range(0, nq, step):
-        rows = slice(start, min(nq, start + step))
+    for rows in _row_chunks(pattern, batch, nq, nk, heads):
         if pattern.dynamic:  # positions index the rows of the q and k passed along
             mask = pattern.token_mask(q_pos[rows] - q_range[0], k_pos - k_range[0], heads, **extra)
         else:
@@ -243,3 +247,48 @@ def _masked(attend, q, k, v, pattern, q_range, k_range, heads, scale):
     if len(outs) == 1:
         return outs[0], lses[0]
     return torch.cat(outs, dim=1), torch.cat(lses, dim=2)
+
+
+def hop_backward(backward, q, k, v, out, dout, lse, dlse, pattern: SparsityPattern, *, q_text, q_range, k_range,
+                 heads) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(dq, dk, dv)`` of one ring hop of a static pattern: this rank's rows against grid keys only.
+
+    The forward's hop (:func:`attend_sparse` with no text keys) is text queries against every key of the hop
+    (dense) and grid queries against the keys the pattern keeps; ``out`` and ``lse`` are the rows' results over
+    *all* keys (the ring's merged ones), so each part's flash-style backward is exact (see
+    :mod:`usp_attn.ring.backward`). The grid part runs on the pattern's token mask in bounded row chunks, as
+    the forward's masked path does.
+
+    Args:
+        backward: ``backward(q, k, v, out, dout, lse, mask=None, dlse=None) -> (dq, dk, dv)``, e.g.
+            :meth:`usp_attn.kernels.BlockKernels.backward` (a masked kernel for the masked calls).
+        q, out, dout: ``[B, pre + Nq + suf, H, D]``; k, v: ``[B, Nk, H_kv, D]`` grid keys; lse, dlse:
+            ``[B, H, rows]`` (``dlse`` may be None).
+        q_text: ``(pre, suf)`` text rows of q; q_range, k_range: grid positions of q's grid rows and of k;
+        heads: the pattern's head index of each of q's heads.
+    Returns:
+        dq like q, dk and dv like k, in fp32 (fp64 for fp64 inputs).
+    """
+    acc = torch.promote_types(q.dtype, torch.float32)
+    dq = torch.zeros(q.shape, dtype=acc, device=q.device)
+    dk = torch.zeros(k.shape, dtype=acc, device=k.device)
+    dv = torch.zeros(v.shape, dtype=acc, device=v.device)
+    pre, suf = q_text
+    nq = q.shape[1] - pre - suf
+
+    def add(rows, mask=None):
+        bdq, bdk, bdv = backward(q[:, rows], k, v, out[:, rows], dout[:, rows], lse[:, :, rows], mask=mask,
+                                 dlse=None if dlse is None else dlse[:, :, rows])
+        dq[:, rows] += bdq
+        dk.add_(bdk)
+        dv.add_(bdv)
+
+    if pre:
+        add(slice(0, pre))
+    if suf:
+        add(slice(pre + nq, q.shape[1]))
+    q_pos, k_pos = _positions(q_range, q.device), _positions(k_range, q.device)
+    for rows in _row_chunks(pattern, q.shape[0], nq, k.shape[1], heads):
+        mask = pattern.token_mask(q_pos[rows], k_pos, heads)[None].expand(q.shape[0], -1, -1, -1)
+        add(slice(pre + rows.start, pre + rows.stop), mask)  # a row keeping no key of the hop gets 0 here
+    return dq, dk, dv
