@@ -181,7 +181,8 @@ class LocalAttention(nn.Module):
         ``sparsity``: a sparse pattern (:mod:`usp_attn.sparse`; ``None`` = dense, the default),
         lossy and opt-in. Its grid is the rows between ``replicated.prefix`` and
         ``replicated.suffix`` (text rows, dense both ways; k/v may carry ``kv_prefix/kv_suffix``
-        rows more); no ``attn_mask``, not causal. Inference only.
+        rows more); no ``attn_mask``, not causal. Under autograd it runs on the exact masked path
+        (gradients exact; the block-sparse kernel is forward only).
         """
         check_return_lse(return_lse)
         if attn_mask is None and sparsity is None and replicated is None and not torch.compiler.is_compiling():
