@@ -133,6 +133,11 @@ class USPAttention(nn.Module):
         ``shard_sequence``); ``True`` = zigzag, which balances causal work.
         replicated: the replicated rows as one :class:`~usp_attn.ReplicatedRows` description,
         instead of the ``num_replicated_*`` integer keywords (shorthand for the same counts).
+        sparsity: a sparse pattern (:mod:`usp_attn.sparse`) over the grid of the whole sharded sequence (in
+        the pattern's token order), or ``None`` (dense, the default); lossy and opt-in. The same pattern on
+        every rank; each Ulysses rank applies its heads' part, each ring hop its part. Not with causal,
+        ``attn_mask``, ``replicated_key_mask`` or the zigzag layout; dynamic patterns not under ring.
+        Differentiable in every layout (the exact masked path under autograd).
     """
 
     #: (ulysses_degree, ring_degree) constraint checked at call time; None = any.
