@@ -81,6 +81,8 @@ PARTS: dict[str, Part] = {
     "sparse-quality": Part("benchmarks.sparse_quality:sparse_quality_part", "one",
                            "sparse patterns' density and error: synthetic video-like and the built-in model"),
     "sparse": Part("benchmarks.sparse_attention:sparse_part", "one", "sliding-tile sparse vs dense; per-rank work"),
+    "sparse-sp": Part("benchmarks.sparse_attention:sparse_sp_part", "any",
+                      "USPAttention sparse vs dense in every layout of the ranks (S2 measured)"),
     "causal-balance": Part("benchmarks.causal_balance:causal_balance_part", "one", "causal ring work per rank: contiguous vs zigzag"),
     "layout": Part("benchmarks.layout_model:layout_part", "one",
                    "layout cost model: kernel terms measured here, predicted (cfg, U, R) times on 2/4/8 and 2x8 GPUs"),
@@ -96,8 +98,8 @@ PARTS: dict[str, Part] = {
 ONE_GPU = ["env", "ceilings", "layer-overhead", "kernels", "ring-hops", "compile", "ring-backward", "causal-balance",
            "crossover", "sparse", "sparse-quality", "layout"]
 #: the multi-GPU set (under torchrun)
-MULTI_GPU = ["env", "scaling", "peers", "model-step", "communication", "safe-defaults", "training-step",
-             "diffusers-families", "text-padding", "layout-check"]
+MULTI_GPU = ["env", "ulysses-overlap", "layout-check", "sparse-sp", "scaling", "peers", "model-step", "communication",
+             "safe-defaults", "training-step", "diffusers-families", "text-padding"]
 GROUPS = {"one-gpu": ONE_GPU, "multi-gpu": MULTI_GPU}
 
 

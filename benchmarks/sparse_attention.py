@@ -12,21 +12,28 @@ Rows, at the Wan 14B 720p grid (21 x 45 x 80 = 75,600 tokens, H 40) and the Huny
 * Per-rank work emulated on one GPU: Ulysses-8 (H / 8 heads, every token) and ring-2 / ring-4
   (the rank's S / R queries against each hop's S / R keys, a hop without kept pairs skipped),
   sparse and dense, and the sparse speed-up kept relative to one GPU's.
+
+Part "sparse-sp" (under torchrun, N ranks): ``USPAttention`` sparse vs dense in every layout U x R = N at
+the Wan 14B 720p grid, with all its transfers; the tokens in tile-major order and sharded on 128-token
+blocks (``shard_sequence(..., align=128)``). Each rank also times the one-GPU speed-up on its own GPU
+(``LocalAttention`` on the whole sequence), so S2 is the measured ratio, not an emulation.
 """
 
 from __future__ import annotations
 
 import torch
 
-from usp_attn import LocalAttention, ReplicatedRows
+import usp_attn
+from usp_attn import LocalAttention
 from usp_attn.sparse import SlidingTileSparsity, VideoGrid, tile_major_inverse_permutation, tile_major_permutation
 from usp_attn.distributed.state import shard_sizes
 from usp_attn.sparse.attend import attend_sparse, block_plan
 
-from benchmarks.suite import Context, headline, short_error, skipped
+from benchmarks.suite import (Context, headline, layout_name, layouts_of, rel_err, sequence_parallel, short_error,
+                              skipped)
 from benchmarks.timing import plan_reps, time_interleaved
 
-__all__ = ["sparse_part", "windows_for"]
+__all__ = ["sparse_part", "sparse_sp_part", "windows_for"]
 
 TILE = (4, 4, 8)
 GPU = dict(models=[("Wan 14B 720p", (21, 45, 80), 40), ("HunyuanVideo 720p", (33, 45, 80), 24)],
@@ -154,3 +161,66 @@ def _kept_blocks(pattern, mine, spans, heads, device) -> int:
         plan = block_plan(pattern, mine, span, heads, device)
         total += int(plan.full_cnt.sum()) + (0 if plan.partial_cnt is None else int(plan.partial_cnt.sum()))
     return total
+
+
+SP_GPU = dict(models=[("Wan 14B 720p", (21, 45, 80), 40)], densities=(0.25, 0.125), dtype=torch.bfloat16, align=128,
+              reps=10)
+SP_CPU = dict(models=[("toy", (5, 6, 16), 4)], densities=(0.25,), dtype=torch.float32, align=16, reps=3)
+
+
+def sparse_sp_part(ctx: Context) -> list[dict]:
+    """USPAttention sparse vs dense in every layout of the world (see the module doc)."""
+    if ctx.world == 1:
+        return [skipped("sparse under sequence parallelism", "needs torchrun with 2 or more ranks")]
+    cfg = ctx.sizes(SP_GPU, SP_CPU)
+    rows = []
+    for model, dims, heads in cfg["models"]:
+        grid = VideoGrid(*dims)
+        s, d = grid.num_tokens, 128 if ctx.cuda else 32
+        gen = torch.Generator(device=ctx.device).manual_seed(5)  # the same sequence on every rank
+        perm = tile_major_permutation(grid, TILE, device=ctx.device)
+        q, k, v = (torch.randn(1, s, heads, d, generator=gen, device=ctx.device, dtype=cfg["dtype"])[:, perm]
+                   for _ in range(3))
+        label = f"1,{heads},{s},{d}"
+        local = LocalAttention(heads, d)
+        for target in cfg["densities"]:
+            window, density = windows_for(grid, TILE, target)
+            pattern = SlidingTileSparsity(grid, TILE, window, token_order="tile_major")
+            if ctx.out_of_time():
+                rows.append(skipped(f"{model} sparse {density:.1%}", "time budget spent", shape=label))
+                continue
+            with torch.no_grad():
+                whole = local(q, k, v, sparsity=pattern)  # also the reference of the layouts' outputs
+                t = time_interleaved({"dense": (lambda: local(q, k, v), [()]),
+                                      "sparse": (lambda: local(q, k, v, sparsity=pattern), [()])},
+                                     warmup=1, reps=cfg["reps"], device=ctx.device)
+            one_gpu = ctx.max_over_ranks(t["dense"].median) / ctx.max_over_ranks(t["sparse"].median)
+            for u, r in layouts_of(ctx.world):
+                row = {"what": f"{model} {layout_name(u, r)} sparse {density:.1%}", "shape": label,
+                       "layout": layout_name(u, r), "gpus": ctx.world, "density": density}
+                if ctx.out_of_time():
+                    rows.append(skipped(row.pop("what"), "time budget spent", **row))
+                    continue
+                with sequence_parallel(ctx, u, r) as state:
+                    try:
+                        layer = usp_attn.USPAttention(heads, d)
+                        shards = [usp_attn.shard_sequence(x, align=cfg["align"]) for x in (q, k, v)]
+                        with torch.no_grad():
+                            out = layer(*shards, sparsity=pattern)
+                            err = ctx.max_over_ranks(rel_err(usp_attn.gather_sequence(out), whole))
+                            t = time_interleaved({"dense": (lambda: layer(*shards), [()]),
+                                                  "sparse": (lambda: layer(*shards, sparsity=pattern), [()])},
+                                                 warmup=1, reps=cfg["reps"], device=ctx.device)
+                        dense_s, sparse_s = (ctx.max_over_ranks(t[n].median) for n in ("dense", "sparse"))
+                    except Exception as exc:
+                        rows.append({**row, "backend": str(state.backend), "note": f"error: {short_error(exc)}"})
+                        continue
+                speedup = dense_s / sparse_s
+                rows.append({**row, "dense_ms": dense_s * 1e3, "ms": sparse_s * 1e3, "speedup": speedup,
+                             "kept_of_one_gpu": speedup / one_gpu, "rel_err": err,
+                             "note": f"one GPU's sparse speed-up {one_gpu:.2f}x; the slowest rank's times"})
+                rows.append(headline("S2", f"{model} {layout_name(u, r)}: sparse speed-up / one GPU's",
+                                     speedup / one_gpu, ">= 0.9", shape=label))
+        q = k = v = None
+        ctx.free()
+    return rows

@@ -3,12 +3,15 @@
 # tests, then every measurement through the benchmark suite (python -m benchmarks.run, parts named below):
 #   1. environment (GPUs, links, versions); a wheels folder (.whl/) installed into /tmp/site
 #   2. pytest -m multigpu tests/gpu: the sequence-parallel test scenarios on NCCL (one process per GPU), every
-#      layout of every group size, and the safe defaults there (host syncs, fp64 ring, first-call errors)
-#   3. scaling (P4): the attention layer at Wan 14B 720p on 1, 2, 4, 8 GPUs (groups side by side), every layout
-#   4. peers (P5): yunchang and diffusers context parallel against USPAttention, same shards and layout
+#      layout of every group size, the safe defaults there (host syncs, fp64 ring, first-call errors), and the
+#      layers and a DiT block captured in CUDA graphs under NCCL
+#   3. (GPU runs) ulysses-overlap (Ulysses-2 with and without the head-group pipeline), layout-check (every
+#      (cfg, U, R): predicted vs measured guided step), sparse-sp (USPAttention sparse vs dense, every layout)
+#   4. scaling (P4): the attention layer at Wan 14B 720p on 1, 2, 4, 8 GPUs (groups side by side), every layout;
+#      peers (P5): yunchang and diffusers context parallel against USPAttention, same shards and layout
 #   5. model-step: the built-in DiT (P4) and the diffusers Wan transformer (P5: vs enable_parallelism)
 #   6. communication: all-to-all, ring hop and NCCL probes vs link bandwidth; then (GPU runs) safe-defaults,
-#      training-step, diffusers-families (see BENCHMARKS.md)
+#      training-step, diffusers-families, text-padding (see BENCHMARKS.md)
 #   7. torchrun --nproc-per-node N launch/generate.py --verify: Ulysses-N, ring-N, a mixed UxR; bf16 and fp32
 #   8. benchmarks/report.py: summary.md, results.json, summary.png
 # Output (all under $OUT, else ./out/multigpu): multigpu.log (everything printed), env.txt, summary.md,
@@ -20,6 +23,8 @@
 #   bash launch/multigpu_check.sh --cpu-dry-run [N]   # every step on CPU with gloo at toy sizes, N processes
 #                                                     # (default 4): catches typos before a GPU call; the
 #                                                     # multigpu tests run on N CPU processes too
+#   MULTIGPU_PARTS="sparse-sp layout-check" bash launch/multigpu_check.sh 2   # only those suite parts
+#   MULTIGPU_BUDGET_S=580 ...                         # the overall budget (default 530 s)
 # The dry run runs generate.py on Ulysses-N (bf16) and ring-N (fp32) only, so it stays within about a
 # minute on 2 cores.
 set -uo pipefail
@@ -171,7 +176,10 @@ run_step "multigpu tests" "$T_PART" env "${TEST_ENV[@]}" "$PY" -m pytest -m mult
     -p no:cacheprovider --timeout "$T_PART"
 
 # ---- 3-6. the suite's multi-GPU parts, one torchrun each (a hang costs one step) -------------------------
-PARTS=(scaling peers model-step communication safe-defaults training-step diffusers-families text-padding)
+# Not measured on two GPUs yet first (the Ulysses pipeline, the layout check, sparse under SP), so a short budget
+# still gets them; MULTIGPU_PARTS="a b" runs those parts instead.
+read -r -a PARTS <<< "${MULTIGPU_PARTS:-ulysses-overlap layout-check sparse-sp scaling peers model-step communication \
+safe-defaults training-step diffusers-families text-padding}"
 # the last four have unit tests of their own on CPU: the dry run skips them to stay within about a minute
 [ $DRY = 1 ] && PARTS=(scaling peers model-step communication)
 for i in "${!PARTS[@]}"; do

@@ -262,3 +262,22 @@ def test_text_padding_part_both_masks_match_one_device():
     (fp32: ~3e-7 measured, 1e-5 allowed) in every layout of two ranks."""
     for rows in run_in_group(2, _text_padding_rows, timeout=120):
         assert len(rows) == 4 and all(r["rel_err"] < 1e-5 and r["ms"] > 0 for r in rows), rows
+
+
+def _sparse_sp_rows() -> list[dict]:
+    import torch
+
+    from benchmarks.sparse_attention import sparse_sp_part
+
+    return sparse_sp_part(Context(device=torch.device("cpu"), dry_run=True, budget_s=60, target_s=0.1))
+
+
+def test_sparse_sp_part_times_every_layout_against_the_whole_sequence():
+    """USPAttention sparse vs dense at Ulysses-2 and ring-2: each layout's gathered output equals the one-device
+    sparse result (fp32), its times and the measured S2 ratio are reported, the same on both ranks."""
+    results = run_in_group(2, _sparse_sp_rows, timeout=120)
+    assert results[0] == results[1]  # every number is the slowest rank's, so both ranks report alike
+    rows = [r for r in results[0] if "metric" not in r]
+    assert [r["layout"].split()[0] for r in rows] == ["2x1", "1x2"], rows
+    assert all(r["rel_err"] < 1e-5 and r["ms"] > 0 and r["dense_ms"] > 0 and 0 < r["density"] < 1 for r in rows), rows
+    assert [r["metric"] for r in results[0] if "metric" in r] == ["S2", "S2"]
