@@ -64,3 +64,50 @@ def test_dit_block_replay_is_bit_identical():
     eager = step(x, mod, context, *rope)
     torch.cuda.synchronize()
     assert torch.equal(out, eager), (out.float() - eager.float()).abs().max().item()
+
+
+@pytest.mark.parametrize("causal,zigzag", [(False, False), (True, False), (True, True)],
+                         ids=["full", "causal", "zigzag-causal"])
+def test_ring_merges_replay_are_bit_identical(causal, zigzag):
+    """The ring's per-hop work without its transfer (one GPU cannot hold two NCCL ranks): this rank's block and
+    three local key blocks attended with their LSE and merged on the side stream (``record_stream``, the fp32
+    accumulator, the final cast; zigzag: two query-row groups, each its own merge), captured; replay equals eager bit for bit and eager equals attention over all
+    the keys at once. The NCCL cases in test_multigpu_graphs.py add the transfers."""
+    from usp_attn.ring.forward import ring_attention
+
+    b, h, s, d, extra = 1, 8, 1024, 128, (256, 512, 640)
+    layer = usp_attn.LocalAttention(h, d)
+
+    def call(q, k, v, *blocks):
+        local = [(blocks[i], blocks[i + 1], None) for i in range(0, len(blocks), 2)]
+        return ring_attention(layer.attend, q, k, v, exchange=None, ring_rank=0, block_lengths=(s,), causal=causal,
+                              local_blocks=local, return_lse=True, front_lengths=(s // 2,) if zigzag else None)
+
+    def values(seed):
+        g = torch.Generator(device="cuda").manual_seed(seed)
+        lengths = [s, s, s, *[n for n in extra for _ in (0, 1)]]
+        return [torch.randn(b, n, h, d, generator=g, device="cuda", dtype=torch.bfloat16) for n in lengths]
+
+    static = values(0)
+    call(*static)
+    graph, (out, lse) = capture(call, *static)
+    for seed in (1, 2):
+        fresh = values(seed)
+        for dst, src in zip(static, fresh):
+            dst.copy_(src)
+        graph.replay()
+        want_out, want_lse = call(*fresh)
+        torch.cuda.synchronize()
+        assert torch.equal(out, want_out), (out.float() - want_out.float()).abs().max().item()
+        assert torch.equal(lse, want_lse)
+    q, k, v = (t.double() for t in fresh[:3])
+    keys = torch.cat([k] + [t.double() for t in fresh[3::2]], 1)
+    vals = torch.cat([v] + [t.double() for t in fresh[4::2]], 1)
+    logits = torch.einsum("bqhd,bkhd->bhqk", q, keys) * d ** -0.5
+    if causal:  # causal over this rank's own block; the local (text) blocks are seen by every row
+        own = torch.ones(s, s, dtype=torch.bool, device="cuda").tril()
+        allowed = torch.cat([own, torch.ones(s, keys.shape[1] - s, dtype=torch.bool, device="cuda")], 1)
+        logits = logits.masked_fill(~allowed, float("-inf"))
+    ref = torch.einsum("bhqk,bkhd->bqhd", logits.softmax(-1), vals)
+    assert (out.double() - ref).abs().max().item() < 2e-2  # bf16 output: one ulp of |out| in [2, 4) is 1.6e-2
+    assert (lse.double() - logits.logsumexp(-1)).abs().max().item() < 1e-2
