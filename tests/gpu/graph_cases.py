@@ -19,7 +19,8 @@ import torch.distributed as dist
 import usp_attn
 from launch.tiny_dit import Block, TinyDiTConfig, rope_tables
 
-__all__ = ["capture", "dit_block", "block_inputs", "layer_replay", "block_replay", "compiled_layer_replay"]
+__all__ = ["capture", "replays_vs_eager", "dit_block", "block_inputs", "layer_replay", "block_replay",
+           "compiled_layer_replay"]
 
 TIMEOUT_S = 60
 
@@ -37,6 +38,25 @@ def capture(fn, *static_args, warmup: int = 2):
     with torch.cuda.graph(graph):
         out = fn(*static_args)
     return graph, out
+
+
+def replays_vs_eager(graph, captured, static, call, values, device=None, seeds=(1, 2)) -> str:
+    """For each seed: ``values(seed)`` copied into the ``static`` inputs, the graph replayed, and its
+    ``captured`` output (a tensor or a tuple) compared with ``call`` run eagerly on the same values.
+    "equal" when every replay is bit-identical, else what differed first."""
+    captured = captured if isinstance(captured, tuple) else (captured,)
+    for seed in seeds:
+        fresh = values(seed)
+        for dst, src in zip(static, fresh):
+            dst.copy_(src)
+        graph.replay()
+        eager = call(*fresh)
+        eager = eager if isinstance(eager, tuple) else (eager,)
+        torch.cuda.synchronize(device)
+        for got, want in zip(captured, eager):
+            if not torch.equal(got, want):
+                return f"seed {seed}: max |replay - eager| {(got.float() - want.float()).abs().max().item():.3g}"
+    return "equal"
 
 
 def dit_block(hidden: int, heads: int, sequence_parallel: bool, device, dtype) -> Block:
@@ -95,17 +115,8 @@ def layer_replay(u: int, r: int) -> str:
         if not cuda:
             again = call(*static)
             return "no CUDA" if all(torch.equal(a, b) for a, b in zip(first, again)) else "eager differs"
-        graph, (out, lse) = capture(call, *static)
-        for seed in (1, 2):
-            values = local(seed)
-            for dst, src in zip(static, values):
-                dst.copy_(src)
-            graph.replay()
-            eager_out, eager_lse = call(*values)
-            torch.cuda.synchronize(dev)
-            if not (torch.equal(out, eager_out) and torch.equal(lse, eager_lse)):
-                return f"seed {seed}: max |replay - eager| {(out.float() - eager_out.float()).abs().max().item():.3g}"
-        return "equal"
+        graph, out = capture(call, *static)
+        return replays_vs_eager(graph, out, static, call, local, dev)
     finally:
         usp_attn.destroy_sequence_parallel()
 
@@ -135,16 +146,7 @@ def block_replay(u: int, r: int) -> str:
         if not cuda:
             return "no CUDA" if torch.equal(first, step(*static)) else "eager differs"
         graph, out = capture(step, *static)
-        for seed in (1, 2):
-            values = local(seed)
-            for dst, src in zip(static, values):
-                dst.copy_(src)
-            graph.replay()
-            eager = step(*values)
-            torch.cuda.synchronize(dev)
-            if not torch.equal(out, eager):
-                return f"seed {seed}: max |replay - eager| {(out.float() - eager.float()).abs().max().item():.3g}"
-        return "equal"
+        return replays_vs_eager(graph, out, static, step, local, dev)
     finally:
         usp_attn.destroy_sequence_parallel()
 

@@ -9,7 +9,7 @@ import torch
 
 import usp_attn
 from tests.gpu.common import GPU
-from tests.gpu.graph_cases import block_inputs, capture, dit_block
+from tests.gpu.graph_cases import block_inputs, capture, dit_block, replays_vs_eager
 
 pytestmark = GPU
 
@@ -34,15 +34,7 @@ def test_layer_replay_is_bit_identical(layer_cls, return_lse, shape):
     static = _qkv(shape, 0)
     call(*static)  # eager first: the measured kernel choice happens here, never inside the capture
     graph, out = capture(call, *static)
-    for seed in (1, 2):
-        values = _qkv(shape, seed)
-        for dst, src in zip(static, values):
-            dst.copy_(src)
-        graph.replay()
-        eager = call(*values)
-        torch.cuda.synchronize()
-        for got, want in zip(out if return_lse else (out,), eager if return_lse else (eager,)):
-            assert torch.equal(got, want), (got.float() - want.float()).abs().max().item()
+    assert replays_vs_eager(graph, out, static, call, lambda seed: _qkv(shape, seed)) == "equal"
 
 
 def test_dit_block_replay_is_bit_identical():
@@ -53,17 +45,14 @@ def test_dit_block_replay_is_bit_identical():
         with torch.no_grad():
             return block(x, mod, context, (cos, sin))
 
-    static = list(block_inputs(grid[0] * grid[1] * grid[2], hidden, heads, grid, "cuda", dtype, 0))
-    static = static[:3] + list(static[3])
+    def values(seed):
+        x, mod, context, rope = block_inputs(grid[0] * grid[1] * grid[2], hidden, heads, grid, "cuda", dtype, seed)
+        return [x, mod, context, *rope]
+
+    static = values(0)
     step(*static)
     graph, out = capture(step, *static)
-    x, mod, context, rope = block_inputs(grid[0] * grid[1] * grid[2], hidden, heads, grid, "cuda", dtype, 1)
-    for dst, src in zip(static, (x, mod, context, *rope)):
-        dst.copy_(src)
-    graph.replay()
-    eager = step(x, mod, context, *rope)
-    torch.cuda.synchronize()
-    assert torch.equal(out, eager), (out.float() - eager.float()).abs().max().item()
+    assert replays_vs_eager(graph, out, static, step, values) == "equal"
 
 
 @pytest.mark.parametrize("causal,zigzag", [(False, False), (True, False), (True, True)],
@@ -71,8 +60,9 @@ def test_dit_block_replay_is_bit_identical():
 def test_ring_merges_replay_are_bit_identical(causal, zigzag):
     """The ring's per-hop work without its transfer (one GPU cannot hold two NCCL ranks): this rank's block and
     three local key blocks attended with their LSE and merged on the side stream (``record_stream``, the fp32
-    accumulator, the final cast; zigzag: two query-row groups, each its own merge), captured; replay equals eager bit for bit and eager equals attention over all
-    the keys at once. The NCCL cases in test_multigpu_graphs.py add the transfers."""
+    accumulator, the final cast; zigzag: two query-row groups, each its own merge), captured. Replays equal eager
+    bit for bit, and eager equals fp64 attention over all the keys at once. The NCCL cases in
+    test_multigpu_graphs.py add the transfers."""
     from usp_attn.ring.forward import ring_attention
 
     b, h, s, d, extra = 1, 8, 1024, 128, (256, 512, 640)
@@ -91,15 +81,8 @@ def test_ring_merges_replay_are_bit_identical(causal, zigzag):
     static = values(0)
     call(*static)
     graph, (out, lse) = capture(call, *static)
-    for seed in (1, 2):
-        fresh = values(seed)
-        for dst, src in zip(static, fresh):
-            dst.copy_(src)
-        graph.replay()
-        want_out, want_lse = call(*fresh)
-        torch.cuda.synchronize()
-        assert torch.equal(out, want_out), (out.float() - want_out.float()).abs().max().item()
-        assert torch.equal(lse, want_lse)
+    assert replays_vs_eager(graph, (out, lse), static, call, values) == "equal"
+    fresh = values(2)  # the last replay's inputs: out and lse hold their result
     q, k, v = (t.double() for t in fresh[:3])
     keys = torch.cat([k] + [t.double() for t in fresh[3::2]], 1)
     vals = torch.cat([v] + [t.double() for t in fresh[4::2]], 1)
