@@ -11,8 +11,10 @@ the built-in Wan-style DiT block (hidden 1536, 12 heads, the Wan 1.3B 480p token
 (``torch.compile``, inductor) and captured, per step; and the host µs per call of each layer path.
 
 Part "ulysses-overlap" (two ranks): Ulysses-2 at Wan 14B 720p (1, 40, 75600, 128), bf16: one GPU's attention over
-the whole sequence against ``USPAttention`` unpipelined, pipelined over 2, 3, 4, 5 head groups and with the
-automatic count; efficiency = one GPU's time / (2 × the layer's time).
+the whole sequence against ``USPAttention`` unpipelined, pipelined over 2, 3, 4, 5, 7 head groups and with the
+automatic count; efficiency = one GPU's time / (2 × the layer's time). On one rank it measures the pipeline's
+compute cost alone: a Ulysses-2 rank's 20 heads over the whole sequence as one call against the same heads in
+2, 3, 4, 5, 7 groups called one after another (the transfers the groups would overlap need the second GPU).
 
 Without a GPU (or ``--dry-run``) both run at toy sizes on the CPU (capture and inductor skipped there).
 """
@@ -34,7 +36,7 @@ __all__ = ["host_cost_part", "ulysses_overlap_part", "call_and_wait"]
 GPU = dict(shapes=[(1, 24, 4608, 128), (1, 12, 32760, 128)], dtype=torch.bfloat16, reps=50,
            block=dict(hidden=1536, heads=12, grid=(21, 30, 52)))
 CPU = dict(shapes=[(1, 2, 64, 16)], dtype=torch.float32, reps=5, block=dict(hidden=64, heads=4, grid=(2, 4, 8)))
-OVERLAP_GPU = dict(shape=(1, 40, 75600, 128), dtype=torch.bfloat16, reps=10, counts=(2, 3, 4, 5))
+OVERLAP_GPU = dict(shape=(1, 40, 75600, 128), dtype=torch.bfloat16, reps=10, counts=(2, 3, 4, 5, 7))
 OVERLAP_CPU = dict(shape=(1, 4, 256, 16), dtype=torch.float32, reps=3, counts=(2, 4))
 
 
@@ -158,9 +160,11 @@ def _block_rows(ctx: Context, cfg: dict, dtype, reps: int) -> list[dict]:
 # ---- Ulysses with and without its pipeline ------------------------------------------------------------------
 
 def ulysses_overlap_part(ctx: Context) -> list[dict]:
-    if ctx.world != 2:
-        return [skipped("ulysses overlap", f"needs 2 ranks (torchrun --nproc-per-node 2), got {ctx.world}")]
     cfg = ctx.sizes(OVERLAP_GPU, OVERLAP_CPU)
+    if ctx.world == 1:
+        return _head_split_rows(ctx, cfg)
+    if ctx.world != 2:
+        return [skipped("ulysses overlap", f"needs 1 or 2 ranks (torchrun --nproc-per-node 2), got {ctx.world}")]
     b, h, s, d = (ctx.shapes or [cfg["shape"]])[0]
     label = f"{b},{h},{s},{d}"
     reps = ctx.reps or cfg["reps"]
@@ -194,4 +198,35 @@ def ulysses_overlap_part(ctx: Context) -> list[dict]:
                              shape=label))
     finally:
         usp_attn.destroy_sequence_parallel()
+    return rows
+
+
+def _head_split_rows(ctx: Context, cfg: dict) -> list[dict]:
+    """What one GPU can say about the pipeline: its compute cost. A Ulysses-2 rank's attention (half the heads,
+    the whole sequence) as one call against the same heads cut into each count's groups (``head_groups``, each
+    group's q/k/v its own contiguous tensors, as after its all-to-all), called one after another; no transfer."""
+    from usp_attn.ulysses.heads import HeadPlan
+    from usp_attn.ulysses.pipelined import head_groups
+
+    b, h, s, d = (ctx.shapes or [cfg["shape"]])[0]
+    local = h // 2
+    label = f"{b},{local},{s},{d}"
+    reps = ctx.reps or cfg["reps"]
+    q, k, v = random_qkv((b, local, s, d), cfg["dtype"], ctx.device, seed=7)[0]
+    layer = usp_attn.LocalAttention(local, d)
+    variants = {"one call, every local head": lambda: layer(q, k, v)}
+    for count in (c for c in cfg["counts"] if c <= local):
+        parts = [tuple(t[:, :, g.start:g.stop].contiguous() for t in (q, k, v))
+                 for g in head_groups(HeadPlan.make(h, h, 2), count)]
+        layers = [usp_attn.LocalAttention(part[0].shape[2], d) for part in parts]
+        variants[f"{count} head groups, one after another"] = (
+            lambda parts=parts, layers=layers: [lay(*part) for lay, part in zip(layers, parts)])
+    for fn in variants.values():
+        fn()  # the measured kernel choice per head count happens here
+    medians = call_and_wait(variants, reps=reps, device=ctx.device)
+    whole = medians["one call, every local head"]
+    rows = [{"what": name, "shape": label, "ms": seconds * 1e3, "vs_one_call": whole / seconds,
+             "note": f"one GPU, no transfer; median of {reps}"} for name, seconds in medians.items()]
+    rows.append(skipped("ulysses overlap", "the pipeline itself needs 2 ranks (torchrun --nproc-per-node 2)",
+                        shape=label))
     return rows

@@ -38,3 +38,14 @@ def test_ulysses_overlap_part_rows_on_two_ranks():
         timed = [r for r in rows if "ms" in r]
         assert all(r["ms"] > 0 for r in timed), timed
         assert [r for r in rows if r.get("metric") == "U2"], rows
+
+
+def test_ulysses_overlap_part_on_one_rank_times_the_head_groups():
+    from benchmarks.host_cost import ulysses_overlap_part
+
+    rows = ulysses_overlap_part(_ctx())
+    timed = {r["what"]: r for r in rows if "ms" in r}
+    assert set(timed) == {"one call, every local head", "2 head groups, one after another"}, rows
+    assert all(r["ms"] > 0 and r["vs_one_call"] > 0 for r in timed.values())
+    assert timed["one call, every local head"]["vs_one_call"] == 1.0
+    assert any("needs 2 ranks" in r.get("note", "") for r in rows)  # the pipeline itself is not claimed
