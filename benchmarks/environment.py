@@ -21,16 +21,28 @@ __all__ = ["environment", "env_part", "ceilings_part"]
 PACKAGES = ("triton", "flash-attn", "flash-attn-4", "sageattention", "yunchang", "diffusers")
 
 
+def git_commit(root: str) -> str:
+    """The checkout's commit, "<sha>, with local changes" when the files differ from it (a report must
+    not name a commit whose code it did not run), or "unknown" outside a git checkout."""
+    def git(*args):
+        return subprocess.run(["git", *args], capture_output=True, text=True, timeout=10, cwd=root)
+
+    try:
+        sha = git("rev-parse", "--short", "HEAD").stdout.strip()
+        if not sha:
+            return "unknown"
+        changed = git("status", "--porcelain").stdout.strip()  # untracked files count: they may be code too
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return f"{sha}, with local changes" if changed else sha
+
+
 def environment(device: torch.device) -> dict:
     """Versions and the device, as one flat dict (also the header of every report)."""
     info = {"date (UTC)": time.strftime("%Y-%m-%d %H:%M", time.gmtime()), "python": py_platform.python_version(),
             "torch": torch.__version__, "cuda": torch.version.cuda, "usp_attn": usp_attn.__version__}
     info.update({name: package_version(name) for name in PACKAGES if package_version(name)})
-    try:
-        info["git commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                            timeout=10, cwd=__file__.rsplit("/", 2)[0]).stdout.strip() or "unknown"
-    except Exception:
-        info["git commit"] = "unknown"
+    info["git commit"] = git_commit(__file__.rsplit("/", 2)[0])
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         info.update({"gpu": props.name, "capability": f"{props.major}.{props.minor}", "gpus": torch.cuda.device_count(),

@@ -281,3 +281,27 @@ def test_sparse_sp_part_times_every_layout_against_the_whole_sequence():
     assert [r["layout"].split()[0] for r in rows] == ["2x1", "1x2"], rows
     assert all(r["rel_err"] < 1e-5 and r["ms"] > 0 and r["dense_ms"] > 0 and 0 < r["density"] < 1 for r in rows), rows
     assert [r["metric"] for r in results[0] if "metric" in r] == ["S2", "S2"]
+
+
+def test_git_commit_says_when_the_files_are_not_the_commit(tmp_path):
+    import subprocess
+
+    from benchmarks.environment import git_commit
+
+    assert git_commit(str(tmp_path)) == "unknown"
+
+    def git(*args):
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path, check=True,
+                       capture_output=True)
+
+    git("init", "-q")
+    (tmp_path / "a.py").write_text("x = 1\n")
+    git("add", "a.py")
+    git("commit", "-qm", "a")
+    sha = git_commit(str(tmp_path))
+    assert sha and "," not in sha and sha != "unknown"
+    (tmp_path / "a.py").write_text("x = 2\n")
+    assert git_commit(str(tmp_path)) == f"{sha}, with local changes"
+    git("commit", "-qam", "b")
+    (tmp_path / "b.py").write_text("y = 1\n")
+    assert git_commit(str(tmp_path)).endswith(", with local changes")
