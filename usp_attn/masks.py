@@ -99,7 +99,8 @@ def rows_with_keys(mask: torch.Tensor, causal: bool = False) -> torch.Tensor:
     With ``causal`` (S_q == S_k), row i may only use keys 0..i, so a row can be empty
     even though the mask alone allows some key.
     """
-    allowed = mask if mask.dtype == torch.bool else mask > float("-inf")
+    # a NaN entry counts as attendable: its NaN must reach the output, not turn the row into a silent 0
+    allowed = mask if mask.dtype == torch.bool else ~torch.isneginf(mask)
     if not causal:
         return allowed.any(dim=-1)
     if allowed.shape[-2] == 1:  # key-padding form: row i is valid iff any key <= i is allowed

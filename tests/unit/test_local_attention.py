@@ -206,6 +206,23 @@ def test_fully_masked_rows_give_zero_and_minus_inf_lse(dtype, kind):
     torch.testing.assert_close(lse.double(), ref_lse, **LSE_TOL[dtype])  # -inf positions must agree too
 
 
+@pytest.mark.parametrize("nan_keys", ["one key", "every key"])
+def test_nan_in_an_additive_mask_reaches_the_output(nan_keys):
+    """A NaN bias is the caller's bug: the rows it touches come out NaN as torch's own attention gives them, never
+    a plausible 0 (a row whose every bias is NaN is not a row with no key to attend)."""
+    q, k, v = make_qkv(s_q=S_Q, s_k=S_K, dtype=FP32)
+    mask = float_mask((B_, S_Q, S_K), 14)
+    mask[mask == float("-inf")] = 0.0
+    if nan_keys == "one key":
+        mask[1, 2, 3] = float("nan")
+    else:
+        mask[1, 2] = float("nan")
+    out, lse = LocalAttention(H, D)(q, k, v, attn_mask=mask, return_lse=True)
+    assert torch.isnan(out[1, 2]).all() and torch.isnan(lse[1, :, 2]).all()
+    out[1, 2], lse[1, :, 2] = 0.0, 0.0
+    assert torch.isfinite(out).all() and torch.isfinite(lse).all()  # no other row touched
+
+
 @pytest.mark.parametrize("dtype", [FP32, BF16, FP64])
 @pytest.mark.parametrize("h_kv", [1, H])
 @pytest.mark.parametrize("causal", [False, True])
