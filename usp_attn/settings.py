@@ -73,8 +73,10 @@ def reset() -> None:
     """A fresh process's settings, and every cache derived from them emptied (selections,
     measured kernel choices, kernel objects, logged-once messages)."""
     from usp_attn import backends, measured_choice, selector  # the caches live beside their users
+    from usp_attn.backends import flash_bind
 
     SETTINGS.restore(Settings())
     selector.clear_selection_cache()
     backends.make_backend.cache_clear()  # kernel objects remember the module they imported
+    flash_bind.clear()  # launches bound to an imported module's kernels
     measured_choice.reset()

@@ -115,10 +115,24 @@ def fake_flash_attn3_beta() -> types.ModuleType:
     return mod
 
 
-def fake_flash_attn4() -> types.ModuleType:
+def fake_flash_attn4(launch_path: str | None = None) -> types.ModuleType:
     """``flash_attn.cute.flash_attn_func`` of flash-attn-4 (4.0.0b36, interface.py): returns
-    ``(out, lse)`` with ``lse`` fp32 ``[B, H, S_q]`` when ``return_lse=True``, else ``(out, None)``."""
+    ``(out, lse)`` with ``lse`` fp32 ``[B, H, S_q]`` when ``return_lse=True``, else ``(out, None)``.
+
+    ``launch_path``: also the way the real function gets to its kernel, for the launch binding
+    (``usp_attn.backends.flash_bind``): ``flash_attn_func`` lives in ``flash_attn.cute.interface``
+    (``module.interface``; install both) and calls ``_flash_attn_fwd``, which allocates
+    ``out`` (and ``lse`` when asked for or under autograd), looks the compiled kernel up in
+    ``_flash_attn_fwd.compile_cache`` by a key of what it depends on, and launches it as the SM90
+    path does: ``kernel(q, k, v, out, lse, softmax_scale, cu_seqlens_q, cu_seqlens_k, seqused_q,
+    seqused_k, page_table, window_size_left, window_size_right, learnable_sink, block_sparse,
+    AuxData(aux_tensors, aux_scalars), cu_total_m_blocks, cu_total_splits_m_blocks)``. ``"sm90"`` is
+    that path; ``"split"`` launches into fp32 partials and combines them afterwards (FA4's split-KV);
+    ``"semaphore"`` passes a per-call scheduler tensor among the arguments. ``interface.launches``
+    counts the kernel launches, ``interface.compiles`` the kernels compiled."""
     mod = _module("flash_attn.cute")
+    if launch_path is not None:
+        return _with_launch_path(mod, launch_path)
 
     def flash_attn_func(q, k, v, qv=None, gather_kv_indices=None, softmax_scale=None, causal=False,
                         window_size=(None, None), learnable_sink=None, softcap=0.0, num_splits=1, pack_gqa=None,
@@ -137,6 +151,61 @@ def fake_flash_attn4() -> types.ModuleType:
     sparsity = _module("flash_attn.cute.block_sparsity")
     sparsity.BlockSparseTensorsTorch = BlockSparseTensorsTorch
     mod.block_sparsity = sparsity
+    return mod
+
+
+class AuxData(typing.NamedTuple):
+    """flash-attn-4's ``flash_attn.cute.utils.AuxData`` (4.0.0b36)."""
+
+    tensors: tuple | list | None = None
+    scalars: tuple | None = None
+
+
+def _with_launch_path(mod: types.ModuleType, path: str) -> types.ModuleType:
+    interface = _module("flash_attn.cute.interface")
+    interface.launches = 0
+    interface.compiles = 0
+
+    def compile_kernel(causal: bool):
+        def kernel(q, k, v, out, lse, softmax_scale, *rest):  # what is compiled in stays out of the arguments
+            interface.launches += 1
+            assert len(rest) == 12 and all(a is None for a in rest[:9]) and rest[9] == AuxData(None, None), rest
+            assert rest[10] is None or path == "semaphore"
+            o, l_ = _attend(q, k, v, softmax_scale, causal)
+            out.copy_(o.to(out.dtype))
+            if lse is not None:
+                lse.copy_(l_)
+
+        interface.compiles += 1
+        return kernel
+
+    def _flash_attn_fwd(q, k, v, softmax_scale=None, causal=False, return_lse=False):
+        b, s, h, _ = q.shape
+        scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
+        grad = any(t.requires_grad for t in (q, k, v))
+        out = torch.empty(b, s, h, v.shape[-1], dtype=q.dtype, device=q.device)
+        lse = torch.empty(b, h, s, dtype=torch.float32, device=q.device) if return_lse or grad else None
+        key = (q.dtype, q.shape[-1], causal, lse is None)
+        if key not in _flash_attn_fwd.compile_cache:
+            _flash_attn_fwd.compile_cache[key] = compile_kernel(causal)
+        target = torch.empty(out.shape, dtype=torch.float32, device=q.device) if path == "split" else out
+        semaphore = torch.zeros(1, dtype=torch.int32, device=q.device) if path == "semaphore" else None
+        _flash_attn_fwd.compile_cache[key](q.detach(), k.detach(), v.detach(), target, lse, scale, None, None, None,
+                                           None, None, None, None, None, None, AuxData(None, None), semaphore, None)
+        if path == "split":
+            out.copy_(target)
+        return out, lse
+
+    _flash_attn_fwd.compile_cache = {}
+
+    def flash_attn_func(q, k, v, softmax_scale=None, causal=False, return_lse=False, **unused):
+        mod.calls.append(dict(softmax_scale=softmax_scale, causal=causal, return_lse=return_lse, block_sparse=False,
+                              mask_mod=False))
+        return _flash_attn_fwd(q, k, v, softmax_scale=softmax_scale, causal=causal, return_lse=return_lse)
+
+    flash_attn_func.__module__ = interface.__name__
+    interface._flash_attn_fwd, interface.flash_attn_func = _flash_attn_fwd, flash_attn_func
+    mod.flash_attn_func, mod.interface = flash_attn_func, interface
     return mod
 
 

@@ -20,6 +20,9 @@ All take ``[B, S, H, D]`` natively and support GQA and causal. None takes an arb
 mask; masked calls go to a backend that does (the layer handles that). Packages are
 imported on first use only.
 
+FA4's forward launch is bound once per call signature (:mod:`usp_attn.backends.flash_bind`): its Python
+decides the kernel and arguments at the first call, later calls launch that kernel directly.
+
 Under ``torch.compile`` the call goes through one torch custom op
 (``usp_attn::flash_attn_forward``, registered on first use): the kernels are Python that
 dynamo cannot trace (FA4 is JIT-compiled CuTe DSL), and an opaque op keeps
@@ -33,6 +36,7 @@ import inspect
 
 import torch
 
+from usp_attn.backends import flash_bind
 from usp_attn.backends.base import HALF_DTYPES, AttentionBackend, default_scale, finite_lse
 from usp_attn.backends.enum import AttentionBackendEnum
 from usp_attn.backends.flash_backward import flash_backward
@@ -201,8 +205,9 @@ class FlashAttentionBackend(AttentionBackend):
     def call(self, q, k, v, *, causal=False, softmax_scale=None, return_lse=False):
         """The generation's own function, with its LSE convention (see module doc)."""
         fn = self._function()
-        if self.generation == "fa4":
-            out, lse = fn(q, k, v, softmax_scale=softmax_scale, causal=causal, return_lse=return_lse)
+        if self.generation == "fa4":  # its launch bound once per signature (flash_bind.py)
+            out, lse = flash_bind.launch(fn, q, k, v, softmax_scale=softmax_scale, causal=causal,
+                                         return_lse=return_lse)
         elif self.generation == "fa3" and not self._fa3_has_lse_flag:
             res = fn(q, k, v, softmax_scale=softmax_scale, causal=causal)
             out, lse = (res[0], res[1]) if isinstance(res, tuple) else (res, None)
