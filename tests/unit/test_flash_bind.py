@@ -119,3 +119,19 @@ def test_the_compile_cache_is_restored_after_a_failing_recording(monkeypatch):
     fa.forward(q, k, v)
     # the failed call and the recording went through the public function; nothing was remembered of the failure
     assert len(mod.calls) == 2 and mod.interface.launches == 3 and flash_bind.bound_signatures() == (1, 0)
+
+
+def test_the_environment_can_keep_the_public_function(monkeypatch):
+    mod, fa = _fa4(monkeypatch)
+    monkeypatch.setenv(flash_bind.LAUNCH_ENV, "public")
+    q, k, v = _qkv()
+    for _ in range(3):
+        fa.forward(q, k, v)
+    assert len(mod.calls) == 3 and flash_bind.bound_signatures() == (0, 1)
+
+
+def test_a_misspelt_environment_value_is_an_error_naming_it(monkeypatch):
+    _, fa = _fa4(monkeypatch)
+    monkeypatch.setenv(flash_bind.LAUNCH_ENV, "off")
+    with pytest.raises(ValueError, match="USP_ATTN_FA4_LAUNCH='off'"):
+        fa.forward(*_qkv())

@@ -14,21 +14,25 @@ nothing else was allocated or computed for the call, such as split-KV partials, 
 block-sparse tables). Anything else, including FA4 internals not as this module knows them (4.0.0b36:
 ``interface._flash_attn_fwd.compile_cache[key](*args)``), keeps the signature on the public function.
 Calls with tensors that require gradients always take the public function (FA4 records its autograd
-context there).
+context there). ``USP_ATTN_FA4_LAUNCH=public`` keeps every call on the public function (read at the first call
+of each signature; ``bound``, the default, binds).
 """
 
 from __future__ import annotations
 
+import os
 import sys
 import threading
 from typing import NamedTuple
 
 import torch
 
-__all__ = ["launch", "bound_signatures", "clear"]
+__all__ = ["launch", "bound_signatures", "clear", "binding_enabled", "LAUNCH_ENV"]
 
 #: signatures kept; past this the table starts again (a process sees a handful of shapes)
 MAX_SIGNATURES = 256
+#: ``bound`` (default) or ``public``: whether FA4's launch may be bound
+LAUNCH_ENV = "USP_ATTN_FA4_LAUNCH"
 
 _PLAIN = (type(None), bool, int, float, str)
 _UNKNOWN = object()
@@ -101,9 +105,17 @@ class _Watching:
         return getattr(self._cache, name)
 
 
+def binding_enabled() -> bool:
+    """What :data:`LAUNCH_ENV` says; any other value than ``bound``/``public`` (or unset) is an error."""
+    value = os.environ.get(LAUNCH_ENV, "").strip().lower()
+    if value not in ("", "bound", "public"):
+        raise ValueError(f"{LAUNCH_ENV}={os.environ[LAUNCH_ENV]!r}: expected 'bound' (the default) or 'public'")
+    return value != "public"
+
+
 def _record(fn, key, q, k, v, softmax_scale, causal, return_lse):
     forward = getattr(sys.modules.get(getattr(fn, "__module__", "") or ""), "_flash_attn_fwd", None)
-    cache = getattr(forward, "compile_cache", None)
+    cache = getattr(forward, "compile_cache", None) if binding_enabled() else None
     if cache is None:
         _remember(key, None)
         return fn(q, k, v, softmax_scale=softmax_scale, causal=causal, return_lse=return_lse)
