@@ -115,11 +115,16 @@ def step_time(times: list[float], first_sparse_step: int | None = None) -> str:
     kernel (the first call, and the first sparse step after dense ones) does not stand for every step; those
     steps are shown beside it."""
     if len(times) < 2:
-        return f"{times[0]:.3f} s" if times else "-"
-    firsts = [f"first {times[0]:.3f} s"]
+        return _seconds(times[0]) if times else "-"
+    firsts = [f"first {_seconds(times[0])}"]
     if first_sparse_step is not None and 0 < first_sparse_step < len(times):
-        firsts.append(f"first sparse {times[first_sparse_step]:.3f} s")
-    return f"{statistics.median(times[1:]):.3f} s median ({', '.join(firsts)})"
+        firsts.append(f"first sparse {_seconds(times[first_sparse_step])}")
+    return f"{_seconds(statistics.median(times[1:]))} median ({', '.join(firsts)})"
+
+
+def _seconds(t: float) -> str:
+    """Milliseconds below a second, three significant digits (a 5 ms step is not "0.005 s")."""
+    return f"{t:.3f} s" if t >= 1 else f"{t * 1e3:.3g} ms"
 
 
 def print_summary(args, state, dtype, result: dict) -> None:
