@@ -192,6 +192,23 @@ def arguments_change_on_one_rank() -> dict:
     return result
 
 
+def kernel_fails_on_one_rank() -> dict:
+    """After an agreed first call at U = 2, rank 1's attention raises a ValueError (not a collective's
+    RuntimeError); rank 0 waits for it in the output all-to-all until the timeout."""
+    layout(dist.get_world_size(), 1, timeout=SHORT_TIMEOUT)
+    x = usp_attn.shard_sequence(_full(24))
+    layer = usp_attn.USPAttention(4, 8)
+    layer(x, x, x)
+    if dist.get_rank() == 1:
+        def refuse(*args, **kwargs):
+            raise ValueError("the kernel refused the block")
+
+        layer.local.attend = refuse
+    result = outcome(lambda: layer(x, x, x))
+    usp_attn.destroy_sequence_parallel()
+    return result
+
+
 def rank_dies_before_backward() -> dict:
     """Training at U = 2: the last rank exits after the forward; the others' backward all-to-all fails and names it."""
     layout(dist.get_world_size(), 1)

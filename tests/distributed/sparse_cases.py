@@ -20,6 +20,8 @@ PATTERNS = {
                                                window=[(1, 1, 1), (2, 1, 2), (1, 2, 3), (3, 2, 1)],
                                                token_order="tile_major"),
     "top_mass": TopMassSparsity(0.9, block=16),
+    # fewer grid tokens than ranks: some ranks' shards hold none (only text rows)
+    "one_token": SlidingTileSparsity(VideoGrid(1, 1, 1), tile=(1, 2, 4), window=(2, 2, 2)),
 }
 ROWS = {"no_text": (0, 0), "text": (5, 3)}
 FP32_RTOL = 1e-5

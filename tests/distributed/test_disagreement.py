@@ -208,6 +208,17 @@ def test_rank_that_dies_before_backward_is_named():
     assert "USPAttention backward" in res["message"] and "rank 1: no report within" in res["message"], res
 
 
+@pytest.mark.xdist_group("disagreement_kernel")
+def test_a_local_failure_inside_the_forward_is_named_on_the_peers():
+    """Any exception on one rank inside the sequence-parallel forward is reported for its peers, not only a
+    collective's: rank 0's timed-out all-to-all names rank 1 and what it raised."""
+    run = run_cases(2, [cases.kernel_fails_on_one_rank], setup=reset_usp_attn_state, timeout=120)
+    first, second = run.check(cases.kernel_fails_on_one_rank)
+    assert second["type"] == "ValueError" and "the kernel refused the block" in second["message"], second
+    assert first["type"] in ("ValueError", "CollectiveError") and first["seconds"] < SLOW_BOUND_S, first
+    assert "failed on rank 0" in first["message"], first
+    assert "rank 1: ValueError: the kernel refused the block" in first["message"], first["message"]
+
 
 def _free_port() -> int:
     with socket.socket() as s:

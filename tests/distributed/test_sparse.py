@@ -24,7 +24,7 @@ def _scenarios(world):
         if u * r == 1:
             continue
         for name in sparse_cases.PATTERNS:
-            if name == "top_mass" and r > 1:
+            if name == "top_mass" and r > 1 or name == "one_token":  # one_token: EMPTY_SHARDS below
                 continue
             for rows in sparse_cases.ROWS:
                 out.append((u, r, name, rows))
@@ -32,12 +32,13 @@ def _scenarios(world):
 
 
 ALIGNED = [("tile_major_per_head", "text", 16)]  # shards in 16-token units (128 on a GPU: whole kernel blocks)
+EMPTY_SHARDS = [("one_token", "text")]  # ranks holding no grid token, only the text rows
 
 
 def _cases(world):
     cases = [functools.partial(sparse_cases.layout_matches_reference, *s) for s in _scenarios(world)]
     cases += [functools.partial(sparse_cases.layout_matches_reference, u, r, *a)
-              for u, r in sp_cases.layouts(world) if u * r > 1 for a in ALIGNED]
+              for u, r in sp_cases.layouts(world) if u * r > 1 for a in ALIGNED + EMPTY_SHARDS]
     cases += [functools.partial(sparse_cases.ring_sends_only_what_is_read, u, r) for u, r in _rings(world)]
     cases += [functools.partial(sparse_cases.balanced_heads_match_reference, u, r) for u, r in _ulysses(world)]
     cases += [functools.partial(sparse_cases.gate_verdict_is_the_groups, u, r, e)
@@ -88,6 +89,18 @@ def test_aligned_shards_equal_the_masked_reference(world, u, r, name, rows, alig
     results = _run(world).check(functools.partial(sparse_cases.layout_matches_reference, u, r, name, rows, align))
     for rank, res in enumerate(results):
         assert res["err"] <= sparse_cases.FP32_RTOL and res["gather_err"] <= sparse_cases.FP32_RTOL, (rank, res)
+
+
+@pytest.mark.parametrize("world,u,r,name,rows", [
+    pytest.param(w, u, r, *a, id=f"W{w}-U{u}xR{r}-{a[0]}", marks=_params(w))
+    for w in (2, 4) for u, r in sp_cases.layouts(w) if u * r > 1 for a in EMPTY_SHARDS])
+def test_ranks_without_grid_tokens_equal_the_masked_reference(world, u, r, name, rows):
+    """A one-token grid: every rank but one holds only the text rows (a ring hop with no query row used to crash
+    there while its peers waited)."""
+    results = _run(world).check(functools.partial(sparse_cases.layout_matches_reference, u, r, name, rows))
+    for rank, res in enumerate(results):
+        assert res["err"] <= sparse_cases.FP32_RTOL and res["gather_err"] <= sparse_cases.FP32_RTOL, (rank, res)
+        assert res["lse_err"] <= 1e-5 and res["one_process_err"] <= sparse_cases.FP32_RTOL, (rank, res)
 
 
 @pytest.mark.parametrize("world", [pytest.param(w, marks=_params(w)) for w in (2, 4)])

@@ -206,6 +206,26 @@ def test_fully_masked_rows_give_zero_and_minus_inf_lse(dtype, kind):
     torch.testing.assert_close(lse.double(), ref_lse, **LSE_TOL[dtype])  # -inf positions must agree too
 
 
+@pytest.mark.parametrize("dtype", [FP32, BF16, FP64])
+@pytest.mark.parametrize("empty", ["rows", "keys"])
+@pytest.mark.parametrize("masked", [False, True])
+def test_no_query_rows_or_no_keys(dtype, empty, masked):
+    """What a rank whose shard holds no token asks for: no rows give empty results (torch's CPU flash op dies of
+    SIGFPE on them, so no kernel may be called); no keys give every row output 0 and LSE -inf; gradients exist
+    (zero) so a training step's graph stays whole."""
+    s_q, s_k = (0, S_K) if empty == "rows" else (S_Q, 0)
+    q, k, v = make_qkv(s_q=s_q, s_k=s_k, h_kv=2, dtype=dtype)
+    for t in (q, k, v):
+        t.requires_grad_()
+    mask = torch.ones(B_, H, s_q, s_k, dtype=torch.bool) if masked else None
+    out, lse = LocalAttention(H, D, 2)(q, k, v, attn_mask=mask, return_lse=True)
+    assert out.shape == (B_, s_q, H, D) and out.dtype == dtype
+    assert lse.shape == (B_, H, s_q) and lse.dtype == (FP64 if dtype == FP64 else FP32)
+    assert (out == 0).all() and torch.isneginf(lse).all()
+    out.float().sum().backward()
+    assert all(t.grad is not None and (t.grad == 0).all() for t in (q, k, v))
+
+
 @pytest.mark.parametrize("nan_keys", ["one key", "every key"])
 def test_nan_in_an_additive_mask_reaches_the_output(nan_keys):
     """A NaN bias is the caller's bug: the rows it touches come out NaN as torch's own attention gives them, never

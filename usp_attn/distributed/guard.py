@@ -474,7 +474,7 @@ def named_backward(backward):
             return backward(ctx, *grads)
         try:
             return backward(ctx, *grads)
-        except RuntimeError as exc:
+        except Exception as exc:  # any failure is reported for the peers, not only a collective's
             guard.raise_named(exc, "USPAttention backward")
 
     return wrapper

@@ -271,6 +271,8 @@ class LocalAttention(nn.Module):
         :meth:`kernel_for`) chosen once per layer call; returns ``out`` or ``(out, lse)``
         with lse ``[B, H, S_q]`` float32.
         """
+        if q.shape[1] == 0 or k.shape[1] == 0:  # a rank's empty shard: some kernels die on it (see _no_rows_or_keys)
+            return _no_rows_or_keys(q, k, v, return_lse)
         if kernel is None:
             kernel = self.kernel_for(q, k, v, causal=causal, need_mask=mask is not None, need_lse=return_lse)
         sel, impl = kernel
@@ -290,3 +292,16 @@ class LocalAttention(nn.Module):
             f"num_heads={self.num_heads}, head_size={self.head_size}, num_kv_heads={self.num_kv_heads}, "
             f"softmax_scale={self.softmax_scale:.4g}, causal={self.causal}"
         )
+
+
+def _no_rows_or_keys(q, k, v, return_lse):
+    """Attention with no query rows or no keys, without a kernel: torch's CPU flash op dies of SIGFPE on zero
+    query rows, and a rank whose shard holds no token of a segment asks for exactly that. Every row has no key
+    to attend (output 0, LSE -inf); differentiable (zero gradients) so a training step's graph stays whole."""
+    keys = expand_kv_heads(k, q.shape[2]).to(q.dtype)
+    values = expand_kv_heads(v, q.shape[2]).to(q.dtype)
+    logits = torch.einsum("bqhd,bkhd->bhqk", q, keys)
+    out = torch.einsum("bhqk,bkhd->bqhd", logits.softmax(-1), values)
+    if not return_lse:
+        return out
+    return out, logits.to(torch.promote_types(q.dtype, torch.float32)).logsumexp(-1)

@@ -263,7 +263,7 @@ class USPAttention(nn.Module):
             out_all, lse_all = self._attend(state, call, q_all, k_all, v_all, key_mask)
             # 3. Back to sequence shards; replicated outputs gathered over heads. The LSE goes the same way.
             return self._back(state, call, ulysses, out_all, lse_all)
-        except RuntimeError as exc:  # a failed collective names the rank behind it
+        except Exception as exc:  # reported for the peers (any failure); a failed collective names the rank behind it
             state.guard.raise_named(exc, "USPAttention.forward", lambda: call.signature.summary(self))
         finally:
             if recording is not None:

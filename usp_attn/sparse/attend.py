@@ -224,10 +224,11 @@ def _grid_attention(attend, q, k, v, pattern, q_range, k_range, heads, scale, bl
 
 
 def _row_chunks(pattern, batch: int, nq: int, nk: int, heads) -> list[slice]:
-    """Query-row chunks whose token mask stays within :data:`_MASK_ELEMENTS` booleans."""
+    """Query-row chunks whose token mask stays within :data:`_MASK_ELEMENTS` booleans; one empty chunk when
+    there are no rows (a rank whose shard holds no grid token still returns its empty output and LSE)."""
     per_row = max(1, len(heads) * nk * (batch if pattern.dynamic else 1))
     step = max(1, min(nq, _MASK_ELEMENTS // per_row))
-    return [slice(start, min(nq, start + step)) for start in range(0, nq, step)]
+    return [slice(start, min(nq, start + step)) for start in range(0, nq, step)] or [slice(0, 0)]
 
 
 def _masked(attend, q, k, v, pattern, q_range, k_range, heads, scale):
