@@ -28,6 +28,13 @@ def _fa4(monkeypatch, path="sm90"):
     return mod, fa
 
 
+def _every_call_is_public(mod, fa, calls=3):
+    q, k, v = _qkv()
+    for _ in range(calls):
+        fa.forward(q, k, v)
+    assert len(mod.calls) == calls and flash_bind.bound_signatures() == (0, 1)
+
+
 def _qkv(s=6, h=4, h_kv=2, d=64, seed=0):
     g = torch.Generator().manual_seed(seed)
     return (torch.randn(2, s, h, d, generator=g), torch.randn(2, s, h_kv, d, generator=g),
@@ -91,11 +98,7 @@ def test_a_launch_that_is_not_exactly_the_call_is_never_bound(monkeypatch, path)
 
 def test_without_the_known_internals_the_public_function_runs(monkeypatch):
     mod = fake_kernels.install(monkeypatch, fake_kernels.fake_flash_attn4())  # no interface module
-    fa = make_backend(B.FA, HOPPER)
-    q, k, v = _qkv()
-    for _ in range(3):
-        fa.forward(q, k, v)
-    assert len(mod.calls) == 3 and flash_bind.bound_signatures() == (0, 1)
+    _every_call_is_public(mod, make_backend(B.FA, HOPPER))
 
 
 def test_tensors_that_require_gradients_take_the_public_function(monkeypatch):
@@ -124,10 +127,7 @@ def test_the_compile_cache_is_restored_after_a_failing_recording(monkeypatch):
 def test_the_environment_can_keep_the_public_function(monkeypatch):
     mod, fa = _fa4(monkeypatch)
     monkeypatch.setenv(flash_bind.LAUNCH_ENV, "public")
-    q, k, v = _qkv()
-    for _ in range(3):
-        fa.forward(q, k, v)
-    assert len(mod.calls) == 3 and flash_bind.bound_signatures() == (0, 1)
+    _every_call_is_public(mod, fa)
 
 
 def test_a_misspelt_environment_value_is_an_error_naming_it(monkeypatch):
