@@ -16,7 +16,6 @@ import json
 import importlib.util
 import os
 import re
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -47,20 +46,16 @@ VIDEO_SHAPE = (5, 80, 112, 3)
 FP32_TOL = FP32_TOLERANCE
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _run(cmd: list[str], timeout: float = 120) -> subprocess.CompletedProcess:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
 
 
 def torchrun(nproc: int, *args: str) -> subprocess.CompletedProcess:
+    # --standalone: the agent's rendezvous store binds a port the OS picks (a port chosen here and handed over
+    # could be taken meanwhile by another test's gloo connection: EADDRINUSE)
     return _run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-                 "--master-port", str(_free_port()), str(GENERATE), *args])
+                 "--standalone", str(GENERATE), *args])
 
 
 def python(*args: str) -> subprocess.CompletedProcess:
