@@ -537,11 +537,7 @@ class USPAttention(nn.Module):
         if call.grad:  # the ring's backward sends every block around the ring again, with its dk/dv
             kernels = BlockKernels(self.local, self.local.kernel_for(q_all, k_all, v_all, need_lse=True),
                                    self.local.kernel_for(q_all, k_all, v_all, need_mask=True, need_lse=True))
-            new_exchange = functools.partial(RingExchange, state.ring_ranks, state.ring_rank, state.ring_group,
-                                             state.timeout)
-            check_backward(kernels.impl)  # the kernels agreed for the group: the same on every rank
-            check_backward(kernels.masked_kernel[1])
-            plan = RingPlan(kernels, new_exchange, state.ring_rank, lengths, False, sparse_hop=hop)
+            plan = _training_ring_plan(state, kernels, lengths, False, sparse_hop=hop)
             out, lse = ring_attention_with_grad(plan, q_all, k_all[:, own], v_all[:, own], text_k=text_k,
                                                 text_v=text_v, return_lse=True)
             return out, (lse if call.return_lse else None)
@@ -605,11 +601,7 @@ class USPAttention(nn.Module):
                 text_mask = _replicated(key_mask, k_pre, seg)
         own_mask = None if key_mask is None else key_mask[:, own]
         if call.grad:
-            check_backward(kernels.impl)  # the kernels agreed for the group: the same on every rank
-            check_backward(kernels.masked_kernel[1])
-            new_exchange = functools.partial(RingExchange, state.ring_ranks, state.ring_rank, state.ring_group,
-                                             state.timeout)
-            ring = RingPlan(kernels, new_exchange, state.ring_rank, block_lengths, self.causal, fronts)
+            ring = _training_ring_plan(state, kernels, block_lengths, self.causal, fronts)
             return functools.partial(ring_attention_with_grad, ring, q_all, k_all[:, own], v_all[:, own],
                                      key_mask=own_mask, text_k=text_k, text_v=text_v, text_mask=text_mask,
                                      return_lse=call.return_lse)
@@ -679,6 +671,16 @@ class _SparseHop:
     def backward(self, source, q, k, v, out, dout, lse, dlse, backward):
         return hop_backward(backward, q, k, v, out, dout, lse, dlse, self.pattern, q_text=self.q_text,
                             q_range=self.q_span, k_range=self.spans[source], heads=self.heads)
+
+
+def _training_ring_plan(state, kernels: BlockKernels, block_lengths, causal: bool, front_lengths=None,
+                        sparse_hop=None) -> RingPlan:
+    """The ring's plan for a call under autograd, after refusing kernels without a backward (the kernels are
+    agreed for the group, so every rank refuses alike, before any transfer)."""
+    check_backward(kernels.impl)
+    check_backward(kernels.masked_kernel[1])
+    new_exchange = functools.partial(RingExchange, state.ring_ranks, state.ring_rank, state.ring_group, state.timeout)
+    return RingPlan(kernels, new_exchange, state.ring_rank, block_lengths, causal, front_lengths, sparse_hop)
 
 
 def _replicated(x: torch.Tensor, prefix: int, seg: int) -> torch.Tensor:
